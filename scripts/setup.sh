@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv and install droppos with its dependencies (idempotent; re-running is cheap).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first, pinned to a matching torchvision: a mismatched pair fails at import time.
+.venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+.venv/bin/python -m pip install -q -e ".[dev]"

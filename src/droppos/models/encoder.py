@@ -1,0 +1,153 @@
+"""The ViT encoder: timm's patch embedding and pre-norm blocks, fixed 2-D sin-cos positions.
+
+Parameter names are timm's `VisionTransformer` names and the original DropPos names (SPEC §5):
+`patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.{i}.*`, `norm`. Export to timm is therefore
+a copy, and original checkpoints load without renaming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from droppos.models.pos_embed import sincos_2d
+
+
+def pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    if len(value) != 2:
+        raise ValueError(f"expected an int or a pair, got {value!r}")
+    return (int(value[0]), int(value[1]))
+
+
+@dataclass
+class EncoderConfig:
+    """Shape of the ViT encoder. Defaults are ViT-B/16 at 224 (SPEC §2)."""
+
+    img_size: int | tuple[int, int] = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        h, w = pair(self.img_size)
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(
+                f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.embed_dim % 4:
+            raise ValueError(f"embed_dim {self.embed_dim} must be divisible by 4 (2-D sin-cos)")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        h, w = pair(self.img_size)
+        return (h // self.patch_size, w // self.patch_size)
+
+    @property
+    def num_patches(self) -> int:
+        h, w = self.grid_size
+        return h * w
+
+
+def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float) -> nn.ModuleList:
+    """timm pre-norm blocks as in SPEC §1.5: qkv bias, LayerNorm eps 1e-6, fused attention."""
+    norm = partial(nn.LayerNorm, eps=1e-6)
+    return nn.ModuleList(
+        Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm)
+        for _ in range(depth)
+    )
+
+
+def init_weights(module: nn.Module) -> None:
+    """MAE/DropPos init (SPEC §2): xavier-uniform Linear, LayerNorm (1, 0)."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class ViTEncoder(nn.Module):
+    """Pre-norm ViT over `[CLS] + tokens` with a fixed sin-cos table (`[CLS]` row is zero)."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.embed_dim
+        self.patch_embed = PatchEmbed(
+            img_size=pair(config.img_size),
+            patch_size=config.patch_size,
+            in_chans=config.in_chans,
+            embed_dim=dim,
+        )
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        # A persistent buffer: fixed (never trained, never decayed), yet saved under `pos_embed`.
+        self.register_buffer("pos_embed", sincos_2d(dim, config.grid_size)[None], persistent=True)
+        self.blocks = transformer_blocks(dim, config.depth, config.num_heads, config.mlp_ratio)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self._init_encoder()
+
+    def _init_encoder(self) -> None:
+        proj = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        self.apply(init_weights)
+
+    @property
+    def num_patches(self) -> int:
+        return self.config.num_patches
+
+    # -- building blocks of every forward -------------------------------------------------
+
+    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """images: [N, C, H, W] -> patch tokens without positions [N, L, D]."""
+        return self.patch_embed(images)
+
+    def run_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Positioned tokens [N, T, D] -> `[CLS] + tokens` encoded and normed [N, 1+T, D]."""
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+        x = torch.cat([cls.to(tokens.dtype), tokens], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Whole image, every position embedded: [N, C, H, W] -> final-norm features [N, 1+L, D]."""
+        tokens = self.embed_patches(images) + self.pos_embed[:, 1:]
+        return self.run_blocks(tokens)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(images)
+
+    # -- timm API discipline: optimisers never parse names by hand ----------------------
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Tokens and fixed tables; biases and norms are excluded by dimensionality."""
+        return {name for name, _ in self.named_parameters() if name.endswith("_token")} | {
+            "pos_embed"
+        }
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Layer groups for layer-wise lr decay, in timm's format."""
+        return {
+            "stem": r"^cls_token|^pos_embed|^patch_embed|^mask_pos_token",
+            "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        }

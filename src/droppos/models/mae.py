@@ -1,0 +1,96 @@
+"""Plain MAE under the same encoder, engine and checkpoint names as MAE's own (`decoder_*`).
+
+The baseline DropPos is compared against (SPEC §1, "options"): same masking, no position
+dropping, pixel reconstruction only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from droppos.models.encoder import EncoderConfig, ViTEncoder, init_weights
+from droppos.models.pixel_decoder import PixelDecoderConfig, PixelDecoderParts, reconstruct_pixels
+from droppos.objective.losses import pixel_loss
+from droppos.objective.masking import gather_tokens, num_visible, random_patch_mask
+
+
+@dataclass
+class MAEConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
+    patch_mask_ratio: float = 0.75
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.patch_mask_ratio < 1.0:
+            raise ValueError(f"patch_mask_ratio must be in [0, 1), got {self.patch_mask_ratio}")
+
+    @property
+    def num_visible(self) -> int:
+        return num_visible(self.encoder.num_patches, self.patch_mask_ratio)
+
+
+@dataclass
+class MAEOutput:
+    """loss: normalised-pixel MSE on masked patches; pixel_pred [N, L, p*p*C]; masked [N, L]."""
+
+    loss: torch.Tensor
+    pixel_pred: torch.Tensor
+    masked: torch.Tensor
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {"loss": self.loss.detach(), "pixel_loss": self.loss.detach()}
+
+
+class MAEModel(ViTEncoder):
+    def __init__(self, config: MAEConfig) -> None:
+        super().__init__(config.encoder)
+        self.mae_config = config
+        parts = PixelDecoderParts(config.encoder, config.decoder)
+        parts.apply(init_weights)
+        self.decoder_embed = parts.embed
+        self.mask_token = parts.mask_token
+        self.register_buffer("decoder_pos_embed", parts.pos_embed, persistent=True)
+        self.decoder_blocks = parts.blocks
+        self.decoder_norm = parts.norm
+        self.decoder_pred = parts.pred
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        sigma: float | None = None,
+        patch_noise: torch.Tensor | None = None,
+        position_noise: torch.Tensor | None = None,
+    ) -> MAEOutput:
+        """Same signature as DropPos's forward so one engine drives both (sigma and position
+        noise have no meaning here and are ignored)."""
+        n = images.shape[0]
+        if patch_noise is None:
+            patch_noise = torch.rand(n, self.num_patches, device=images.device)
+        if tuple(patch_noise.shape) != (n, self.num_patches):
+            raise ValueError(
+                f"patch_noise must have shape {(n, self.num_patches)}, "
+                f"got {tuple(patch_noise.shape)}"
+            )
+        mask = random_patch_mask(patch_noise, self.mae_config.num_visible)
+        tokens = self.embed_patches(images) + self.pos_embed[:, 1:]
+        latent = self.run_blocks(gather_tokens(tokens, mask.ids_keep))
+        pred = reconstruct_pixels(
+            latent,
+            mask,
+            self.decoder_embed,
+            self.mask_token,
+            self.decoder_pos_embed,
+            self.decoder_blocks,
+            self.decoder_norm,
+            self.decoder_pred,
+        )
+        loss = pixel_loss(
+            pred,
+            images,
+            mask.masked,
+            self.config.patch_size,
+            self.mae_config.decoder.normalize_target,
+        )
+        return MAEOutput(loss=loss, pixel_pred=pred, masked=mask.masked)

@@ -1,0 +1,94 @@
+"""Losses and accuracies of SPEC §1.9, and the MAE pixel loss of the multi-task branch.
+
+Everything stays on the device: no `.item()`, no Python loops over the batch or the positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _check_tokens(logits: torch.Tensor, **per_token: torch.Tensor) -> None:
+    if logits.ndim != 3:
+        raise ValueError(f"position logits must be [N, V, L], got {tuple(logits.shape)}")
+    for name, value in per_token.items():
+        if value.shape != logits.shape[:2]:
+            raise ValueError(
+                f"{name} must be [N, V] = {tuple(logits.shape[:2])}, got {tuple(value.shape)}"
+            )
+
+
+def position_loss(
+    logits: torch.Tensor,
+    target_positions: torch.Tensor,
+    weights: torch.Tensor,
+    smoothing: torch.Tensor,
+) -> torch.Tensor:
+    """Batch-weighted soft cross-entropy.
+
+    logits [N, V, L], target_positions [N, V] (true grid index), weights [N, V] (zero for tokens
+    that kept their position), smoothing [L, L] (row t = soft target of position t).
+    `sum(m * CE(T, softmax(logits))) / sum(m)` over the whole batch.
+    """
+    _check_tokens(logits, target_positions=target_positions, weights=weights)
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    targets = smoothing[target_positions]
+    cross_entropy = -(targets * log_probs).sum(dim=-1)
+    weights = weights.float()
+    return (weights * cross_entropy).sum() / weights.sum().clamp_min(1e-12)
+
+
+def position_accuracy(
+    logits: torch.Tensor, target_positions: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """`sum(m * [argmax == true]) / sum(m)`; with m = the dropped mask, the plain accuracy."""
+    _check_tokens(logits, target_positions=target_positions, weights=weights)
+    correct = (logits.argmax(dim=-1) == target_positions).float()
+    weights = weights.float()
+    return (weights * correct).sum() / weights.sum().clamp_min(1e-12)
+
+
+def confident_tokens(
+    logits: torch.Tensor, target_positions: torch.Tensor, smoothing: torch.Tensor
+) -> torch.Tensor:
+    """[N, V] bool: the model already gives the true position more probability than the smoothed
+    target does (its diagonal value); the confidence-ignore rule skips those tokens.
+    """
+    _check_tokens(logits, target_positions=target_positions)
+    with torch.no_grad():
+        probs = torch.softmax(logits.float(), dim=-1)
+        prob_true = torch.gather(probs, -1, target_positions[..., None])[..., 0]
+        return prob_true > smoothing.diagonal()[target_positions]
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """images: [N, C, H, W] -> [N, L, p*p*C] in MAE's (p, q, c) order."""
+    n, c, h, w = images.shape
+    gh, gw = h // patch_size, w // patch_size
+    x = images.reshape(n, c, gh, patch_size, gw, patch_size)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(n, gh * gw, patch_size * patch_size * c)
+
+
+def pixel_loss(
+    pred: torch.Tensor,
+    images: torch.Tensor,
+    masked: torch.Tensor,
+    patch_size: int,
+    normalize_target: bool = True,
+) -> torch.Tensor:
+    """MAE loss: per-patch MSE, averaged over the masked patches only.
+
+    pred [N, L, p*p*C], images [N, C, H, W], masked [N, L] (True = hidden from the encoder).
+    With `normalize_target`, each target patch is standardised by its own mean and variance.
+    """
+    target = patchify(images, patch_size).float()
+    if pred.shape != target.shape:
+        raise ValueError(f"pixel prediction {tuple(pred.shape)} != target {tuple(target.shape)}")
+    if normalize_target:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6).sqrt()
+    per_patch = (pred.float() - target).square().mean(dim=-1)
+    masked = masked.float()
+    return (per_patch * masked).sum() / masked.sum().clamp_min(1e-12)

@@ -1,0 +1,33 @@
+"""SPEC §1.8: attentive reconstruction weights."""
+
+import torch
+import torch.nn.functional as F
+
+from droppos.objective.attentive import attentive_weights
+from droppos.objective.masking import random_patch_mask
+
+
+def test_weights_sum_to_one_over_the_visible_patches():
+    features = torch.randn(4, 1 + 16, 8)
+    ids_keep = random_patch_mask(torch.rand(4, 16), 5).ids_keep
+    weights = attentive_weights(features, ids_keep, tau=0.1)
+    assert weights.shape == (4, 5)
+    torch.testing.assert_close(weights.sum(1), torch.ones(4))
+    assert (weights > 0).all()
+
+
+def test_weights_are_the_full_softmax_gathered_and_renormalised():
+    features = torch.randn(2, 1 + 9, 6)
+    ids_keep = torch.tensor([[0, 4, 8], [2, 3, 7]])
+    cos = F.cosine_similarity(features[:, :1], features[:, 1:], dim=-1)
+    full = torch.softmax(cos / 0.1, dim=1)
+    gathered = torch.gather(full, 1, ids_keep)
+    expected = gathered / gathered.sum(1, keepdim=True)
+    torch.testing.assert_close(attentive_weights(features, ids_keep, 0.1), expected)
+
+
+def test_patches_like_cls_weigh_more():
+    cls = torch.tensor([1.0, 0.0])
+    features = torch.stack([cls, cls, torch.tensor([0.0, 1.0])])[None]  # patch 0 ~ cls
+    weights = attentive_weights(features, torch.tensor([[0, 1]]), tau=0.1)
+    assert weights[0, 0] > 0.99
