@@ -1,0 +1,1 @@
+"""The `droppos` command line."""

@@ -1,0 +1,203 @@
+"""Image transforms (SPEC §2) and per-sample seeded augmentation.
+
+Default normalisation: ImageNet's mean/std for 3 channels (what the released checkpoints were
+trained with); (0.5,)/(0.5,) for 1 channel, i.e. [0, 1] -> [-1, 1], which fits any greyscale
+data without pretending to know its statistics (Fashion-MNIST's own, FASHION_MNIST_MEAN/STD,
+are here for who wants them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+__all__ = [
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD",
+    "GREY_MEAN",
+    "GREY_STD",
+    "AugmentedDataset",
+    "ConvertMode",
+    "default_mean_std",
+    "eval_transform",
+    "pretrain_transform",
+    "sample_seed",
+]
+
+GREY_MEAN, GREY_STD = (0.5,), (0.5,)
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.286,), (0.353,)
+
+Size = int | tuple[int, int]
+
+
+def default_mean_std(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """ImageNet's statistics for RGB, (0.5,)/(0.5,) for greyscale (see the module docstring)."""
+    if in_chans == 3:
+        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    if in_chans == 1:
+        return GREY_MEAN, GREY_STD
+    raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+
+
+class ConvertMode:
+    """PIL mode conversion ("L" or "RGB") as a picklable callable, for data-loader workers."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img if img.mode == self.mode else img.convert(self.mode)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.mode!r})"
+
+
+def _prologue_epilogue(
+    in_chans: int, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[ConvertMode, list[Callable[..., Any]]]:
+    default_mean, default_std = default_mean_std(in_chans)
+    mean = tuple(default_mean if mean is None else mean)
+    std = tuple(default_std if std is None else std)
+    if len(mean) != in_chans or len(std) != in_chans:
+        raise ValueError(
+            f"mean and std need {in_chans} value(s) for in_chans={in_chans}, "
+            f"got mean={mean}, std={std}"
+        )
+    return ConvertMode("L" if in_chans == 1 else "RGB"), [T.ToTensor(), T.Normalize(mean, std)]
+
+
+def _hw(img_size: Size) -> tuple[int, int]:
+    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if h <= 0 or w <= 0:
+        raise ValueError(f"img_size must be positive, got {img_size}")
+    return int(h), int(w)
+
+
+def pretrain_transform(
+    img_size: Size = 224,
+    in_chans: int = 3,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    crop_scale: tuple[float, float] = (0.2, 1.0),
+) -> T.Compose:
+    """DropPos / MAE pre-training augmentation: RandomResizedCrop(scale 0.2-1, bicubic) + flip.
+
+    PIL image (any size, "L" or "RGB") -> float tensor [in_chans, H, W], normalised.
+    `crop_scale` is the paper's (0.2, 1) unless a preset says otherwise.
+    """
+    convert, to_tensor = _prologue_epilogue(in_chans, mean, std)
+    return T.Compose(
+        [
+            convert,
+            T.RandomResizedCrop(
+                _hw(img_size), scale=crop_scale, interpolation=InterpolationMode.BICUBIC
+            ),
+            T.RandomHorizontalFlip(),
+            *to_tensor,
+        ]
+    )
+
+
+def eval_transform(
+    img_size: Size = 224,
+    in_chans: int = 3,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    crop_pct: float = 224 / 256,
+) -> T.Compose:
+    """Deterministic evaluation view: resize the shorter side to size / crop_pct, centre crop.
+
+    The standard 256 -> 224 protocol of the fine-tuning recipe (SPEC §2). For a non-square
+    ``img_size`` (h, w) the shorter side goes to max(h, w) / crop_pct, so the crop always fits.
+    """
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    convert, to_tensor = _prologue_epilogue(in_chans, mean, std)
+    h, w = _hw(img_size)
+    resize = math.floor(max(h, w) / crop_pct + 1e-6)  # 1e-6: 224 / 0.875 must be 256, not 255
+    return T.Compose(
+        [
+            convert,
+            T.Resize(resize, interpolation=InterpolationMode.BICUBIC),
+            T.CenterCrop((h, w)),
+            *to_tensor,
+        ]
+    )
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed from (seed, epoch, index): nearby triples share no streams."""
+    state = np.random.SeedSequence([seed & 0xFFFFFFFFFFFFFFFF, epoch, index])
+    return int(state.generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+@contextlib.contextmanager
+def _seeded_cpu_rngs(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator, ``random`` and numpy's global RNG; restore them afterwards.
+
+    Only the CPU generator: torch.manual_seed would also reseed CUDA, which would clobber the
+    training process's mask noise when the loader runs in the main process (num_workers=0).
+    Python's and numpy's RNGs are covered because timm's RandAugment draws from them.
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed & 0xFFFFFFFF)
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+class AugmentedDataset(Dataset):
+    """Applies ``transform`` with randomness that is a pure function of (seed, epoch, index).
+
+    So a sample's augmentation does not depend on the number of workers, of DDP ranks, or on
+    whether the run was interrupted and resumed. Returns ``(tensor image, label)``.
+
+    The epoch lives in a shared-memory tensor: ``persistent_workers`` keep their own copy of the
+    dataset, and a plain attribute set in the main process would never reach them. Call
+    ``set_epoch`` before iterating the loader (``droppos.data.set_epoch`` does both hooks).
+    """
+
+    def __init__(self, dataset: Dataset, transform: Callable[[Any], Any], seed: int = 0) -> None:
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = seed
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
+    @property
+    def num_classes(self) -> int:
+        return getattr(self.dataset, "num_classes", 0)
+
+    @property
+    def classes(self) -> list[str] | None:
+        return getattr(self.dataset, "classes", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        img, label = self.dataset[index]
+        with _seeded_cpu_rngs(sample_seed(self.seed, self.epoch, index)):
+            return self.transform(img), label

@@ -1,0 +1,1 @@
+"""The training engine: distributed setup, optimisation, precision, checkpoints and logging."""

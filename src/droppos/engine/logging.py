@@ -1,0 +1,51 @@
+"""What the user sees: JSON lines and TensorBoard scalars, written by rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricWriter:
+    """Appends `{"kind": ..., "step": ..., **metrics}` to `metrics.jsonl`; mirrors to TensorBoard.
+
+    Resumed runs append to the same files, so a crash leaves one continuous record.
+    """
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self._jsonl = None
+        self._tensorboard = None
+        if not enabled:
+            return
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = (output_dir / "metrics.jsonl").open("a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+
+    def write(self, kind: str, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": step, "time": round(time.time(), 3), **metrics}
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            for name, value in metrics.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    self._tensorboard.add_scalar(f"{kind}/{name}", value, step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """The records of a `metrics.jsonl`, optionally of one kind (`step`, `epoch`, ...)."""
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    return [r for r in records if kind is None or r["kind"] == kind]
