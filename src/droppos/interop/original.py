@@ -7,6 +7,7 @@ works after unwrapping.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,16 +42,26 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return cleaned
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """A `.pth`/`.pt` (torch pickle, weights only) or `.safetensors` file -> a clean state dict."""
+def load_checkpoint_object(path: str | Path) -> Mapping[str, Any]:
+    """The whole object in a `.pth`/`.pt` (weights-only unpickling) or `.safetensors` file.
+
+    The original code saves its `argparse.Namespace` under `args`; it is the one non-tensor class
+    allowed, so full original checkpoints load without trusting arbitrary pickles.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return unwrap_state_dict(load_file(str(path)))
-    return unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return load_file(str(path))
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """A `.pth`/`.pt` (torch pickle, weights only) or `.safetensors` file -> a clean state dict."""
+    return unwrap_state_dict(load_checkpoint_object(path))
 
 
 def load_original_checkpoint(
@@ -71,11 +82,13 @@ def load_original_checkpoint(
         if state[k].shape != own[k].shape
     )
     if strict and (missing or unexpected or mismatched):
-        raise ValueError(_describe_mismatch(missing, unexpected, mismatched))
+        raise ValueError(describe_mismatch(missing, unexpected, mismatched))
     return model.load_state_dict(state, strict=strict)
 
 
-def _describe_mismatch(missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:
+def describe_mismatch(missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:
+    """One line naming (the first few) missing, unexpected and mis-shaped keys."""
+
     def head(items: list[str]) -> str:
         return ", ".join(items[:6]) + (f" (+{len(items) - 6} more)" if len(items) > 6 else "")
 
