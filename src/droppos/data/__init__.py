@@ -15,8 +15,10 @@ from droppos.data.transforms import (
     AugmentedDataset,
     default_mean_std,
     eval_transform,
+    finetune_transform,
     pretrain_transform,
     sample_seed,
+    seeded_cpu_rngs,
 )
 
 __all__ = [
@@ -32,9 +34,11 @@ __all__ = [
     "default_mean_std",
     "dist_world",
     "eval_transform",
+    "finetune_transform",
     "load_image",
     "pretrain_transform",
     "read_idx",
     "sample_seed",
+    "seeded_cpu_rngs",
     "set_epoch",
 ]

@@ -16,8 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+from timm.data import auto_augment as auto_augment_ops
+from timm.data.auto_augment import RandAugment, rand_augment_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.random_erasing import RandomErasing
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
@@ -31,8 +34,10 @@ __all__ = [
     "ConvertMode",
     "default_mean_std",
     "eval_transform",
+    "finetune_transform",
     "pretrain_transform",
     "sample_seed",
+    "seeded_cpu_rngs",
 ]
 
 GREY_MEAN, GREY_STD = (0.5,), (0.5,)
@@ -136,6 +141,60 @@ def eval_transform(
     )
 
 
+def finetune_transform(
+    img_size: Size = 224,
+    in_chans: int = 3,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+    reprob: float = 0.25,
+) -> T.Compose:
+    """The MAE fine-tuning augmentation (SPEC §2), from timm's parts, for RGB and greyscale.
+
+    RandomResizedCrop (bicubic) + flip + RandAugment on the PIL image, then normalise and
+    random-erase (pixel mode) the tensor: what timm's `create_transform` builds, except that
+    it works on 1-channel images too (RandAugment's fill colour follows the channel count).
+    """
+    convert, to_tensor = _prologue_epilogue(in_chans, mean, std)
+    hw = _hw(img_size)
+    steps: list[Callable[..., Any]] = [
+        convert,
+        T.RandomResizedCrop(hw, scale=crop_scale, interpolation=InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+    ]
+    if auto_augment:
+        mean_used = to_tensor[1].mean
+        fill = tuple(min(255, round(255 * m)) for m in mean_used)
+        hparams = {
+            "translate_const": int(min(hw) * 0.45),
+            "img_mean": fill if in_chans == 3 else fill[0],
+            "interpolation": Image.BICUBIC,
+        }
+        steps.append(_pillow_safe(rand_augment_transform(auto_augment, hparams)))
+    steps += to_tensor
+    if reprob > 0:
+        steps.append(RandomErasing(reprob, mode="pixel", max_count=1, device="cpu"))
+    return T.Compose(steps)
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize, but 0 bits gives the black image older Pillow gave (Pillow >= 11
+    raises instead, which would crash about one training image in a thousand)."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _pillow_safe(augment: RandAugment) -> RandAugment:
+    for op in augment.ops:
+        if op.aug_fn is auto_augment_ops.posterize:
+            op.aug_fn = _posterize
+    return augment
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A well-mixed 63-bit seed from (seed, epoch, index): nearby triples share no streams."""
     state = np.random.SeedSequence([seed & 0xFFFFFFFFFFFFFFFF, epoch, index])
@@ -143,7 +202,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 @contextlib.contextmanager
-def _seeded_cpu_rngs(seed: int) -> Iterator[None]:
+def seeded_cpu_rngs(seed: int) -> Iterator[None]:
     """Seed torch's CPU generator, ``random`` and numpy's global RNG; restore them afterwards.
 
     Only the CPU generator: torch.manual_seed would also reseed CUDA, which would clobber the
@@ -199,5 +258,5 @@ class AugmentedDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         img, label = self.dataset[index]
-        with _seeded_cpu_rngs(sample_seed(self.seed, self.epoch, index)):
+        with seeded_cpu_rngs(sample_seed(self.seed, self.epoch, index)):
             return self.transform(img), label
