@@ -16,9 +16,17 @@ from typing import Any
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from droppos.engine.config import PretrainConfig
+from droppos.evaluation.config import ExportConfig, FinetuneConfig, KnnConfig, LinprobeConfig
 
 COMMANDS: dict[str, tuple[type, str]] = {
     "pretrain": (PretrainConfig, "Pre-train a ViT with DropPos (default: the built-in demo)."),
+    "finetune": (FinetuneConfig, "Fine-tune a checkpoint end to end for classification."),
+    "linprobe": (LinprobeConfig, "Linear probe on frozen features (a sweep of learning rates)."),
+    "knn": (KnnConfig, "Weighted kNN classification on frozen features."),
+    "export": (
+        ExportConfig,
+        "Export a checkpoint for timm, Detectron2 ViTDet and MMSegmentation.",
+    ),
 }
 
 
@@ -107,7 +115,118 @@ def run_pretrain(parser: ArgumentParser, args: Namespace) -> int:
     return 0
 
 
-RUNNERS = {"pretrain": run_pretrain}
+def run_finetune(parser: ArgumentParser, args: Namespace) -> int:
+    from droppos.evaluation.finetune import setup, train
+
+    try:
+        config = to_config(parser, args, "finetune")
+        run = setup(config)
+    except (ValueError, FileNotFoundError) as error:
+        return fail("finetune", error)
+    out = Path(config.run.output_dir)
+    if run.env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(parser, args, "finetune"))
+        print(
+            f"fine-tuning {run.backbone.source} ({run.backbone.kind}) on {config.data.source}, "
+            f"{run.num_classes} classes ({run.env.world_size} process(es), {run.env.device}, "
+            f"{run.precision}); outputs in {out}"
+            + (f"; resuming at epoch {run.epoch + 1}" if run.epoch or run.batch else ""),
+            flush=True,
+        )
+    results = train(run)
+    if run.env.is_main:
+        print(
+            f"done: val top-1 {results['top1']:.2f}, top-5 {results['top5']:.2f} "
+            f"(best top-1 {results['best_top1']:.2f} at epoch {results['best_epoch']}); "
+            f"{out / 'results.json'}"
+        )
+    return 0
+
+
+def _frozen_features(parser: ArgumentParser, args: Namespace, command: str) -> Any:
+    """The shared start of knn and linprobe: config, devices, then the features, extracted once."""
+    import torch
+
+    from droppos.engine.distributed import init_distributed
+    from droppos.engine.precision import resolve_precision
+    from droppos.evaluation.features import frozen_features
+
+    config = to_config(parser, args, command)
+    config.validate()
+    env = init_distributed(config.run.device)
+    precision = resolve_precision(config.run.precision, env.device)
+    torch.manual_seed(config.run.seed)
+    if env.is_main:
+        out = Path(config.run.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(parser, args, command))
+    progress = config.run.progress and env.is_main
+    return config, env, frozen_features(config.model, config.data, env.device, precision, progress)
+
+
+def run_knn(parser: ArgumentParser, args: Namespace) -> int:
+    from droppos.evaluation.knn import run_knn as knn
+
+    try:
+        config, env, features = _frozen_features(parser, args, "knn")
+    except (ValueError, FileNotFoundError) as error:
+        return fail("knn", error)
+    results = knn(config, features)
+    if env.is_main:
+        print(
+            f"kNN (k={config.knn.k}, T={config.knn.temperature}) on {config.model.feature} "
+            f"features of {features.backbone.source}: top-1 {results['top1']:.2f}, "
+            f"top-5 {results['top5']:.2f}; {Path(config.run.output_dir) / 'results.json'}"
+        )
+    return 0
+
+
+def run_linprobe(parser: ArgumentParser, args: Namespace) -> int:
+    from droppos.evaluation.linprobe import run_linprobe as linprobe
+
+    try:
+        config, env, features = _frozen_features(parser, args, "linprobe")
+    except (ValueError, FileNotFoundError) as error:
+        return fail("linprobe", error)
+    results = linprobe(config, features)
+    if env.is_main:
+        sweep = ", ".join(f"{r['base_lr']:g}: {r['top1']:.2f}" for r in results["probes"])
+        print(
+            f"linear probe on {config.model.feature} features of {features.backbone.source}: "
+            f"top-1 {results['top1']:.2f}, top-5 {results['top5']:.2f} at base lr "
+            f"{results['best_base_lr']:g} (sweep {sweep}); "
+            f"{Path(config.run.output_dir) / 'results.json'}"
+        )
+    return 0
+
+
+def run_export(parser: ArgumentParser, args: Namespace) -> int:
+    from droppos.interop.timm_export import export_checkpoint
+
+    try:
+        config = to_config(parser, args, "export")
+        files = export_checkpoint(
+            config.checkpoint, config.output, config.timm_name, config.num_heads
+        )
+    except (ValueError, FileNotFoundError) as error:
+        return fail("export", error)
+    print(
+        f"exported {config.checkpoint} to {files.folder}: {files.weights.name} + "
+        f"{files.config.name} (timm {files.timm_name}), {files.mae_format.name} (Detectron2 "
+        f"ViTDet / MAE), {files.mmseg_format.name} (MMSegmentation MAE)\n"
+        f'load: timm.create_model("local-dir:{files.folder}", pretrained=True, num_classes=...)'
+    )
+    return 0
+
+
+RUNNERS = {
+    "pretrain": run_pretrain,
+    "finetune": run_finetune,
+    "linprobe": run_linprobe,
+    "knn": run_knn,
+    "export": run_export,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,26 @@
+"""Every evaluation ends with one JSON file of results (and one line on the terminal)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import droppos
+
+RESULTS = "results.json"
+
+
+def write_results(output_dir: str | Path, command: str, results: dict[str, Any]) -> Path:
+    """`output_dir/results.json` = {"command", "droppos_version", "date", **results}."""
+    path = Path(output_dir) / RESULTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "command": command,
+        "droppos_version": droppos.__version__,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **results,
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path

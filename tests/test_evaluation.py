@@ -1,0 +1,281 @@
+"""Evaluation: pre-train -> fine-tune -> linear probe -> kNN through the CLI, and their parts."""
+
+import argparse
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from droppos.cli.main import main
+from droppos.engine.checkpoint import load_checkpoint
+from droppos.engine.logging import read_metrics
+from droppos.engine.optim import build_adamw
+from droppos.evaluation.backbone import build_vit, load_backbone
+from droppos.evaluation.knn import knn_accuracy, knn_scores
+from droppos.evaluation.metrics import topk_correct
+from droppos.models.registry import create_model
+from tests.helpers import tiny_droppos
+
+TINY_ENCODER = [
+    "--model.img_size", "28",
+    "--model.patch_size", "7",
+    "--model.embed_dim", "32",
+    "--model.depth", "2",
+    "--model.num_heads", "2",
+]  # fmt: skip
+QUIET = ["--data.num_workers", "0", "--run.progress", "false"]
+
+
+def results(folder):
+    return json.loads((folder / "results.json").read_text())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU the threads' spinning
+    makes them several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoint(tmp_path_factory):
+    """One epoch of DropPos on the embedded demo set with a 2-block, 32-wide ViT."""
+    out = tmp_path_factory.mktemp("pretrain")
+    args = [
+        "pretrain", *TINY_ENCODER, "--model.decoder_embed_dim", "32",
+        "--model.decoder_num_heads", "2", "--optim.epochs", "1", "--optim.batch_size", "256",
+        "--run.output_dir", str(out), "--run.tensorboard", "false", "--run.precision", "fp32",
+        *QUIET,
+    ]  # fmt: skip
+    assert main(args) == 0
+    return out / "last.pth"
+
+
+def test_pretrain_then_finetune_linprobe_knn_on_the_demo_set(tmp_path, demo_checkpoint):
+    finetune = tmp_path / "finetune"
+    args = [
+        "finetune", "--model.checkpoint", str(demo_checkpoint), "--optim.epochs", "1",
+        "--optim.warmup_epochs", "0", "--optim.batch_size", "250", "--model.ema", "true",
+        "--run.output_dir", str(finetune), "--run.tensorboard", "false",
+        "--run.precision", "fp32", *QUIET,
+    ]  # fmt: skip
+    assert main(args) == 0
+    tuned = results(finetune)
+    assert tuned["command"] == "finetune" and tuned["num_classes"] == 10
+    assert 0 <= tuned["top1"] <= tuned["top5"] <= 100 and "ema_top1" in tuned
+    assert (tuned["train_size"], tuned["val_size"]) == (4000, 1000)
+    for name in ("best.pth", "last.pth", "config.yaml", "metrics.jsonl"):
+        assert (finetune / name).exists(), name
+    epoch = read_metrics(finetune / "metrics.jsonl", "epoch")[0]
+    assert {"loss", "top1", "top5", "ema_top1"} <= set(epoch)
+
+    probe = tmp_path / "linprobe"
+    args = [
+        "linprobe", "--model.checkpoint", str(demo_checkpoint), "--probe.epochs", "3",
+        "--probe.warmup_epochs", "1", "--probe.base_lrs", "[1, 10]",
+        "--run.output_dir", str(probe), *QUIET,
+    ]  # fmt: skip
+    assert main(args) == 0
+    probed = results(probe)
+    assert [p["base_lr"] for p in probed["probes"]] == [1, 10]
+    assert probed["top1"] == max(p["top1"] for p in probed["probes"])
+
+    knn = tmp_path / "knn"
+    args = ["knn", "--model.checkpoint", str(demo_checkpoint), "--run.output_dir", str(knn)]
+    assert main([*args, *QUIET]) == 0
+    voted = results(knn)
+    assert voted["k"] == 20 and voted["temperature"] == 0.07
+    assert voted["top1"] > 20  # chance is 10%: even one epoch of tiny pre-training beats it
+
+    # The fine-tuned checkpoint is itself a checkpoint every evaluation accepts.
+    again = tmp_path / "knn-finetuned"
+    args = ["knn", "--model.checkpoint", str(finetune / "best.pth"), "--model.feature", "avg"]
+    assert main([*args, "--run.output_dir", str(again), *QUIET]) == 0
+    assert results(again)["checkpoint_kind"] == "droppos fine-tuned classifier"
+
+
+def test_a_random_encoder_is_the_baseline_of_every_evaluation(tmp_path):
+    out = tmp_path / "knn"
+    args = ["knn", "--model.checkpoint", "random", *TINY_ENCODER, "--run.output_dir", str(out)]
+    assert main([*args, *QUIET]) == 0
+    assert results(out)["checkpoint_kind"] == "random init"
+    assert results(out)["feature_dim"] == 32
+
+
+def test_knn_on_features_that_separate_the_classes_scores_100_percent():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(10, 64, generator=generator) * 10
+
+    def sample(per_class):
+        labels = torch.arange(10).repeat_interleave(per_class)
+        return centres[labels] + torch.randn(len(labels), 64, generator=generator), labels
+
+    train, train_labels = sample(30)
+    query, query_labels = sample(5)
+    accuracy = knn_accuracy(train, train_labels, query, query_labels, 10, query_batch=7)
+    assert accuracy == {"top1": 100.0, "top5": 100.0}
+
+
+def test_knn_votes_are_similarity_weighted():
+    train = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    labels = torch.tensor([0, 1, 1])
+    scores = knn_scores(train, labels, torch.tensor([[1.0, 0.1]]), 2, k=3, temperature=0.07)
+    assert scores.argmax().item() == 0  # one close neighbour outweighs two farther ones
+    assert knn_scores(train, labels, torch.tensor([[1.0, 0.1]]), 2, k=1)[0, 1] == 0
+
+
+def test_topk_caps_k_at_the_number_of_classes():
+    scores = torch.tensor([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05]])
+    assert topk_correct(scores, torch.tensor([2, 1])).tolist() == [0, 2]
+
+
+def test_layer_decay_gives_the_patch_embedding_the_smallest_and_the_head_the_largest_scale():
+    encoder = create_model("vit_tiny_patch16", img_size=32, patch_size=8, depth=3)
+    backbone = load_backbone_from_state(encoder.state_dict())
+    model = build_vit(backbone, num_classes=10, global_pool="avg", fc_norm=True)
+    optimizer = build_adamw(model, lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    scale_of = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            scale_of[param] = group["lr_scale"]
+    named = dict(model.named_parameters())
+    scales = {name: scale_of[p] for name, p in named.items()}
+    assert scales["patch_embed.proj.weight"] == min(scales.values()) == pytest.approx(0.75**4)
+    assert scales["head.weight"] == max(scales.values()) == 1.0
+    assert scales["blocks.0.attn.qkv.weight"] < scales["blocks.2.attn.qkv.weight"]
+    no_decay = {n for n, p in named.items() for g in optimizer.param_groups
+                if any(p is q for q in g["params"]) and g["weight_decay"] == 0}  # fmt: skip
+    assert {"cls_token", "pos_embed", "head.bias", "fc_norm.weight"} <= no_decay
+    assert "head.weight" not in no_decay
+
+
+def load_backbone_from_state(state, tmp_path=None, **extra):
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp()) / "encoder.pth"
+    torch.save({"model": state, **extra}, path)
+    return load_backbone(path)
+
+
+def test_original_droppos_and_mae_checkpoints_are_accepted(tmp_path):
+    source = create_model(
+        "droppos_vit_tiny_patch16", img_size=32, patch_size=4, depth=2, decoder_depth=8
+    )
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}
+    path = tmp_path / "DropPos_pretrain_vit_tiny.pth"
+    torch.save({"model": state, "args": argparse.Namespace(lr=1e-3), "epoch": 199}, path)
+    backbone = load_backbone(path)  # width 192 -> 3 heads, by the standard table
+    assert (backbone.encoder.depth, backbone.encoder.num_heads) == (2, 3)
+    images = torch.randn(2, 3, 32, 32)
+    model = build_vit(backbone).eval()
+    torch.testing.assert_close(model.forward_features(images), source.forward_features(images))
+
+    mae = create_model("mae_vit_tiny_patch16", img_size=32, patch_size=4, depth=2)
+    path = tmp_path / "mae_pretrain.pth"
+    torch.save({"state_dict": mae.state_dict()}, path)
+    assert load_backbone(path).encoder.embed_dim == 192
+
+
+def test_foreign_or_unreadable_checkpoints_fail_with_one_line(tmp_path, capsys):
+    odd_width = tmp_path / "odd.pth"
+    torch.save({"model": tiny_droppos().state_dict()}, odd_width)  # 64 wide: heads unknown
+    not_a_vit = tmp_path / "resnet.pth"
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(8, 3, 7, 7)}}, not_a_vit)
+    cases = [
+        (odd_width, "--model.num_heads"),
+        (not_a_vit, "holds no ViT encoder"),
+        (tmp_path / "missing.pth", "no checkpoint at"),
+    ]
+    for path, message in cases:
+        assert main(["knn", "--model.checkpoint", str(path), *QUIET]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    args = ["knn", "--model.checkpoint", str(odd_width), "--model.num_heads", "4"]
+    args += ["--run.output_dir", str(tmp_path / "ok"), "--data.source", "/no/such/data"]
+    assert main(args) == 2
+    assert "data source" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """train/ and val/ with two classes of 8x8-pixel RGB squares (bright vs dark)."""
+    root = tmp_path_factory.mktemp("images")
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", 16), ("val", 8)):
+        for i in range(count):
+            label = i % 2
+            folder = root / split / ("bright" if label else "dark")
+            folder.mkdir(parents=True, exist_ok=True)
+            base = 170 if label else 40
+            pixels = base + torch.randint(0, 60, (16, 16, 3), generator=generator)
+            Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / f"{i}.png")
+    return root
+
+
+def finetune_args(output_dir, source, *extra):
+    return [
+        "finetune", "--model.checkpoint", "random", "--model.img_size", "16",
+        "--model.patch_size", "4", "--model.in_chans", "3", "--model.embed_dim", "32",
+        "--model.depth", "1", "--model.num_heads", "2", "--data.source", str(source),
+        "--optim.batch_size", "4", "--optim.epochs", "2", "--optim.warmup_epochs", "1",
+        "--run.output_dir", str(output_dir), "--run.log_every", "1",
+        "--run.tensorboard", "false", "--run.precision", "fp32", *QUIET, *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("crash_at", [1, 2], ids=["mid-epoch-1", "after-epoch-1"])
+def test_an_interrupted_finetuning_resumes_to_the_same_weights(
+    tmp_path, image_folder, monkeypatch, crash_at
+):
+    from droppos.evaluation import finetune as finetune_module
+
+    extra = ("--run.save_every_steps", "3", "--model.ema", "true")
+    assert main(finetune_args(tmp_path / "straight", image_folder, *extra)) == 0
+
+    original, saves = finetune_module.save, []
+
+    def save_then_crash(run, best=False):
+        original(run, best)
+        saves.append(run.step)
+        if len(saves) == crash_at:  # 4 steps per epoch: saves at steps 3, 4, 6, 8
+            raise KeyboardInterrupt
+
+    interrupted = tmp_path / "interrupted"
+    with monkeypatch.context() as patch:
+        patch.setattr(finetune_module, "save", save_then_crash)
+        with pytest.raises(KeyboardInterrupt):
+            main(finetune_args(interrupted, image_folder, *extra))
+    stopped = load_checkpoint(interrupted / "last.pth")
+    assert (stopped["epoch"], stopped["batch"]) == ((0, 3) if crash_at == 1 else (1, 0))
+    assert main(finetune_args(interrupted, image_folder, *extra)) == 0
+
+    straight = load_checkpoint(tmp_path / "straight" / "last.pth")
+    resumed = load_checkpoint(interrupted / "last.pth")
+    for key in ("model", "model_ema"):
+        for name, value in straight[key].items():
+            assert torch.equal(value, resumed[key][name]), (key, name)
+    assert results(interrupted)["top1"] == results(tmp_path / "straight")["top1"]
+    epochs = [r["step"] for r in read_metrics(interrupted / "metrics.jsonl", "epoch")]
+    assert epochs == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--optim.batch_size", "3"), "even --optim.batch_size"),
+        (("--optim.layer_decay", "0"), "--optim.layer_decay"),
+        (("--augment.auto_augment", "v0"), "RandAugment"),
+        (("--model.name", "droppos_vit_tiny_patch16"), "encoder name"),
+    ],
+)
+def test_finetune_user_mistakes_exit_2_with_one_line(
+    tmp_path, image_folder, capsys, extra, message
+):
+    assert main(finetune_args(tmp_path, image_folder, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
