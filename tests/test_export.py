@@ -1,0 +1,208 @@
+"""Export: timm loads the encoder with no missing keys but the head, and computes the same
+features; Detectron2/MMSegmentation files carry the same weights under their names."""
+
+import json
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from droppos.cli.main import main
+from droppos.engine.checkpoint import load_checkpoint
+from droppos.evaluation.backbone import build_vit, load_backbone
+from droppos.interop.timm_export import mmseg_state
+from droppos.models.registry import create_model
+
+TOLERANCE = dict(rtol=0, atol=1e-5)  # fp32, as the issue asks
+BLOCK_PARTS = ["norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared CPU they only slow down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", 16), ("val", 8)):
+        for i in range(count):
+            folder = root / split / ("a" if i % 2 else "b")
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = (torch.rand(20, 20, generator=generator) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+SHAPE = [
+    "--model.img_size", "16", "--model.patch_size", "4", "--model.in_chans", "1",
+    "--model.embed_dim", "32", "--model.depth", "2", "--model.num_heads", "2",
+]  # fmt: skip
+QUIET = [
+    "--data.num_workers", "0", "--run.progress", "false", "--run.tensorboard", "false",
+    "--run.precision", "fp32",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, image_folder):
+    """A droppos pre-training checkpoint of a 32-wide greyscale ViT (non-standard everything)."""
+    out = tmp_path_factory.mktemp("pretrain")
+    args = ["pretrain", *SHAPE, "--model.decoder_embed_dim", "32", "--model.decoder_num_heads", "2"]
+    args += ["--data.source", str(image_folder), "--optim.epochs", "1", "--optim.batch_size", "4"]
+    assert main([*args, "--run.output_dir", str(out), *QUIET]) == 0
+    return out / "last.pth"
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, image_folder, pretrained):
+    out = tmp_path_factory.mktemp("finetune")
+    args = ["finetune", "--model.checkpoint", str(pretrained), "--data.source", str(image_folder)]
+    args += ["--optim.epochs", "1", "--optim.warmup_epochs", "0", "--optim.batch_size", "4"]
+    assert main([*args, "--run.output_dir", str(out), *QUIET]) == 0
+    return out / "best.pth"
+
+
+def export(checkpoint, folder, *extra):
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(folder), *extra]) == 0
+    return json.loads((folder / "config.json").read_text())
+
+
+def droppos_encoder(checkpoint):
+    """The pre-training model as droppos itself builds it, with the checkpoint's weights."""
+    saved = load_checkpoint(checkpoint)
+    section = saved["config"]["model"]
+    model = create_model(
+        saved["model_name"],
+        **{k: section[k] for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth")},
+        num_heads=section["num_heads"],
+        decoder_embed_dim=32,
+        decoder_num_heads=2,
+    )
+    model.load_state_dict(saved["model"])
+    return model.eval()
+
+
+def test_timm_loads_the_export_with_no_missing_keys_but_the_head(tmp_path, pretrained):
+    config = export(pretrained, tmp_path)
+    weights = tmp_path / "model.safetensors"
+    args = dict(config["model_args"], num_classes=10)
+    model = timm.create_model(
+        config["architecture"],
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(weights)),
+        **args,
+    ).eval()
+    fresh = timm.create_model(config["architecture"], pretrained=False, **args)
+    result = fresh.load_state_dict(load_file(str(weights)), strict=False)
+    assert sorted(result.missing_keys) == ["head.bias", "head.weight"]
+    assert result.unexpected_keys == []
+
+    images = torch.randn(3, 1, 16, 16)
+    ours = droppos_encoder(pretrained)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.forward_features(images), ours.forward_features(images), **TOLERANCE
+        )
+
+
+def test_the_exported_folder_is_a_timm_local_dir_model(tmp_path, pretrained):
+    config = export(pretrained, tmp_path)
+    assert config["architecture"] == "vit_tiny_patch16_224"  # nearest width; args are exact
+    assert config["pretrained_cfg"]["input_size"] == [1, 16, 16]
+    assert config["pretrained_cfg"]["mean"] == [0.5]
+    source = config["droppos"]
+    assert (
+        source["source_checkpoint"] == str(pretrained.resolve())
+        and len(source["source_sha256"]) == 64
+    )
+    model = timm.create_model(f"local-dir:{tmp_path}", pretrained=True, num_classes=0).eval()
+    images = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        expected = droppos_encoder(pretrained).forward_features(images)[:, 0]
+        torch.testing.assert_close(model(images), expected, **TOLERANCE)
+    data = timm.data.resolve_data_config({}, model=model)
+    assert data["input_size"] == (1, 16, 16) and data["interpolation"] == "bicubic"
+
+
+def test_a_finetuned_checkpoint_exports_its_classifier(tmp_path, finetuned):
+    config = export(finetuned, tmp_path)
+    assert config["num_classes"] == 2 and config["global_pool"] == "avg"
+    assert config["label_names"] == ["a", "b"]
+    state = load_file(str(tmp_path / "model.safetensors"))
+    assert {"fc_norm.weight", "head.weight"} <= set(state) and "norm.weight" not in state
+    model = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    reference = build_vit(load_backbone(finetuned), num_classes=2, global_pool="avg").eval()
+    images = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), reference(images), **TOLERANCE)
+
+
+def test_detectron2_and_mmsegmentation_files_hold_the_same_weights(tmp_path, pretrained):
+    export(pretrained, tmp_path)
+    timm_state = load_file(str(tmp_path / "model.safetensors"))
+    mae = torch.load(tmp_path / "mae_format.pth", weights_only=True)
+    assert set(mae) == {"model"}  # MAE's release layout: ViTDet's init_checkpoint reads it
+    assert mae["model"].keys() == timm_state.keys()
+    for name, value in timm_state.items():
+        assert torch.equal(mae["model"][name], value)
+
+    mmseg = torch.load(tmp_path / "mmseg_mae.pth", weights_only=True)
+    expected = {"cls_token", "pos_embed", "patch_embed.projection.weight"}
+    expected |= {"patch_embed.projection.bias"}
+    mmseg_parts = ["ln1", "attn.qkv", "attn.proj", "ln2", "ffn.layers.0.0", "ffn.layers.1"]
+    for i in range(2):
+        for part in mmseg_parts:
+            expected |= {f"layers.{i}.{part}.weight", f"layers.{i}.{part}.bias"}
+    assert set(mmseg) == expected
+    assert torch.equal(
+        mmseg["layers.1.ffn.layers.0.0.weight"], timm_state["blocks.1.mlp.fc1.weight"]
+    )
+    assert torch.equal(mmseg["layers.0.ln2.bias"], timm_state["blocks.0.norm2.bias"])
+
+
+def test_original_checkpoints_export_without_their_decoders(tmp_path):
+    source = create_model("droppos_vit_small_patch16", img_size=32, depth=2, pixel_branch=True)
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}
+    path = tmp_path / "checkpoint-799.pth"
+    torch.save({"model": state, "epoch": 799}, path)
+    config = export(path, tmp_path / "out")
+    assert config["architecture"] == "vit_small_patch16_224"
+    assert config["model_args"]["num_heads"] == 6 and config["model_args"]["img_size"] == [32, 32]
+    exported = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert not any(k.startswith(("decoder", "aux_", "mask_")) for k in exported)
+    images = torch.randn(2, 3, 32, 32)
+    model = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.forward_features(images), source.eval().forward_features(images), **TOLERANCE
+        )
+
+
+def test_mmseg_names_follow_beit2mmseg():
+    state = {k: torch.zeros(1) for k in ("blocks.3.mlp.fc2.weight", "norm.weight", "head.bias")}
+    assert set(mmseg_state(state)) == {"layers.3.ffn.layers.1.weight"}
+
+
+@pytest.mark.parametrize(
+    "checkpoint, extra, message",
+    [
+        ("random", (), "needs a checkpoint file"),
+        ("/no/such/file.pth", (), "no checkpoint at"),
+        (None, ("--timm_name", "resnet_gigantic"), "not a timm model"),
+    ],
+)
+def test_export_mistakes_exit_2_with_one_line(
+    tmp_path, pretrained, capsys, checkpoint, extra, message
+):
+    args = ["export", "--checkpoint", str(checkpoint or pretrained), "--output", str(tmp_path)]
+    assert main([*args, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
