@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from droppos.cli.main import main
+from droppos.cli.main import build_parser, main, resolve_presets, to_config
 from droppos.engine.checkpoint import load_checkpoint
 from droppos.engine.logging import read_metrics
 from droppos.engine.optim import build_adamw
@@ -192,7 +192,8 @@ def test_foreign_or_unreadable_checkpoints_fail_with_one_line(tmp_path, capsys):
         (tmp_path / "missing.pth", "no checkpoint at"),
     ]
     for path, message in cases:
-        assert main(["knn", "--model.checkpoint", str(path), *QUIET]) == 2
+        args = ["knn", "--model.checkpoint", str(path), "--run.output_dir", str(tmp_path / "x")]
+        assert main([*args, *QUIET]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
     args = ["knn", "--model.checkpoint", str(odd_width), "--model.num_heads", "4"]
@@ -279,3 +280,45 @@ def test_finetune_user_mistakes_exit_2_with_one_line(
     assert main(finetune_args(tmp_path, image_folder, *extra)) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def parse(command, *argv):
+    parser = build_parser()
+    config = to_config(parser, parser.parse_args(resolve_presets([command, *argv])), command)
+    config.validate()
+    return config
+
+
+@pytest.mark.parametrize("preset", ["finetune_vit_base_in1k", "finetune_vit_large_in1k"])
+def test_finetune_presets_are_the_recipe_of_the_spec(preset):
+    config = parse("finetune", "--config", preset)
+    o, a, m = config.optim, config.augment, config.model
+    assert o.batch_size * o.accum_steps * 8 == 1024 and o.base_lr == 1e-3
+    assert (o.layer_decay, o.warmup_epochs, o.weight_decay) == (0.75, 5, 0.05)
+    assert o.epochs == (100 if "base" in preset else 50)
+    assert (a.mixup, a.cutmix, a.label_smoothing, a.reprob) == (0.8, 1.0, 0.1, 0.25)
+    assert a.auto_augment == "rand-m9-mstd0.5-inc1"
+    assert (m.drop_path_rate, m.global_pool, config.data.crop_pct) == (0.1, "avg", 0.875)
+    shape = m.random_shape()
+    assert (shape.img_size, shape.patch_size, shape.in_chans) == (224, 16, 3)
+    assert shape.embed_dim == (768 if "base" in preset else 1024)
+
+
+def test_probe_presets_follow_mae():
+    probe = parse("linprobe", "--config", "linprobe_vit_base_in1k").probe
+    assert (probe.optimizer, probe.batch_size, probe.epochs, probe.warmup_epochs) == (
+        "lars",
+        16384,
+        90,
+        10,
+    )
+    assert 0.1 in probe.base_lrs and probe.weight_decay == 0
+    knn = parse("knn", "--config", "knn_vit_base_in1k").knn
+    assert (knn.k, knn.temperature) == (20, 0.07)
+
+
+@pytest.mark.parametrize("command", ["finetune", "linprobe", "knn", "export"])
+def test_defaults_evaluate_the_default_pretraining_output(command):
+    config = parse(command)
+    checkpoint = config.checkpoint if command == "export" else config.model.checkpoint
+    assert checkpoint == "runs/pretrain/last.pth"

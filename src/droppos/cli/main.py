@@ -157,12 +157,13 @@ def _frozen_features(parser: ArgumentParser, args: Namespace, command: str) -> A
     env = init_distributed(config.run.device)
     precision = resolve_precision(config.run.precision, env.device)
     torch.manual_seed(config.run.seed)
+    progress = config.run.progress and env.is_main
+    features = frozen_features(config.model, config.data, env.device, precision, progress)
     if env.is_main:
         out = Path(config.run.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(parser, args, command))
-    progress = config.run.progress and env.is_main
-    return config, env, frozen_features(config.model, config.data, env.device, precision, progress)
+    return config, env, features
 
 
 def run_knn(parser: ArgumentParser, args: Namespace) -> int:
@@ -206,6 +207,7 @@ def run_export(parser: ArgumentParser, args: Namespace) -> int:
 
     try:
         config = to_config(parser, args, "export")
+        config.validate()
         files = export_checkpoint(
             config.checkpoint, config.output, config.timm_name, config.num_heads
         )

@@ -245,6 +245,12 @@ class ExportConfig:
     num_heads: int | None = None
     """Attention heads, for files that do not say (non-standard widths)."""
 
+    def validate(self) -> None:
+        if self.checkpoint == "random":
+            raise ValueError("export needs a checkpoint file, not `random`")
+        if not self.output:
+            raise ValueError("--output needs a folder")
+
 
 def _validate_common(data: EvalDataSection, model: BackboneSection) -> None:
     if data.num_workers < 0 or data.batch_size < 1:
