@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from droppos.objective.attentive import attentive_weights
 from droppos.objective.masking import random_patch_mask
+from tests.helpers import tiny_droppos
 
 
 def test_weights_sum_to_one_over_the_visible_patches():
@@ -31,3 +32,14 @@ def test_patches_like_cls_weigh_more():
     features = torch.stack([cls, cls, torch.tensor([0.0, 1.0])])[None]  # patch 0 ~ cls
     weights = attentive_weights(features, torch.tensor([[0, 1]]), tau=0.1)
     assert weights[0, 0] > 0.99
+
+
+def test_visible_source_reuses_the_masked_pass_and_skips_the_full_image():
+    model = tiny_droppos(attentive_source="visible")
+    calls = []
+    model.forward_features = lambda images: calls.append(images)  # must not be called
+    images = torch.randn(2, 3, 32, 32)
+    out = model(images)
+    assert calls == []
+    per_image = out.token_weights.sum(1)
+    assert (per_image > 0).all() and (per_image < 1).all()  # dropped share of a unit total

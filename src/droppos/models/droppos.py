@@ -36,6 +36,7 @@ from droppos.objective.masking import (
 from droppos.objective.smoothing import SmoothingMaps
 
 MaskTokenKind = Literal["learnable", "zeros", "wrong_pos"]
+AttentiveSource = Literal["full_image", "visible"]
 
 
 @dataclass
@@ -52,6 +53,7 @@ class DropPosConfig:
     smoothing_sigma: float = 1.0
     attentive: bool = True
     attentive_tau: float = 0.1
+    attentive_source: AttentiveSource = "full_image"
     confidence_ignore: bool = False
     pos_weight: float = 1.0
     pixel_branch: PixelDecoderConfig | None = None
@@ -68,6 +70,10 @@ class DropPosConfig:
             )
         if self.decoder_embed_dim % self.decoder_num_heads:
             raise ValueError("decoder_embed_dim must be divisible by decoder_num_heads")
+        if self.attentive_source not in ("full_image", "visible"):
+            raise ValueError(
+                f"attentive_source must be full_image or visible, got {self.attentive_source!r}"
+            )
         if self.attentive_tau <= 0:
             raise ValueError(f"attentive_tau must be > 0, got {self.attentive_tau}")
         if num_visible(self.encoder.num_patches, self.patch_mask_ratio) < 1:
@@ -196,15 +202,30 @@ class DropPosModel(ViTEncoder):
     # -- SPEC §1.8-1.9 ---------------------------------------------------------------------
 
     def token_weights(
-        self, images: torch.Tensor, mask: PatchMask, drop: PositionDrop
+        self,
+        images: torch.Tensor,
+        mask: PatchMask,
+        drop: PositionDrop,
+        latent: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """m = dropped * A (or dropped alone): [N, V], no gradient."""
+        """m = dropped * A (or dropped alone): [N, V], no gradient.
+
+        A comes from a separate pass over the full image (SPEC §1.8). The `visible` source is a
+        deliberate departure for speed: it reuses the masked pass's own features `latent`
+        [N, 1+V, D] (dropped positions, masked context) and saves the whole extra pass.
+        """
+        cfg = self.droppos_config
         dropped = drop.dropped.float()
-        if not self.droppos_config.attentive:
+        if not cfg.attentive:
             return dropped
         with torch.no_grad():
-            features = self.forward_features(images)
-            weights = attentive_weights(features, mask.ids_keep, self.droppos_config.attentive_tau)
+            if cfg.attentive_source == "visible" and latent is not None:
+                visible = torch.arange(mask.ids_keep.shape[1], device=latent.device)
+                ids = visible.expand_as(mask.ids_keep)
+                weights = attentive_weights(latent.detach(), ids, cfg.attentive_tau)
+            else:
+                features = self.forward_features(images)
+                weights = attentive_weights(features, mask.ids_keep, cfg.attentive_tau)
         return dropped * weights
 
     def forward(
@@ -231,7 +252,7 @@ class DropPosModel(ViTEncoder):
         logits = self.forward_decoder(latent)
         targets = mask.ids_keep
         smoothing = self.smoothing_maps(cfg.smoothing_sigma if sigma is None else sigma, device)
-        weights = self.token_weights(images, mask, drop)
+        weights = self.token_weights(images, mask, drop, latent)
         if cfg.confidence_ignore:
             weights = weights * ~confident_tokens(logits, targets, smoothing)
 

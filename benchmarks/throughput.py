@@ -1,0 +1,298 @@
+"""Pre-training step throughput: DropPos vs a supervised timm ViT step of the same size.
+
+Prints a table and writes JSON. For each (precision, batch) it reports images/s, ms/step split
+into the attentive pass / encoder / decoder+loss / backward+optimizer, peak memory (CUDA
+allocator, or the process's peak RSS on CPU: every measurement runs in a fresh subprocess so
+peaks do not leak between rows), achieved FLOP/s, and that as a fraction of the dense-matmul peak
+measured in the same run and dtype.
+
+    python benchmarks/throughput.py --model droppos_vit_base_patch16 --batches 16 \
+        --precisions fp32 --json benchmarks/results/cpu_vit_b16.json
+    python benchmarks/throughput.py --batches 8 16 32 --memory-only   # memory growth with batch
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from droppos import create_model
+from droppos.engine.optim import build_adamw
+from droppos.engine.precision import autocast, resolve_precision
+from droppos.models.registry import parse_name
+from droppos.objective.losses import position_accuracy, position_loss
+from droppos.objective.masking import random_patch_mask, random_position_drop
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn):
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int) -> float:
+    """Dense matmul FLOP/s in `dtype`: the machine's practical ceiling for these models."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    repeats = 20 if device.type == "cuda" else 3
+    _, seconds = timed(device, lambda: [a @ b for _ in range(repeats)])
+    return 2 * size**3 * repeats / seconds
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def droppos_phases(model, optimizer, images, noise, precision, device) -> dict[str, float]:
+    """One optimizer step of DropPos, timed phase by phase through the model's own methods."""
+    cfg = model.droppos_config
+    mask = random_patch_mask(noise[0], cfg.num_visible)
+    drop = random_position_drop(noise[1], cfg.num_position_kept)
+    times = {}
+    with autocast(device, precision):
+        weights, times["attentive_ms"] = timed(
+            device, lambda: model.token_weights(images, mask, drop)
+        )
+        latent, times["encoder_ms"] = timed(
+            device, lambda: model.forward_encoder(images, mask, drop)
+        )
+
+        def decode_and_score():
+            logits = model.forward_decoder(latent)
+            smoothing = model.smoothing_maps(cfg.smoothing_sigma, device)
+            loss = position_loss(logits, mask.ids_keep, weights, smoothing)
+            position_accuracy(logits.detach(), mask.ids_keep, drop.dropped)
+            return loss
+
+        loss, times["decoder_loss_ms"] = timed(device, decode_and_score)
+
+    def backward_and_step():
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    _, times["backward_optimizer_ms"] = timed(device, backward_and_step)
+    return {k: v * 1000 for k, v in times.items()}
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """One row: runs in its own process (see `main`)."""
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    precision = resolve_precision(args.precision, device)
+    _, size, shape = parse_name(args.model)
+    in_chans, img = 3, args.img_size
+    if args.yardstick:
+        import timm
+
+        model = timm.create_model(
+            f"vit_{size}_patch{shape['patch_size']}_224", img_size=img, num_classes=1000
+        )
+    else:
+        attentive = {"attentive": args.attentive != "off"}
+        if args.attentive != "off":
+            attentive["attentive_source"] = args.attentive
+        model = create_model(args.model, img_size=img, **attentive)
+    model.to(device).train()
+    optimizer = build_adamw(model, 1e-4, 0.05, fused=device.type == "cuda")
+    images = torch.randn(args.batch, in_chans, img, img, device=device)
+    labels = torch.randint(0, 1000, (args.batch,), device=device)
+    if not args.yardstick:
+        cfg = model.droppos_config
+        noise = (
+            torch.rand(args.batch, model.num_patches, device=device),
+            torch.rand(args.batch, cfg.num_visible, device=device),
+        )
+    step_model = torch.compile(model) if args.compile else model
+
+    def full_step():
+        with autocast(device, precision):
+            if args.yardstick:
+                loss = F.cross_entropy(step_model(images), labels)
+            else:
+                loss = step_model(images, patch_noise=noise[0], position_noise=noise[1]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        full_step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_times = []
+    for _ in range(args.steps):
+        _, seconds = timed(device, full_step)
+        step_times.append(seconds)
+    step_seconds = sorted(step_times)[len(step_times) // 2]  # median: robust to a noisy neighbour
+    row: dict[str, Any] = {
+        "model": "timm supervised" if args.yardstick else args.model,
+        "attentive": None if args.yardstick else args.attentive,
+        "precision": precision,
+        "compile": args.compile,
+        "batch": args.batch,
+        "img_size": img,
+        "step_ms": step_seconds * 1000,
+        "images_per_second": args.batch / step_seconds,
+        "peak_memory_mib": peak_memory_bytes(device) / 2**20,
+    }
+    if args.memory_only:
+        return row
+    if not args.yardstick and not args.compile and args.attentive == "full_image":
+        phases = [droppos_phases(model, optimizer, images, noise, precision, device)]
+        row.update({k: v for k, v in phases[0].items()})
+    with FlopCounterMode(display=False) as counter:
+        full_step()
+    row["gflop_per_step"] = counter.get_total_flops() / 1e9
+    row["achieved_tflops"] = counter.get_total_flops() / step_seconds / 1e12
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    peak = matmul_peak(device, dtype, 4096 if device.type == "cuda" else 2048)
+    row["matmul_peak_tflops"] = peak / 1e12
+    row["fraction_of_peak"] = row["achieved_tflops"] / row["matmul_peak_tflops"]
+    return row
+
+
+def run_child(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
+    argv = [sys.executable, __file__, "--child"]
+    options = {**vars(args), **overrides}
+    for key in (
+        "model",
+        "img_size",
+        "batch",
+        "precision",
+        "device",
+        "steps",
+        "warmup",
+        "attentive",
+    ):
+        argv += [f"--{key.replace('_', '-')}", str(options[key])]
+    for flag in ("compile", "yardstick", "memory_only"):
+        if options[flag]:
+            argv.append(f"--{flag.replace('_', '-')}")
+    done = subprocess.run(argv, capture_output=True, text=True, env=os.environ.copy())
+    if done.returncode != 0:
+        raise SystemExit(f"benchmark child failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+COLUMNS = [
+    ("model", "model", "{}"),
+    ("attentive", "attentive src", "{}"),
+    ("precision", "prec", "{}"),
+    ("compile", "compile", "{}"),
+    ("batch", "batch", "{}"),
+    ("images_per_second", "img/s", "{:.1f}"),
+    ("step_ms", "step ms", "{:.0f}"),
+    ("attentive_ms", "attentive", "{:.0f}"),
+    ("encoder_ms", "encoder", "{:.0f}"),
+    ("decoder_loss_ms", "dec+loss", "{:.0f}"),
+    ("backward_optimizer_ms", "bwd+opt", "{:.0f}"),
+    ("peak_memory_mib", "peak MiB", "{:.0f}"),
+    ("achieved_tflops", "TFLOP/s", "{:.3f}"),
+    ("fraction_of_peak", "of peak", "{:.0%}"),
+    ("ratio_to_supervised", "vs sup.", "{:.2f}"),
+    ("ratio_to_fp32_supervised", "vs fp32 sup.", "{:.2f}"),
+]
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    header = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    lines = [header, "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = [fmt.format(row[key]) if key in row else "" for key, _, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="droppos_vit_base_patch16")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--batches", type=int, nargs="+", default=[16])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "auto"])
+    parser.add_argument("--compile-modes", nargs="+", type=int, default=[0], help="0 and/or 1")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--memory-only", action="store_true", help="skip phases, FLOPs, peak")
+    parser.add_argument("--no-yardstick", action="store_true")
+    parser.add_argument(
+        "--attentive",
+        choices=["full_image", "visible", "off"],
+        default="full_image",
+        help="attentive weights: the paper's full-image pass, the faster `visible` deviation, off",
+    )
+    parser.add_argument("--json", type=Path, default=None)
+    # one measurement, in a child process
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=16, help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--yardstick", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(args)))
+        return
+    rows = []
+    fp32_supervised: dict[int, float] = {}
+    for batch in args.batches:
+        for precision in args.precisions:
+            resolved = resolve_precision(precision, torch.device(args.device))
+            supervised = None
+            if not args.no_yardstick:
+                supervised = run_child(
+                    args, batch=batch, precision=resolved, compile=False, yardstick=True
+                )
+                rows.append(supervised)
+                if resolved == "fp32":
+                    fp32_supervised[batch] = supervised["step_ms"]
+                print(table([supervised]).splitlines()[-1], flush=True)
+            for compiled in args.compile_modes:
+                row = run_child(args, batch=batch, precision=resolved, compile=bool(compiled))
+                if supervised is not None:
+                    row["ratio_to_supervised"] = row["step_ms"] / supervised["step_ms"]
+                if batch in fp32_supervised:
+                    row["ratio_to_fp32_supervised"] = row["step_ms"] / fp32_supervised[batch]
+                rows.append(row)
+                print(table([row]).splitlines()[-1], flush=True)
+    print()
+    print(table(rows))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        record = {"device": device_name(args.device), "torch": torch.__version__, "rows": rows}
+        args.json.write_text(json.dumps(record, indent=2))
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    return f"{os.cpu_count()}-core CPU ({torch.backends.cpu.get_cpu_capability()})"
+
+
+if __name__ == "__main__":
+    main()
