@@ -238,11 +238,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-only", action="store_true", help="skip phases, FLOPs, peak")
     parser.add_argument("--no-yardstick", action="store_true")
     parser.add_argument(
-        "--attentive",
+        "--attentive-modes",
+        nargs="+",
         choices=["full_image", "visible", "off"],
-        default="full_image",
+        default=["full_image"],
         help="attentive weights: the paper's full-image pass, the faster `visible` deviation, off",
     )
+    parser.add_argument("--attentive", default="full_image", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, default=None)
     # one measurement, in a child process
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -272,8 +274,15 @@ def main(argv: list[str] | None = None) -> None:
                 if resolved == "fp32":
                     fp32_supervised[batch] = supervised["step_ms"]
                 print(table([supervised]).splitlines()[-1], flush=True)
-            for compiled in args.compile_modes:
-                row = run_child(args, batch=batch, precision=resolved, compile=bool(compiled))
+            modes = [(c, a) for c in args.compile_modes for a in args.attentive_modes]
+            for compiled, attentive in modes:
+                row = run_child(
+                    args,
+                    batch=batch,
+                    precision=resolved,
+                    compile=bool(compiled),
+                    attentive=attentive,
+                )
                 if supervised is not None:
                     row["ratio_to_supervised"] = row["step_ms"] / supervised["step_ms"]
                 if batch in fp32_supervised:
