@@ -116,7 +116,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             attentive["attentive_source"] = args.attentive
         model = create_model(args.model, img_size=img, **attentive)
     model.to(device).train()
-    optimizer = build_adamw(model, 1e-4, 0.05, fused=device.type == "cuda")
+    optimizer = build_adamw(model, 1e-4, 0.05)
     images = torch.randn(args.batch, in_chans, img, img, device=device)
     labels = torch.randint(0, 1000, (args.batch,), device=device)
     if not args.yardstick:

@@ -26,15 +26,19 @@ def build_adamw(
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.95),
     layer_decay: float | None = None,
-    fused: bool = False,
+    fused: bool = True,
 ) -> torch.optim.AdamW:
-    """AdamW over timm's parameter groups (each group may carry an `lr_scale`)."""
+    """AdamW over timm's parameter groups (each group may carry an `lr_scale`).
+
+    The fused kernel (CPU and CUDA) updates all parameters in a few passes instead of seven
+    element-wise ops per tensor: on a 2-core CPU that is seconds per ViT-B step.
+    """
     no_decay = set(getattr(model, "no_weight_decay", lambda: set())())
     if layer_decay is not None and layer_decay < 1.0:
         groups = param_groups_layer_decay(model, weight_decay, no_decay, layer_decay=layer_decay)
     else:
         groups = param_groups_weight_decay(model, weight_decay, no_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
 def lr_at_step(

@@ -104,7 +104,6 @@ def setup(config: PretrainConfig) -> Trainer:
         peak_lr,
         config.optim.weight_decay,
         config.optim.betas,
-        fused=env.device.type == "cuda",
     )
     engine_model: nn.Module = model
     if config.run.compile:
