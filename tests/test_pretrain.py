@@ -217,6 +217,8 @@ def test_presets_load_by_name(preset):
         assert config.optim.batch_size * config.optim.accum_steps * 8 == 4096
         assert config.optim.base_lr == 1.5e-4
         assert config.model.decoder_depth == 2 and config.model.decoder_embed_dim == 512
+        assert config.model.patch_mask_ratio == config.model.position_drop_ratio == 0.75
+        assert config.data.crop_scale == (0.2, 1.0)
 
 
 def test_the_tiny_preset_is_the_default():

@@ -24,21 +24,21 @@ class PretrainModelSection:
     the plain MAE baseline."""
     img_size: int | tuple[int, int] = 28
     """Input resolution (one int, or height and width)."""
-    patch_size: int | None = 4
+    patch_size: int | None = 7
     """Patch size; null keeps the one in the model name."""
     in_chans: int = 1
     """Image channels the model takes (greyscale or RGB images are converted to it)."""
     embed_dim: int | None = None
     """Encoder width; null keeps the named size's."""
-    depth: int | None = 6
+    depth: int | None = 4
     """Encoder blocks; null keeps the named size's."""
     num_heads: int | None = None
     """Encoder heads; null keeps the named size's."""
     decoder_embed_dim: int = 256
     decoder_depth: int = 2
     decoder_num_heads: int = 8
-    patch_mask_ratio: float = 0.75
-    """gamma: fraction of patches hidden from the encoder."""
+    patch_mask_ratio: float = 0.5
+    """gamma: fraction of patches hidden from the encoder (the paper: 0.75)."""
     position_drop_ratio: float = 0.75
     """gamma_pos: fraction of visible patches whose positional embedding is dropped."""
     mask_token_kind: Literal["learnable", "zeros", "wrong_pos"] = "learnable"
@@ -49,6 +49,9 @@ class PretrainModelSection:
     attentive: bool = True
     """Weight the loss by attention to [CLS] on the full image (attentive reconstruction)."""
     attentive_tau: float = 0.1
+    attentive_source: Literal["full_image", "visible"] = "full_image"
+    """full_image (the paper: an extra no-grad pass) or visible (faster deviation: reuse the
+    masked pass's features; see benchmarks/RESULTS.md)."""
     confidence_ignore: bool = False
     pos_weight: float = 1.0
     pixel_branch: bool = False
@@ -75,6 +78,7 @@ class PretrainModelSection:
             smoothing_sigma=self.smoothing_sigma,
             attentive=self.attentive,
             attentive_tau=self.attentive_tau,
+            attentive_source=self.attentive_source,
             confidence_ignore=self.confidence_ignore,
             pos_weight=self.pos_weight,
             pixel_branch=self.pixel_branch,
@@ -91,8 +95,8 @@ class DataSection:
     train/ and val/ inside, the split is picked), or a file list (`relative/path label` lines)."""
     num_workers: int = 1
     """Loader worker processes per rank (0 loads in the training process)."""
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    """RandomResizedCrop area range (the paper's 0.2-1)."""
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    """RandomResizedCrop area range (the paper and the ImageNet presets: 0.2-1)."""
     mean: tuple[float, ...] | None = None
     """Normalisation mean; null = ImageNet's for RGB, 0.5 for greyscale."""
     std: tuple[float, ...] | None = None
@@ -102,14 +106,14 @@ class DataSection:
 class OptimSection:
     """AdamW and the schedule (SPEC §2)."""
 
-    epochs: int = 8
+    epochs: int = 20
     warmup_epochs: float = 1.0
-    batch_size: int = 128
+    batch_size: int = 64
     """Per process; the effective batch is batch_size x accum_steps x world size."""
     accum_steps: int = 1
     """Gradient accumulation steps per optimizer step."""
-    base_lr: float = 1e-3
-    """lr = base_lr x effective batch / 256, unless lr is set."""
+    base_lr: float = 2e-3
+    """lr = base_lr x effective batch / 256 (the paper: 1.5e-4), unless lr is set."""
     lr: float | None = None
     """Absolute peak lr (overrides base_lr scaling)."""
     min_lr: float = 0.0
