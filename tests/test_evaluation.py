@@ -98,12 +98,19 @@ def test_pretrain_then_finetune_linprobe_knn_on_the_demo_set(tmp_path, demo_chec
     assert results(again)["checkpoint_kind"] == "droppos fine-tuned classifier"
 
 
-def test_a_random_encoder_is_the_baseline_of_every_evaluation(tmp_path):
-    out = tmp_path / "knn"
-    args = ["knn", "--model.checkpoint", "random", *TINY_ENCODER, "--run.output_dir", str(out)]
+def test_a_random_encoder_is_the_baseline_of_every_evaluation(tmp_path, demo_checkpoint):
+    shaped = tmp_path / "shaped-like-the-checkpoint"
+    args = ["knn", "--model.checkpoint", str(demo_checkpoint), "--model.random_init", "true"]
+    assert main([*args, "--run.output_dir", str(shaped), *QUIET]) == 0
+    assert results(shaped)["checkpoint"].startswith("random init shaped like")
+
+    named = tmp_path / "named-shape"
+    args = ["knn", "--model.checkpoint", "random", *TINY_ENCODER, "--run.output_dir", str(named)]
     assert main([*args, *QUIET]) == 0
-    assert results(out)["checkpoint_kind"] == "random init"
-    assert results(out)["feature_dim"] == 32
+    assert results(named)["checkpoint_kind"] == "random init"
+    assert results(named)["feature_dim"] == 32
+    # Same shape, same seed: the same fresh weights, whichever way the shape was given.
+    assert results(named)["top1"] == results(shaped)["top1"]
 
 
 def test_knn_on_features_that_separate_the_classes_scores_100_percent():
@@ -268,10 +275,10 @@ def test_an_interrupted_finetuning_resumes_to_the_same_weights(
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (("--optim.batch_size", "3"), "even --optim.batch_size"),
+        (("--optim.batch_size", "3", "--augment.mixup", "0.8"), "even --optim.batch_size"),
         (("--optim.layer_decay", "0"), "--optim.layer_decay"),
         (("--augment.auto_augment", "v0"), "RandAugment"),
-        (("--model.name", "droppos_vit_tiny_patch16"), "encoder name"),
+        (("--model.name", "vit_gigantic_patch16"), "unknown model"),
     ],
 )
 def test_finetune_user_mistakes_exit_2_with_one_line(
@@ -322,3 +329,27 @@ def test_defaults_evaluate_the_default_pretraining_output(command):
     config = parse(command)
     checkpoint = config.checkpoint if command == "export" else config.model.checkpoint
     assert checkpoint == "runs/pretrain/last.pth"
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_give_the_single_process_results(tmp_path, image_folder):
+    """Features are sharded over ranks and gathered back in order; evaluation counts add up."""
+    import subprocess
+    import sys
+
+    def launch(command_args, processes):
+        runner = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        runner += ["--nproc_per_node", str(processes), "-m", "droppos.cli.main"]
+        done = subprocess.run([*runner, *command_args], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    shape = finetune_args(tmp_path, image_folder)[1:17]  # the random encoder and the data
+    for processes in (1, 2):
+        out = tmp_path / f"knn-{processes}"
+        launch(["knn", *shape, "--run.output_dir", str(out), *QUIET], processes)
+    one, two = results(tmp_path / "knn-1"), results(tmp_path / "knn-2")
+    assert (one["top1"], one["top5"]) == (two["top1"], two["top5"])
+
+    out = tmp_path / "finetune-2"
+    launch(finetune_args(out, image_folder, "--optim.epochs", "1"), 2)
+    assert results(out)["val_size"] == 8 and load_checkpoint(out / "last.pth")["step"] == 2

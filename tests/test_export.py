@@ -196,7 +196,7 @@ def test_mmseg_names_follow_beit2mmseg():
     [
         ("random", (), "needs a checkpoint file"),
         ("/no/such/file.pth", (), "no checkpoint at"),
-        (None, ("--timm_name", "resnet_gigantic"), "not a timm model"),
+        (None, ("--timm_name", "resnet50"), "not a timm VisionTransformer"),
     ],
 )
 def test_export_mistakes_exit_2_with_one_line(

@@ -265,6 +265,13 @@ def _tuple(value: Any) -> tuple[float, ...] | None:
 
 
 def backbone_from(section: BackboneSection) -> Backbone:
-    """The backbone a command's `--model.*` options name."""
-    shape = section.random_shape() if section.checkpoint == "random" else None
-    return load_backbone(section.checkpoint, section.num_heads, shape)
+    """The backbone a command's `--model.*` options name (see BackboneSection)."""
+    if section.checkpoint == "random":
+        return random_backbone(section.random_shape())
+    backbone = load_backbone(section.checkpoint, section.num_heads)
+    if not section.random_init:
+        return backbone
+    fresh = random_backbone(backbone.encoder)
+    fresh.source = f"random init shaped like {backbone.source}"
+    fresh.mean, fresh.std = backbone.mean, backbone.std  # the data pipeline stays the same
+    return fresh

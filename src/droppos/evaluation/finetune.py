@@ -149,7 +149,6 @@ def setup(config: FinetuneConfig) -> FinetuneRun:
         config.optim.weight_decay,
         config.optim.betas,
         layer_decay=config.optim.layer_decay,
-        fused=env.device.type == "cuda",
     )
     ema = ModelEmaV3(model, decay=config.model.ema_decay) if config.model.ema else None
     engine_model: nn.Module = model
@@ -208,14 +207,15 @@ def classifier(backbone: Backbone, config: FinetuneConfig, num_classes: int) -> 
 
 def describe_weights(run: FinetuneRun) -> dict[str, Any]:
     """What a fine-tuned file says about itself, so that every command can read it back."""
+    mean, std = normalisation(run.config.data, run.backbone)
     return {
         "droppos": "finetune",
         "encoder": asdict(run.backbone.encoder),
         "global_pool": run.config.model.global_pool,
         "num_classes": run.num_classes,
         "classes": run.classes,
-        "mean": normalisation(run.config.data, run.backbone)[0],
-        "std": normalisation(run.config.data, run.backbone)[1],
+        "mean": mean,
+        "std": std,
         "source_checkpoint": run.backbone.source,
         "config": asdict(run.config),
     }
@@ -385,7 +385,7 @@ def run_epoch(
         if boundary and run.step % cfg.run.log_every == 0:
             record = {
                 "loss": float(mean_over_ranks(window_loss / window_count)),
-                "lr": run.optimizer.param_groups[-1]["lr"],  # the head's group: the full lr
+                "lr": max(g["lr"] for g in run.optimizer.param_groups),  # the head's, unscaled
                 "images_per_second": window_images / max(time.perf_counter() - window_start, 1e-9),
                 "epoch": run.epoch + run.batch / last_batch,
             }
@@ -419,4 +419,3 @@ def evaluate(run: FinetuneRun, model: nn.Module) -> dict[str, float]:
 def finetune(config: FinetuneConfig) -> dict[str, Any]:
     """Set up and run; the programmatic twin of `droppos finetune`."""
     return train(setup(config))
-

@@ -69,9 +69,11 @@ def train_probes(
     device, count = train_x.device, len(train_y)
     lrs = [base * section.batch_size / 256 for base in section.base_lrs]
     generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        probes = [LinearProbe(train_x.shape[1], features.num_classes).to(device) for _ in lrs]
+    probes = []
+    for _ in lrs:  # all from the same init: a probe's result does not depend on the others
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            probes.append(LinearProbe(train_x.shape[1], features.num_classes).to(device))
     optimizer = probe_optimizer(probes, lrs, section)
     batch = min(section.batch_size, count)
     steps_per_epoch = count // batch  # drop the ragged last batch: BatchNorm needs company

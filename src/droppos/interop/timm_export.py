@@ -78,8 +78,10 @@ def export_checkpoint(
         raise ValueError("export needs a checkpoint file, not `random`")
     backbone = load_backbone(checkpoint, num_heads)
     name = timm_name or timm_architecture(backbone.encoder)
-    if not timm.is_model(name):
-        raise ValueError(f"--timm_name {name!r} is not a timm model (try vit_base_patch16_224)")
+    if not (name.startswith("vit_") and timm.is_model(name)):
+        raise ValueError(
+            f"--timm_name {name!r} is not a timm VisionTransformer (try vit_base_patch16_224)"
+        )
     model = build_vit(
         backbone,
         num_classes=backbone.num_classes,
