@@ -106,7 +106,7 @@ class DataSection:
 class OptimSection:
     """AdamW and the schedule (SPEC §2)."""
 
-    epochs: int = 20
+    epochs: int = 10
     warmup_epochs: float = 1.0
     batch_size: int = 64
     """Per process; the effective batch is batch_size x accum_steps x world size."""
