@@ -8,7 +8,6 @@ stay on the device and are read once every `log_every` steps.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
 import time
@@ -30,6 +29,7 @@ from droppos.engine.distributed import DistEnv, init_distributed, mean_over_rank
 from droppos.engine.logging import MetricWriter
 from droppos.engine.optim import build_adamw, lr_at_step, scaled_lr, set_lr
 from droppos.engine.precision import autocast, grad_scaler, resolve_precision
+from droppos.engine.training import optimizer_steps_per_epoch, prepare_for_training
 from droppos.objective.smoothing import sigma_at_epoch
 
 
@@ -88,13 +88,9 @@ def setup(config: PretrainConfig) -> Trainer:
         distributed=env.distributed,
         device_type=env.device.type,
     )
-    batches = len(loader)
-    if batches < config.optim.accum_steps:
-        raise ValueError(
-            f"the dataset gives {batches} batch(es) of {config.optim.batch_size} per rank, fewer "
-            f"than --optim.accum_steps {config.optim.accum_steps}; lower the batch size"
-        )
-    steps_per_epoch = batches // config.optim.accum_steps
+    steps_per_epoch = optimizer_steps_per_epoch(
+        len(loader), config.optim.batch_size, config.optim.accum_steps
+    )
 
     model.to(env.device)
     effective_batch = config.optim.batch_size * config.optim.accum_steps * env.world_size
@@ -105,11 +101,7 @@ def setup(config: PretrainConfig) -> Trainer:
         config.optim.weight_decay,
         config.optim.betas,
     )
-    engine_model: nn.Module = model
-    if config.run.compile:
-        engine_model = torch.compile(model)
-    if env.distributed:
-        engine_model = wrap_ddp(engine_model, env)
+    engine_model = prepare_for_training(model, env, config.run.compile)
     trainer = Trainer(
         config=config,
         env=env,
@@ -126,18 +118,6 @@ def setup(config: PretrainConfig) -> Trainer:
     if resume is not None:
         restore(trainer, load_checkpoint(resume))
     return trainer
-
-
-def wrap_ddp(model: nn.Module, env: DistEnv) -> DistributedDataParallel:
-    """DDP without per-forward buffer broadcasts: the only buffers are fixed sin-cos tables."""
-    options: dict[str, Any] = {
-        "device_ids": [env.device.index] if env.device.type == "cuda" else None
-    }
-    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
-        options["forward_sync_buffers"] = False
-    else:  # torch releases before forward_sync_buffers
-        options["broadcast_buffers"] = False
-    return DistributedDataParallel(model, **options)
 
 
 def checkpoint_state(trainer: Trainer) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from droppos.engine.distributed import DistEnv, init_distributed, mean_over_rank
 from droppos.engine.logging import MetricWriter
 from droppos.engine.optim import build_adamw, lr_at_step, scaled_lr, set_lr
 from droppos.engine.precision import autocast, grad_scaler, resolve_precision
-from droppos.engine.pretrain import wrap_ddp
+from droppos.engine.training import optimizer_steps_per_epoch, prepare_for_training
 from droppos.evaluation.backbone import Backbone, backbone_from, build_vit, has_loaded_head
 from droppos.evaluation.config import FinetuneConfig
 from droppos.evaluation.datasets import eval_view, labelled_splits, normalisation
@@ -111,11 +111,7 @@ def setup(config: FinetuneConfig) -> FinetuneRun:
         device_type=env.device.type,
     )
     batches = len(loader)
-    if batches < config.optim.accum_steps:
-        raise ValueError(
-            f"the dataset gives {batches} batch(es) of {config.optim.batch_size} per rank, fewer "
-            f"than --optim.accum_steps {config.optim.accum_steps}; lower the batch size"
-        )
+    optimizer_steps_per_epoch(batches, config.optim.batch_size, config.optim.accum_steps)
     val = eval_view(splits.val, config.data, backbone)
     shard = Subset(val, range(env.rank, len(val), env.world_size))
     val_loader = build_loader(
@@ -151,11 +147,7 @@ def setup(config: FinetuneConfig) -> FinetuneRun:
         layer_decay=config.optim.layer_decay,
     )
     ema = ModelEmaV3(model, decay=config.model.ema_decay) if config.model.ema else None
-    engine_model: nn.Module = model
-    if config.run.compile:
-        engine_model = torch.compile(model)
-    if env.distributed:
-        engine_model = wrap_ddp(engine_model, env)
+    engine_model = prepare_for_training(model, env, config.run.compile)
     run = FinetuneRun(
         config=config,
         env=env,
