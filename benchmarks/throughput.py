@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils.flop_counter import FlopCounterMode
 
 from droppos import create_model
@@ -63,6 +64,27 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def live_tensor_peaks(model, optimizer, forward_backward) -> dict[str, float]:
+    """Peak MiB of live tensors (torch's `MemTracker`), forward+backward and optimizer apart.
+
+    Counts what the step keeps alive (parameters, gradients, optimizer state, activations,
+    temporaries) and nothing the allocator merely caches, so it shows how memory scales with
+    batch where process RSS cannot. The optimizer step's peak is batch-independent by nature.
+    """
+    peaks = {}
+    for phase, work in (
+        ("forward_backward", forward_backward),
+        ("optimizer", lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True))),
+    ):
+        tracker = MemTracker()
+        tracker.track_external(model, optimizer)
+        with tracker:
+            work()
+        peak = tracker.get_tracker_snapshot("peak")
+        peaks[f"live_peak_{phase}_mib"] = sum(stats["Total"] for stats in peak.values()) / 2**20
+    return peaks
 
 
 def droppos_phases(model, optimizer, images, noise, precision, device) -> dict[str, float]:
@@ -127,25 +149,21 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         )
     step_model = torch.compile(model) if args.compile else model
 
-    def full_step():
+    def forward_backward():
         with autocast(device, precision):
             if args.yardstick:
                 loss = F.cross_entropy(step_model(images), labels)
             else:
                 loss = step_model(images, patch_noise=noise[0], position_noise=noise[1]).loss
         loss.backward()
+
+    def full_step():
+        forward_backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
+    for _ in range(max(args.warmup, 1)):  # at least one: the optimizer state must exist
         full_step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    step_times = []
-    for _ in range(args.steps):
-        _, seconds = timed(device, full_step)
-        step_times.append(seconds)
-    step_seconds = sorted(step_times)[len(step_times) // 2]  # median: robust to a noisy neighbour
     row: dict[str, Any] = {
         "model": "timm supervised" if args.yardstick else args.model,
         "attentive": None if args.yardstick else args.attentive,
@@ -153,12 +171,21 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "compile": args.compile,
         "batch": args.batch,
         "img_size": img,
-        "step_ms": step_seconds * 1000,
-        "images_per_second": args.batch / step_seconds,
-        "peak_memory_mib": peak_memory_bytes(device) / 2**20,
     }
+    if device.type == "cpu" and not args.compile:
+        row.update(live_tensor_peaks(model, optimizer, forward_backward))
     if args.memory_only:
         return row
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_times = []
+    for _ in range(args.steps):
+        _, seconds = timed(device, full_step)
+        step_times.append(seconds)
+    step_seconds = sorted(step_times)[len(step_times) // 2]  # median: robust to a noisy neighbour
+    row["step_ms"] = step_seconds * 1000
+    row["images_per_second"] = args.batch / step_seconds
+    row["peak_memory_mib"] = peak_memory_bytes(device) / 2**20
     if not args.yardstick and not args.compile and args.attentive == "full_image":
         phases = [droppos_phases(model, optimizer, images, noise, precision, device)]
         row.update({k: v for k, v in phases[0].items()})
@@ -209,6 +236,8 @@ COLUMNS = [
     ("decoder_loss_ms", "dec+loss", "{:.0f}"),
     ("backward_optimizer_ms", "bwd+opt", "{:.0f}"),
     ("peak_memory_mib", "peak MiB", "{:.0f}"),
+    ("live_peak_forward_backward_mib", "live fwd+bwd MiB", "{:.0f}"),
+    ("live_peak_optimizer_mib", "live opt MiB", "{:.0f}"),
     ("achieved_tflops", "TFLOP/s", "{:.3f}"),
     ("fraction_of_peak", "of peak", "{:.0%}"),
     ("ratio_to_supervised", "vs sup.", "{:.2f}"),
@@ -223,6 +252,42 @@ def table(rows: list[dict[str, Any]]) -> str:
         cells = [fmt.format(row[key]) if key in row else "" for key, _, fmt in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def memory_scaling(rows: list[dict[str, Any]]) -> str:
+    """Fit the forward+backward live peak as a + b * batch and test for a batch^2 term.
+
+    Per model: the least-squares slope (MiB per image), the intercept (weights, gradients and
+    other batch-independent state), and the quadratic coefficient of a second fit, shown as the
+    MiB it would add at the largest batch: near zero means no term grows with batch squared.
+    """
+    key = "live_peak_forward_backward_mib"
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        if key in row:
+            groups.setdefault((row["model"], row["attentive"], row["precision"]), []).append(row)
+    lines = [
+        "| model | attentive src | prec | batches | MiB per image | intercept MiB "
+        "| max linear-fit residual | batch^2 term at largest batch |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (model, attentive, precision), found in groups.items():
+        if len(found) < 3:
+            continue
+        batch = torch.tensor([float(r["batch"]) for r in found], dtype=torch.float64)
+        peak = torch.tensor([r[key] for r in found], dtype=torch.float64)
+        linear = torch.stack([torch.ones_like(batch), batch], dim=1)
+        coef = torch.linalg.lstsq(linear, peak[:, None]).solution[:, 0]
+        residual = (peak - linear @ coef).abs().max()
+        quad = torch.linalg.lstsq(
+            torch.cat([linear, batch[:, None] ** 2], dim=1), peak[:, None]
+        ).solution[:, 0]
+        batches = " ".join(str(r["batch"]) for r in found)
+        lines.append(
+            f"| {model} | {attentive} | {precision} | {batches} | {coef[1]:.2f} | {coef[0]:.0f} "
+            f"| {residual:.2f} MiB | {quad[2] * batch.max() ** 2:+.2f} MiB |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -291,6 +356,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(table([row]).splitlines()[-1], flush=True)
     print()
     print(table(rows))
+    scaling = memory_scaling(rows)
+    if scaling:
+        print()
+        print(scaling)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         record = {"device": device_name(args.device), "torch": torch.__version__, "rows": rows}

@@ -25,3 +25,42 @@ def test_benchmark_prints_a_table_and_writes_json(tmp_path):
     phases = ("attentive_ms", "encoder_ms", "decoder_loss_ms", "backward_optimizer_ms")
     assert all(paper[p] > 0 for p in phases)
     assert 0 < paper["fraction_of_peak"] < 1.5
+
+
+def test_live_memory_of_a_step_grows_linearly_with_batch(tmp_path):
+    """No term of the step grows with batch squared: equal batch steps add equal live bytes."""
+    out = tmp_path / "memory.json"
+    command = [
+        sys.executable, str(SCRIPT), "--model", "droppos_vit_tiny_patch16", "--img-size", "32",
+        "--batches", "4", "8", "16", "--precisions", "fp32", "--memory-only", "--no-yardstick",
+        "--json", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "MiB per image" in done.stdout
+    rows = json.loads(out.read_text())["rows"]
+    peaks = [r["live_peak_forward_backward_mib"] for r in rows]
+    per_image = [(peaks[1] - peaks[0]) / 4, (peaks[2] - peaks[1]) / 8]
+    assert per_image[0] > 0
+    assert abs(per_image[1] - per_image[0]) < 0.02 * per_image[0]
+    optimizer = [r["live_peak_optimizer_mib"] for r in rows]
+    assert max(optimizer) - min(optimizer) < 0.01 * optimizer[0]  # batch-independent
+
+
+def test_data_benchmark_measures_decode_augment_and_loader_apart(tmp_path):
+    out = tmp_path / "data.json"
+    script = SCRIPT.with_name("data_throughput.py")
+    command = [
+        sys.executable, str(script), "--images", "12", "--batch", "4", "--workers", "0", "1",
+        "--json", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["stage"], r["workers"]) for r in rows] == [
+        ("decode (PIL)", 0),
+        ("decode + augment + mask noise", 0),
+        ("loader, batch 4", 0),
+        ("loader, batch 4", 1),
+    ]
+    assert all(r["images_per_second"] > 0 for r in rows)

@@ -37,9 +37,22 @@ def test_patches_like_cls_weigh_more():
 def test_visible_source_reuses_the_masked_pass_and_skips_the_full_image():
     model = tiny_droppos(attentive_source="visible")
     calls = []
-    model.forward_features = lambda images: calls.append(images)  # must not be called
+    model.forward_features_at = lambda *args: calls.append(args)  # must not be called
     images = torch.randn(2, 3, 32, 32)
     out = model(images)
     assert calls == []
     per_image = out.token_weights.sum(1)
     assert (per_image > 0).all() and (per_image < 1).all()  # dropped share of a unit total
+
+
+def test_full_image_pass_computes_only_cls_and_visible_rows_exactly():
+    """SPEC §1.8 reads only [CLS] and the visible patches: the pass that skips the other rows'
+    queries in the last block gives the same features as the whole pass, gathered."""
+    model = tiny_droppos()
+    images = torch.randn(3, 3, 32, 32)
+    ids_keep = random_patch_mask(torch.rand(3, model.num_patches), 5).ids_keep
+    with torch.no_grad():
+        full = model.forward_features(images)
+        rows = torch.cat([torch.zeros(3, 1, dtype=torch.long), ids_keep + 1], dim=1)
+        expected = torch.gather(full, 1, rows[..., None].expand(-1, -1, full.shape[-1]))
+        torch.testing.assert_close(model.forward_features_at(images, ids_keep), expected)

@@ -220,12 +220,11 @@ class DropPosModel(ViTEncoder):
             return dropped
         with torch.no_grad():
             if cfg.attentive_source == "visible" and latent is not None:
-                visible = torch.arange(mask.ids_keep.shape[1], device=latent.device)
-                ids = visible.expand_as(mask.ids_keep)
-                weights = attentive_weights(latent.detach(), ids, cfg.attentive_tau)
-            else:
-                features = self.forward_features(images)
-                weights = attentive_weights(features, mask.ids_keep, cfg.attentive_tau)
+                features = latent.detach()
+            else:  # only [CLS] and the visible patches are read: compute just their rows
+                features = self.forward_features_at(images, mask.ids_keep)
+            rows = torch.arange(mask.ids_keep.shape[1], device=features.device)
+            weights = attentive_weights(features, rows.expand_as(mask.ids_keep), cfg.attentive_tau)
         return dropped * weights
 
     def forward(

@@ -15,6 +15,7 @@ import torch
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
+from torch.nn import functional as F
 
 from droppos.models.pos_embed import sincos_2d
 
@@ -83,6 +84,41 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def block_at_rows(block: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`block(x)` [N, T, D] gathered at `rows` [N, R], computed without the other rows' queries.
+
+    Keys and values come from every token, so attention is exactly the full block's; the
+    queries, output projection and MLP of rows nobody reads are never computed.
+    """
+    attn = block.attn
+    if getattr(attn, "gate", None) is not None:  # a gated variant: nothing to save safely
+        return torch.gather(block(x), 1, rows[..., None].expand(-1, -1, x.shape[-1]))
+    n, t, _ = x.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    width = heads * head_dim
+    picked = torch.gather(x, 1, rows[..., None].expand(-1, -1, x.shape[-1]))
+    normed = block.norm1(x)
+    normed_picked = torch.gather(normed, 1, rows[..., None].expand(-1, -1, x.shape[-1]))
+    q_weight, kv_weight = attn.qkv.weight.split([width, 2 * width])
+    q_bias, kv_bias = (
+        (None, None) if attn.qkv.bias is None else attn.qkv.bias.split([width, 2 * width])
+    )
+    q = F.linear(normed_picked, q_weight, q_bias).view(n, -1, heads, head_dim).transpose(1, 2)
+    k, v = (
+        F.linear(normed, kv_weight, kv_bias).view(n, t, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+    )
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    dropout = attn.attn_drop.p if block.training else 0.0
+    out = (
+        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        .transpose(1, 2)
+        .reshape(n, -1, width)
+    )
+    out = attn.proj(getattr(attn, "norm", nn.Identity())(out))
+    picked = picked + block.drop_path1(block.ls1(attn.proj_drop(out)))
+    return picked + block.drop_path2(block.ls2(block.mlp(block.norm2(picked))))
+
+
 class ViTEncoder(nn.Module):
     """Pre-norm ViT over `[CLS] + tokens` with a fixed sin-cos table (`[CLS]` row is zero)."""
 
@@ -119,10 +155,14 @@ class ViTEncoder(nn.Module):
         """images: [N, C, H, W] -> patch tokens without positions [N, L, D]."""
         return self.patch_embed(images)
 
+    def prepend_cls(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Positioned tokens [N, T, D] -> `[CLS] + tokens` [N, 1+T, D]."""
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls.to(tokens.dtype), tokens], dim=1)
+
     def run_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
         """Positioned tokens [N, T, D] -> `[CLS] + tokens` encoded and normed [N, 1+T, D]."""
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        x = torch.cat([cls.to(tokens.dtype), tokens], dim=1)
+        x = self.prepend_cls(tokens)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -131,6 +171,20 @@ class ViTEncoder(nn.Module):
         """Whole image, every position embedded: [N, C, H, W] -> final-norm features [N, 1+L, D]."""
         tokens = self.embed_patches(images) + self.pos_embed[:, 1:]
         return self.run_blocks(tokens)
+
+    def forward_features_at(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Whole-image features of `[CLS]` and of the patches `ids` [N, R] only: [N, 1+R, D].
+
+        Equals `forward_features(images)` gathered at those rows. Every block but the last still
+        runs over all tokens (they are the last block's keys and values); the last block computes
+        queries, projection and MLP for the requested rows alone. The attentive pass (SPEC §1.8)
+        needs only `[CLS]` and the visible patches, so this saves most of one block's work.
+        """
+        x = self.prepend_cls(self.embed_patches(images) + self.pos_embed[:, 1:])
+        for block in self.blocks[:-1]:
+            x = block(x)
+        rows = torch.cat([torch.zeros_like(ids[:, :1]), ids + 1], dim=1)
+        return self.norm(block_at_rows(self.blocks[-1], x, rows))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_features(images)
