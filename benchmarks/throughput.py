@@ -66,24 +66,40 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def live_tensor_peaks(model, optimizer, forward_backward) -> dict[str, float]:
-    """Peak MiB of live tensors (torch's `MemTracker`), forward+backward and optimizer apart.
+def live_tensor_peaks(model, optimizer, forward_backward, device: torch.device) -> dict[str, float]:
+    """Peak MiB of live tensors, forward+backward and optimizer apart (CPU: torch's `MemTracker`;
+    CUDA: the caching allocator's own count of allocated bytes).
 
     Counts what the step keeps alive (parameters, gradients, optimizer state, activations,
     temporaries) and nothing the allocator merely caches, so it shows how memory scales with
-    batch where process RSS cannot. The optimizer step's peak is batch-independent by nature.
+    batch where process RSS cannot. Gradients are allocated (zeros) before the pass, so the
+    batch-independent part stays constant through it and the peak is that constant plus what
+    grows with batch; a trainer that frees gradients between steps peaks no higher. (With
+    gradients appearing mid-backward instead, the peak moves between forward and backward as
+    the batch grows: a maximum of lines, convex in batch without any term in batch^2.) The
+    optimizer step's peak is batch-independent by nature.
     """
+    for param in model.parameters():
+        if param.requires_grad and param.grad is None:
+            param.grad = torch.zeros_like(param)
     peaks = {}
     for phase, work in (
         ("forward_backward", forward_backward),
         ("optimizer", lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True))),
     ):
-        tracker = MemTracker()
-        tracker.track_external(model, optimizer)
-        with tracker:
+        if device.type == "cuda":  # the caching allocator counts live bytes itself
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
             work()
-        peak = tracker.get_tracker_snapshot("peak")
-        peaks[f"live_peak_{phase}_mib"] = sum(stats["Total"] for stats in peak.values()) / 2**20
+            peak_bytes = torch.cuda.max_memory_allocated(device)
+        else:
+            tracker = MemTracker()
+            tracker.track_external(model, optimizer)
+            with tracker:
+                work()
+            peak = tracker.get_tracker_snapshot("peak")
+            peak_bytes = sum(stats["Total"] for stats in peak.values())
+        peaks[f"live_peak_{phase}_mib"] = peak_bytes / 2**20
     return peaks
 
 
@@ -172,8 +188,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "batch": args.batch,
         "img_size": img,
     }
-    if device.type == "cpu" and not args.compile:
-        row.update(live_tensor_peaks(model, optimizer, forward_backward))
+    if not args.compile:
+        row.update(live_tensor_peaks(model, optimizer, forward_backward, device))
     if args.memory_only:
         return row
     if device.type == "cuda":
@@ -336,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
                     args, batch=batch, precision=resolved, compile=False, yardstick=True
                 )
                 rows.append(supervised)
-                if resolved == "fp32":
+                if resolved == "fp32" and not args.memory_only:
                     fp32_supervised[batch] = supervised["step_ms"]
                 print(table([supervised]).splitlines()[-1], flush=True)
             modes = [(c, a) for c in args.compile_modes for a in args.attentive_modes]
@@ -348,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
                     compile=bool(compiled),
                     attentive=attentive,
                 )
-                if supervised is not None:
+                if supervised is not None and not args.memory_only:
                     row["ratio_to_supervised"] = row["step_ms"] / supervised["step_ms"]
                 if batch in fp32_supervised:
                     row["ratio_to_fp32_supervised"] = row["step_ms"] / fp32_supervised[batch]

@@ -91,14 +91,15 @@ def block_at_rows(block: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.Te
     queries, output projection and MLP of rows nobody reads are never computed.
     """
     attn = block.attn
+    index = rows[..., None].expand(-1, -1, x.shape[-1])
     if getattr(attn, "gate", None) is not None:  # a gated variant: nothing to save safely
-        return torch.gather(block(x), 1, rows[..., None].expand(-1, -1, x.shape[-1]))
+        return torch.gather(block(x), 1, index)
     n, t, _ = x.shape
     heads, head_dim = attn.num_heads, attn.head_dim
     width = heads * head_dim
-    picked = torch.gather(x, 1, rows[..., None].expand(-1, -1, x.shape[-1]))
+    picked = torch.gather(x, 1, index)
     normed = block.norm1(x)
-    normed_picked = torch.gather(normed, 1, rows[..., None].expand(-1, -1, x.shape[-1]))
+    normed_picked = torch.gather(normed, 1, index)
     q_weight, kv_weight = attn.qkv.weight.split([width, 2 * width])
     q_bias, kv_bias = (
         (None, None) if attn.qkv.bias is None else attn.qkv.bias.split([width, 2 * width])
