@@ -27,9 +27,13 @@ from droppos.engine.checkpoint import LAST, find_resume, load_checkpoint, save_a
 from droppos.engine.config import PretrainConfig
 from droppos.engine.distributed import DistEnv, init_distributed, mean_over_ranks
 from droppos.engine.logging import MetricWriter
-from droppos.engine.optim import build_adamw, lr_at_step, scaled_lr, set_lr
+from droppos.engine.optim import lr_at_step, set_lr
 from droppos.engine.precision import autocast, grad_scaler, resolve_precision
-from droppos.engine.training import optimizer_steps_per_epoch, prepare_for_training
+from droppos.engine.training import (
+    adamw_for_run,
+    optimizer_steps_per_epoch,
+    prepare_for_training,
+)
 from droppos.objective.smoothing import sigma_at_epoch
 
 
@@ -93,14 +97,7 @@ def setup(config: PretrainConfig) -> Trainer:
     )
 
     model.to(env.device)
-    effective_batch = config.optim.batch_size * config.optim.accum_steps * env.world_size
-    peak_lr = config.optim.lr or scaled_lr(config.optim.base_lr, effective_batch)
-    optimizer = build_adamw(
-        model,
-        peak_lr,
-        config.optim.weight_decay,
-        config.optim.betas,
-    )
+    optimizer, peak_lr = adamw_for_run(model, config.optim, env.world_size)
     engine_model = prepare_for_training(model, env, config.run.compile)
     trainer = Trainer(
         config=config,

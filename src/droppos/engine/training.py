@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from droppos.engine.distributed import DistEnv
+from droppos.engine.optim import build_adamw, scaled_lr
 
 
 def optimizer_steps_per_epoch(batches: int, batch_size: int, accum_steps: int) -> int:
@@ -20,6 +21,20 @@ def optimizer_steps_per_epoch(batches: int, batch_size: int, accum_steps: int) -
             f"than --optim.accum_steps {accum_steps}; lower the batch size"
         )
     return batches // accum_steps
+
+
+def adamw_for_run(
+    model: nn.Module, optim: Any, world_size: int, layer_decay: float | None = None
+) -> tuple[torch.optim.AdamW, float]:
+    """AdamW at the run's peak lr: `optim.lr` if given, else `optim.base_lr` scaled by the
+    effective batch (per-process batch x accumulation x processes). `optim` is any config
+    section with those fields plus weight_decay and betas."""
+    effective_batch = optim.batch_size * optim.accum_steps * world_size
+    peak_lr = optim.lr or scaled_lr(optim.base_lr, effective_batch)
+    optimizer = build_adamw(
+        model, peak_lr, optim.weight_decay, optim.betas, layer_decay=layer_decay
+    )
+    return optimizer, peak_lr
 
 
 def wrap_ddp(model: nn.Module, env: DistEnv) -> DistributedDataParallel:

@@ -38,9 +38,13 @@ from droppos.data import (
 from droppos.engine.checkpoint import LAST, find_resume, load_checkpoint, save_atomic
 from droppos.engine.distributed import DistEnv, init_distributed, mean_over_ranks
 from droppos.engine.logging import MetricWriter
-from droppos.engine.optim import build_adamw, lr_at_step, scaled_lr, set_lr
+from droppos.engine.optim import lr_at_step, set_lr
 from droppos.engine.precision import autocast, grad_scaler, resolve_precision
-from droppos.engine.training import optimizer_steps_per_epoch, prepare_for_training
+from droppos.engine.training import (
+    adamw_for_run,
+    optimizer_steps_per_epoch,
+    prepare_for_training,
+)
 from droppos.evaluation.backbone import Backbone, backbone_from, build_vit, has_loaded_head
 from droppos.evaluation.config import FinetuneConfig
 from droppos.evaluation.datasets import eval_view, labelled_splits, normalisation
@@ -137,14 +141,8 @@ def setup(config: FinetuneConfig) -> FinetuneRun:
         criterion = nn.CrossEntropyLoss()
 
     model.to(env.device)
-    effective_batch = config.optim.batch_size * config.optim.accum_steps * env.world_size
-    peak_lr = config.optim.lr or scaled_lr(config.optim.base_lr, effective_batch)
-    optimizer = build_adamw(
-        model,
-        peak_lr,
-        config.optim.weight_decay,
-        config.optim.betas,
-        layer_decay=config.optim.layer_decay,
+    optimizer, peak_lr = adamw_for_run(
+        model, config.optim, env.world_size, layer_decay=config.optim.layer_decay
     )
     ema = ModelEmaV3(model, decay=config.model.ema_decay) if config.model.ema else None
     engine_model = prepare_for_training(model, env, config.run.compile)
