@@ -80,6 +80,12 @@ def dump_config(parser: ArgumentParser, args: Namespace, command: str) -> str:
     return sub.dump(section)
 
 
+def write_resolved_config(parser: ArgumentParser, args: Namespace, command: str, out: Path) -> None:
+    """`out/config.yaml`: every option as resolved, to pass back with `--config`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(parser, args, command))
+
+
 def fail(command: str, error: BaseException) -> int:
     print(f"droppos {command}: error: {error}", file=sys.stderr)
     return 2
@@ -95,8 +101,7 @@ def run_pretrain(parser: ArgumentParser, args: Namespace) -> int:
         return fail("pretrain", error)
     if trainer.env.is_main:
         out = Path(config.run.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(parser, args, "pretrain"))
+        write_resolved_config(parser, args, "pretrain", out)
         print(
             f"pre-training {config.model.name} on {config.data.source} "
             f"({trainer.env.world_size} process(es), {trainer.env.device}, {trainer.precision}); "
@@ -125,8 +130,7 @@ def run_finetune(parser: ArgumentParser, args: Namespace) -> int:
         return fail("finetune", error)
     out = Path(config.run.output_dir)
     if run.env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(parser, args, "finetune"))
+        write_resolved_config(parser, args, "finetune", out)
         print(
             f"fine-tuning {run.backbone.source} ({run.backbone.kind}) on {config.data.source}, "
             f"{run.num_classes} classes ({run.env.world_size} process(es), {run.env.device}, "
@@ -160,9 +164,7 @@ def _frozen_features(parser: ArgumentParser, args: Namespace, command: str) -> A
     progress = config.run.progress and env.is_main
     features = frozen_features(config.model, config.data, env.device, precision, progress)
     if env.is_main:
-        out = Path(config.run.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(parser, args, command))
+        write_resolved_config(parser, args, command, Path(config.run.output_dir))
     return config, env, features
 
 
