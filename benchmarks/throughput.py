@@ -34,6 +34,7 @@ from droppos.engine.precision import autocast, resolve_precision
 from droppos.models.registry import parse_name
 from droppos.objective.losses import position_accuracy, position_loss
 from droppos.objective.masking import random_patch_mask, random_position_drop
+from droppos.objective.smoothing import smoothing_map
 
 
 def synchronize(device: torch.device) -> None:
@@ -119,7 +120,7 @@ def droppos_phases(model, optimizer, images, noise, precision, device) -> dict[s
 
         def decode_and_score():
             logits = model.forward_decoder(latent)
-            smoothing = model.smoothing_maps(cfg.smoothing_sigma, device)
+            smoothing = smoothing_map(model.config.grid_size, cfg.smoothing_sigma, device)
             loss = position_loss(logits, mask.ids_keep, weights, smoothing)
             position_accuracy(logits.detach(), mask.ids_keep, drop.dropped)
             return loss

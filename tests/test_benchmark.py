@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "throughput.py"
 
 
+@pytest.mark.slow  # a benchmark smoke test: minutes on 2 cores
 def test_benchmark_prints_a_table_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     command = [
@@ -27,6 +30,7 @@ def test_benchmark_prints_a_table_and_writes_json(tmp_path):
     assert 0 < paper["fraction_of_peak"] < 1.5
 
 
+@pytest.mark.slow  # a benchmark smoke test: minutes on 2 cores
 def test_live_memory_of_a_step_grows_linearly_with_batch(tmp_path):
     """No term of the step grows with batch squared: equal batch steps add equal live bytes."""
     out = tmp_path / "memory.json"
@@ -48,6 +52,7 @@ def test_live_memory_of_a_step_grows_linearly_with_batch(tmp_path):
     assert max(optimizer) - min(optimizer) < 0.01 * optimizer[0]  # batch-independent
 
 
+@pytest.mark.slow  # a benchmark smoke test: minutes on 2 cores
 def test_data_benchmark_measures_decode_augment_and_loader_apart(tmp_path):
     out = tmp_path / "data.json"
     script = SCRIPT.with_name("data_throughput.py")

@@ -2,27 +2,28 @@
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from droppos.cli.main import build_parser, main, resolve_presets, to_config
-from droppos.engine.checkpoint import load_checkpoint
+from droppos.cli.main import main, parser_for, resolve_presets, to_config
+from droppos.engine.checkpoint import LAST, load_training_checkpoint
 from droppos.engine.logging import read_metrics
 from droppos.engine.optim import build_adamw
-from droppos.evaluation.backbone import build_vit, load_backbone
 from droppos.evaluation.knn import knn_accuracy, knn_scores
 from droppos.evaluation.metrics import topk_correct
+from droppos.interop.checkpoints import build_vit, load_backbone
 from droppos.models.registry import create_model
 from tests.helpers import tiny_droppos
 
 TINY_ENCODER = [
-    "--model.img_size", "28",
-    "--model.patch_size", "7",
-    "--model.embed_dim", "32",
-    "--model.depth", "2",
-    "--model.num_heads", "2",
+    "--model.encoder.img_size", "28",
+    "--model.encoder.patch_size", "7",
+    "--model.encoder.embed_dim", "32",
+    "--model.encoder.depth", "2",
+    "--model.encoder.num_heads", "2",
 ]  # fmt: skip
 QUIET = ["--data.num_workers", "0", "--run.progress", "false"]
 
@@ -66,7 +67,8 @@ def test_pretrain_then_finetune_linprobe_knn_on_the_demo_set(tmp_path, demo_chec
     assert main(args) == 0
     tuned = results(finetune)
     assert tuned["command"] == "finetune" and tuned["num_classes"] == 10
-    assert 0 <= tuned["top1"] <= tuned["top5"] <= 100 and "ema_top1" in tuned
+    assert tuned["top1"] > 15 and tuned["top5"] > tuned["top1"]  # chance: 10% and 50%
+    assert "ema_top1" in tuned
     assert (tuned["train_size"], tuned["val_size"]) == (4000, 1000)
     for name in ("best.pth", "last.pth", "config.yaml", "metrics.jsonl"):
         assert (finetune / name).exists(), name
@@ -83,6 +85,7 @@ def test_pretrain_then_finetune_linprobe_knn_on_the_demo_set(tmp_path, demo_chec
     probed = results(probe)
     assert [p["base_lr"] for p in probed["probes"]] == [1, 10]
     assert probed["top1"] == max(p["top1"] for p in probed["probes"])
+    assert probed["top1"] > 20  # chance is 10%
 
     knn = tmp_path / "knn"
     args = ["knn", "--model.checkpoint", str(demo_checkpoint), "--run.output_dir", str(knn)]
@@ -227,9 +230,10 @@ def image_folder(tmp_path_factory):
 
 def finetune_args(output_dir, source, *extra):
     return [
-        "finetune", "--model.checkpoint", "random", "--model.img_size", "16",
-        "--model.patch_size", "4", "--model.in_chans", "3", "--model.embed_dim", "32",
-        "--model.depth", "1", "--model.num_heads", "2", "--data.source", str(source),
+        "finetune", "--model.checkpoint", "random", "--model.encoder.img_size", "16",
+        "--model.encoder.patch_size", "4", "--model.encoder.in_chans", "3",
+        "--model.encoder.embed_dim", "32", "--model.encoder.depth", "1",
+        "--model.encoder.num_heads", "2", "--data.source", str(source),
         "--optim.batch_size", "4", "--optim.epochs", "2", "--optim.warmup_epochs", "1",
         "--run.output_dir", str(output_dir), "--run.log_every", "1",
         "--run.tensorboard", "false", "--run.precision", "fp32", *QUIET, *extra,
@@ -240,36 +244,38 @@ def finetune_args(output_dir, source, *extra):
 def test_an_interrupted_finetuning_resumes_to_the_same_weights(
     tmp_path, image_folder, monkeypatch, crash_at
 ):
-    from droppos.evaluation import finetune as finetune_module
+    from droppos.engine.loop import TrainLoop
 
     extra = ("--run.save_every_steps", "3", "--model.ema", "true")
     assert main(finetune_args(tmp_path / "straight", image_folder, *extra)) == 0
 
-    original, saves = finetune_module.save, []
+    original, saves = TrainLoop.save, []
 
-    def save_then_crash(run, best=False):
-        original(run, best)
-        saves.append(run.step)
+    def save_then_crash(loop, *args, **kwargs):
+        original(loop, *args, **kwargs)
+        saves.append(loop.position.step)
         if len(saves) == crash_at:  # 4 steps per epoch: saves at steps 3, 4, 6, 8
             raise KeyboardInterrupt
 
     interrupted = tmp_path / "interrupted"
     with monkeypatch.context() as patch:
-        patch.setattr(finetune_module, "save", save_then_crash)
+        patch.setattr(TrainLoop, "save", save_then_crash)
         with pytest.raises(KeyboardInterrupt):
             main(finetune_args(interrupted, image_folder, *extra))
-    stopped = load_checkpoint(interrupted / "last.pth")
+    stopped = load_training_checkpoint(interrupted / "last.pth")["position"]
     assert (stopped["epoch"], stopped["batch"]) == ((0, 3) if crash_at == 1 else (1, 0))
     assert main(finetune_args(interrupted, image_folder, *extra)) == 0
 
-    straight = load_checkpoint(tmp_path / "straight" / "last.pth")
-    resumed = load_checkpoint(interrupted / "last.pth")
-    for key in ("model", "model_ema"):
-        for name, value in straight[key].items():
-            assert torch.equal(value, resumed[key][name]), (key, name)
+    straight = load_training_checkpoint(tmp_path / "straight" / "last.pth")
+    resumed = load_training_checkpoint(interrupted / "last.pth")
+    for name, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
+    ema = straight["method_state"]["model_ema"]
+    for name, value in ema.items():
+        assert torch.equal(value, resumed["method_state"]["model_ema"][name]), name
     assert results(interrupted)["top1"] == results(tmp_path / "straight")["top1"]
-    epochs = [r["step"] for r in read_metrics(interrupted / "metrics.jsonl", "epoch")]
-    assert epochs == [0, 1]
+    epochs = [r["epoch"] for r in read_metrics(interrupted / "metrics.jsonl", "epoch")]
+    assert epochs == [1, 2]
 
 
 @pytest.mark.parametrize(
@@ -278,7 +284,7 @@ def test_an_interrupted_finetuning_resumes_to_the_same_weights(
         (("--optim.batch_size", "3", "--augment.mixup", "0.8"), "even --optim.batch_size"),
         (("--optim.layer_decay", "0"), "--optim.layer_decay"),
         (("--augment.auto_augment", "v0"), "RandAugment"),
-        (("--model.name", "vit_gigantic_patch16"), "unknown model"),
+        (("--model.encoder.patch_size", "5"), "not a multiple of patch_size"),
     ],
 )
 def test_finetune_user_mistakes_exit_2_with_one_line(
@@ -290,8 +296,9 @@ def test_finetune_user_mistakes_exit_2_with_one_line(
 
 
 def parse(command, *argv):
-    parser = build_parser()
-    config = to_config(parser, parser.parse_args(resolve_presets([command, *argv])), command)
+    args = resolve_presets([command, *argv])
+    parser = parser_for(args)
+    config = to_config(parser, parser.parse_args(args), command)
     config.validate()
     return config
 
@@ -306,7 +313,7 @@ def test_finetune_presets_are_the_recipe_of_the_spec(preset):
     assert (a.mixup, a.cutmix, a.label_smoothing, a.reprob) == (0.8, 1.0, 0.1, 0.25)
     assert a.auto_augment == "rand-m9-mstd0.5-inc1"
     assert (m.drop_path_rate, m.global_pool, config.data.crop_pct) == (0.1, "avg", 0.875)
-    shape = m.random_shape()
+    shape = m.encoder
     assert (shape.img_size, shape.patch_size, shape.in_chans) == (224, 16, 3)
     assert shape.embed_dim == (768 if "base" in preset else 1024)
 
@@ -328,7 +335,8 @@ def test_probe_presets_follow_mae():
 def test_defaults_evaluate_the_default_pretraining_output(command):
     config = parse(command)
     checkpoint = config.checkpoint if command == "export" else config.model.checkpoint
-    assert checkpoint == "runs/pretrain/last.pth"
+    pretrain = parse("pretrain")  # the file `droppos pretrain` with no options writes
+    assert Path(checkpoint) == Path(pretrain.run.output_dir) / LAST
 
 
 @pytest.mark.slow
@@ -352,4 +360,7 @@ def test_torchrun_two_processes_give_the_single_process_results(tmp_path, image_
 
     out = tmp_path / "finetune-2"
     launch(finetune_args(out, image_folder, "--optim.epochs", "1"), 2)
-    assert results(out)["val_size"] == 8 and load_checkpoint(out / "last.pth")["step"] == 2
+    assert (
+        results(out)["val_size"] == 8
+        and load_training_checkpoint(out / "last.pth")["position"]["step"] == 2
+    )

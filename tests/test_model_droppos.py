@@ -1,4 +1,4 @@
-"""SPEC §1 end to end on a tiny model: the loss, its gradients, and what cannot leak."""
+"""The objective end to end on a tiny model: the loss, its gradients, and what cannot leak."""
 
 import math
 
@@ -68,11 +68,12 @@ def test_permuting_visible_tokens_permutes_the_outputs(images):
     torch.testing.assert_close(permuted.loss, base.loss)
 
 
-def test_loss_equals_a_direct_computation_of_spec_section_1(images):
+def test_loss_equals_a_direct_token_by_token_computation(images):
     sigma, tau = 0.8, 0.1
     model = tiny_droppos(attentive_tau=tau)
     patch_noise, position_noise = fixed_noise(len(images))
-    out = model(images, sigma=sigma, patch_noise=patch_noise, position_noise=position_noise)
+    target_map = smoothing_map((8, 8), sigma)
+    out = model(images, target_map, patch_noise=patch_noise, position_noise=position_noise)
 
     n, h, w = len(images), 8, 8
     ids_keep = torch.argsort(patch_noise, 1)[:, :V]
@@ -134,7 +135,7 @@ def test_loss_equals_a_direct_computation_of_spec_section_1(images):
 
 def test_without_attentive_weights_every_dropped_token_counts_the_same(images):
     model = tiny_droppos(attentive=False)
-    out = model(images, sigma=0.0)
+    out = model(images, smoothing_map((8, 8), 0.0))
     assert torch.equal(out.token_weights, out.position_dropped.float())
     expected = F.cross_entropy(
         out.position_logits[out.position_dropped], out.ids_keep[out.position_dropped]
@@ -158,7 +159,7 @@ def test_confidence_ignore_skips_tokens_already_above_the_target(images):
     with torch.no_grad():  # uniform predictions: probability 1/L everywhere
         model.decoder_pred.weight.zero_()
         model.decoder_pred.bias.zero_()
-    out = model(images, sigma=1.0)
+    out = model(images, smoothing_map((8, 8), 1.0))
     # 1/L is below the smoothing map's diagonal, so nothing is skipped
     assert torch.equal(out.token_weights, out.position_dropped.float())
     logits = torch.full((1, 2, L), -20.0)
@@ -218,3 +219,46 @@ def test_bf16_autocast_runs_and_keeps_the_loss_in_fp32(images):
     assert out.loss.dtype == torch.float32
     assert torch.isfinite(out.loss)
     out.loss.backward()
+
+
+def test_zeros_kind_adds_zeros_whatever_the_parameter_holds(images):
+    # An original checkpoint trained with `zeros` carries a normally initialised, unused token.
+    patch_noise, position_noise = fixed_noise(len(images))
+    model = tiny_droppos(mask_token_kind="zeros")
+    clean = model(images, patch_noise=patch_noise, position_noise=position_noise).loss
+    with torch.no_grad():
+        model.mask_pos_token.normal_(std=0.02)
+    loaded = model(images, patch_noise=patch_noise, position_noise=position_noise).loss
+    assert torch.equal(clean, loaded)
+
+
+@pytest.mark.parametrize("pixel_branch", [False, True])
+def test_shard_shares_with_global_normalisers_add_up_to_the_full_batch_loss(pixel_branch):
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    model = tiny_droppos(pixel_branch=pixel_branch, confidence_ignore=True)
+    patch_noise, position_noise = fixed_noise(len(images))
+    full = model(images, patch_noise=patch_noise, position_noise=position_noise)
+    shards = [
+        model(images[s], patch_noise=patch_noise[s], position_noise=position_noise[s])
+        for s in (slice(0, 2), slice(2, 6))
+    ]
+    # attentive weights make the shards' normalisers differ: a per-shard mean would be wrong
+    assert not torch.isclose(shards[0].position_normaliser / 2, shards[1].position_normaliser / 4)
+    position = sum(s.position_normaliser for s in shards)
+    pixel = sum(s.masked_patches.sum() for s in shards) if pixel_branch else None
+    shares = sum(s.global_loss(position, pixel) for s in shards)
+    torch.testing.assert_close(shares, full.loss)
+    per_shard_mean = sum(s.loss for s in shards) / 2
+    assert not torch.isclose(per_shard_mean, full.loss)
+
+
+def test_precomputed_loss_weights_give_the_same_forward(images):
+    model = tiny_droppos(attentive_source="visible")
+    patch_noise, position_noise = fixed_noise(len(images))
+    inline = model(images, patch_noise=patch_noise, position_noise=position_noise)
+    weights = model.loss_weights(images, patch_noise, position_noise)
+    ahead = model(
+        images, patch_noise=patch_noise, position_noise=position_noise, token_weights=weights
+    )
+    torch.testing.assert_close(ahead.loss, inline.loss)
+    torch.testing.assert_close(weights, inline.token_weights)

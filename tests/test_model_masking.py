@@ -58,9 +58,20 @@ def test_wrong_positions_never_give_a_token_its_own_embedding():
 
 
 def test_wrong_positions_differ_between_images_of_a_batch():
-    n, visible = 8, 16
+    # Every image drops the same tokens (the original code's defect only shows then: one
+    # permutation shared by the whole batch); only the order of their noise differs.
+    n, visible, kept = 8, 16, 4
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.empty(n, visible)
+    noise[:, :kept] = torch.linspace(0.0, 0.1, kept)  # tokens 0-3 keep their position
+    for i in range(n):
+        noise[i, kept:] = 0.5 + 0.5 * torch.rand(visible - kept, generator=generator)
+    drop = random_position_drop(noise, kept)
+    assert (drop.dropped == drop.dropped[0]).all()  # identical drop sets in every image
     positions = torch.arange(visible).float()[None, :, None].expand(n, visible, 1)
-    drop = random_position_drop(torch.rand(n, visible), 4)
-    filled = fill_with_wrong_positions(positions, drop)
-    mapping = [tuple(filled[i, :, 0].tolist()) for i in range(n)]
-    assert len(set(mapping)) > 1  # not one permutation shared by the whole batch
+    filled = fill_with_wrong_positions(positions, drop)[..., 0]
+    mappings = {tuple(row.tolist()) for row in filled}
+    assert len(mappings) == n  # a permutation of its own for every image
+    for row in filled:  # each a derangement of the dropped tokens
+        assert (row[kept:] != torch.arange(kept, visible)).all()
+        assert sorted(row[kept:].tolist()) == list(range(kept, visible))

@@ -1,9 +1,10 @@
-"""SPEC §1.7: Gaussian position smoothing and its schedule."""
+"""Gaussian position smoothing, its schedule, and a compiled forward that it never recompiles."""
 
 import pytest
 import torch
 
-from droppos.objective.smoothing import SmoothingMaps, sigma_at_epoch, smoothing_map
+from droppos.objective.smoothing import PositionTargets, sigma_at_epoch, smoothing_map
+from tests.helpers import tiny_droppos
 
 
 @pytest.mark.parametrize("grid", [(4, 4), (3, 5), (14, 14)])
@@ -35,8 +36,30 @@ def test_linear_decay_per_epoch():
     assert sigma_at_epoch(10, 20, initial_sigma=2.0) == pytest.approx(1.0)
 
 
-def test_maps_are_cached_per_sigma():
-    maps = SmoothingMaps((4, 4))
-    first = maps(1.0, torch.device("cpu"))
-    assert maps(1.0, torch.device("cpu")) is first
-    assert maps(0.5, torch.device("cpu")) is not first
+def test_targets_follow_the_schedule_and_are_cached_per_sigma():
+    targets = PositionTargets((4, 4), initial_sigma=1.0, decay=True, total_epochs=4)
+    first = targets.at_epoch(0)
+    assert targets.at_epoch(0) is first  # built once per sigma
+    torch.testing.assert_close(first, smoothing_map((4, 4), 1.0))
+    torch.testing.assert_close(targets.at_epoch(2), smoothing_map((4, 4), 0.5))
+    constant = PositionTargets((4, 4), initial_sigma=0.7, decay=False, total_epochs=4)
+    assert constant.sigma(3) == 0.7
+
+
+def test_a_compiled_model_does_not_recompile_when_sigma_changes(images):
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = tiny_droppos()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    targets = PositionTargets(model.config.grid_size, 1.0, decay=True, total_epochs=12)
+    noise = torch.rand(len(images), model.num_patches), torch.rand(len(images), 16)
+    for epoch in range(12):  # 12 different sigmas, more than Dynamo's recompile limit of 8
+        target_map = targets.at_epoch(epoch)
+        output = compiled(images, target_map, *noise)
+        if epoch == 0:
+            frames = counter.frame_count
+        # each epoch's map reaches the loss: the compiled forward equals the eager one
+        torch.testing.assert_close(output.loss, model(images, target_map, *noise).loss)
+    assert counter.frame_count == frames  # compiled once, never again

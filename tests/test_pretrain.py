@@ -11,11 +11,13 @@ import torch.multiprocessing as mp
 import yaml
 from PIL import Image
 
-from droppos.cli.main import build_parser, main, resolve_presets, to_config
+from droppos.cli.main import main, parser_for, resolve_presets, to_config
+from droppos.data import set_epoch
 from droppos.engine import pretrain as pretrain_module
-from droppos.engine.checkpoint import load_checkpoint
+from droppos.engine.checkpoint import load_training_checkpoint
 from droppos.engine.distributed import shutdown_distributed
 from droppos.engine.logging import read_metrics
+from droppos.engine.loop import TrainLoop
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +36,12 @@ def image_folder(tmp_path_factory):
 def tiny_args(output_dir, source, *extra):
     return [
         "pretrain",
-        "--model.img_size", "16",
-        "--model.patch_size", "4",
-        "--model.in_chans", "3",
-        "--model.embed_dim", "32",
-        "--model.depth", "1",
-        "--model.num_heads", "2",
+        "--model.encoder.img_size", "16",
+        "--model.encoder.patch_size", "4",
+        "--model.encoder.in_chans", "3",
+        "--model.encoder.embed_dim", "32",
+        "--model.encoder.depth", "1",
+        "--model.encoder.num_heads", "2",
         "--model.decoder_embed_dim", "32",
         "--model.decoder_num_heads", "2",
         "--data.source", str(source),
@@ -67,26 +69,29 @@ def test_one_tiny_pretraining_through_the_cli(tmp_path, image_folder):
     for key in ("loss", "position_accuracy", "lr", "images_per_second"):
         assert key in steps[0]
     assert epochs[0]["chance_position_accuracy"] == pytest.approx(1 / 16)
-    checkpoint = load_checkpoint(out / "last.pth")
-    assert (checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]) == (1, 0, 6)
+    checkpoint = load_training_checkpoint(out / "last.pth")
+    assert checkpoint["position"] == {"epoch": 1, "batch": 0, "step": 6}
+    assert [r["step"] for r in steps] == [2, 4, 6]  # the global optimiser step
+    assert (epochs[0]["step"], epochs[0]["epoch"]) == (6, 1)  # epochs count from 1
+    assert not (out / "checkpoint-0001.pth").exists()  # keep_every_epochs 0: last.pth only
 
 
 def final_weights(output_dir):
-    return load_checkpoint(output_dir / "last.pth")["model"]
+    return load_training_checkpoint(output_dir / "last.pth")["model"]
 
 
 def crash_after_saves(monkeypatch, count):
     """Make the run die right after its `count`-th checkpoint write, as a crash would."""
     saves = []
-    original = pretrain_module.save
+    original = TrainLoop.save
 
-    def save_then_crash(trainer, keep=False):
-        original(trainer, keep)
-        saves.append(trainer.step)
+    def save_then_crash(loop, *args, **kwargs):
+        original(loop, *args, **kwargs)
+        saves.append(loop.position.step)
         if len(saves) == count:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(pretrain_module, "save", save_then_crash)
+    monkeypatch.setattr(TrainLoop, "save", save_then_crash)
 
 
 @pytest.mark.parametrize(
@@ -104,42 +109,20 @@ def test_an_interrupted_run_resumes_to_the_same_weights(
         crash_after_saves(patch, crash_at)
         with pytest.raises(KeyboardInterrupt):
             main(tiny_args(interrupted, image_folder, *extra))
-    stopped = load_checkpoint(interrupted / "last.pth")
-    assert stopped["epoch"] < 2
+    stopped = load_training_checkpoint(interrupted / "last.pth")
+    assert stopped["position"]["epoch"] < 2
     assert main(tiny_args(interrupted, image_folder, *extra)) == 0  # resumes automatically
 
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(interrupted)
     for name, value in straight.items():
         assert torch.equal(value, resumed[name]), name
-    epochs = [r["step"] for r in read_metrics(interrupted / "metrics.jsonl", "epoch")]
-    assert epochs == [0, 1]  # each epoch logged once: none skipped, none repeated
-
-
-def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, image_folder):
-    # No clipping in effect (a huge threshold still measures the norm, which gets logged).
-    common = ("--optim.epochs", "1", "--model.attentive", "false", "--optim.clip_grad", "1e9")
-    big_run, accum_run = tmp_path / "big", tmp_path / "accum"
-    main(
-        tiny_args(big_run, image_folder, *common, "--optim.batch_size", "8", "--run.log_every", "1")
-    )
-    accum_args = ("--optim.batch_size", "4", "--optim.accum_steps", "2", "--run.log_every", "1")
-    main(tiny_args(accum_run, image_folder, *common, *accum_args))
-    big_norms = [r["grad_norm"] for r in read_metrics(big_run / "metrics.jsonl", "step")]
-    accum_norms = [r["grad_norm"] for r in read_metrics(accum_run / "metrics.jsonl", "step")]
-    assert len(big_norms) == len(accum_norms) == 3  # same number of optimizer steps
-    assert accum_norms == pytest.approx(big_norms, rel=1e-4)  # same gradient, not 2x or 1/2x
-    big, accum = final_weights(big_run), final_weights(accum_run)
-    for name, value in big.items():  # Adam amplifies rounding only where gradients are ~0
-        torch.testing.assert_close(value, accum[name], rtol=1e-3, atol=1e-4)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    epochs = [r["epoch"] for r in read_metrics(interrupted / "metrics.jsonl", "epoch")]
+    assert epochs == [1, 2]  # each epoch logged once: none skipped, none repeated
 
 
 def _first_step_gradients(rank, world_size, port, args, result_path):
+    """Run the loop's first optimiser step (forward and backward of every micro-batch) and
+    save rank 0's gradients: with DDP these are already averaged over ranks."""
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -148,37 +131,61 @@ def _first_step_gradients(rank, world_size, port, args, result_path):
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
-    parser = build_parser()
-    trainer = pretrain_module.setup(to_config(parser, parser.parse_args(args), "pretrain"))
-    pretrain_module.set_epoch(trainer.loader, 0)
-    images, _, patch_noise, position_noise = next(iter(trainer.loader))
-    output = trainer.engine_model(
-        images, sigma=1.0, patch_noise=patch_noise, position_noise=position_noise
-    )
-    output.loss.backward()
+    parser = parser_for(args)
+    loop = pretrain_module.setup(to_config(parser, parser.parse_args(args), "pretrain"))
+    set_epoch(loop.loader, 0)
+    loop.method.start_epoch(0, 0)
+    loss, _, _ = loop.accumulate(next(loop.optimizer_steps()))
     if rank == 0:
-        named = trainer.model.named_parameters()
+        named = loop.method.model.named_parameters()
         grads = {n: p.grad.clone() for n, p in named if p.grad is not None}
+        grads["__loss__"] = loss.detach().clone()
         torch.save(grads, result_path)
     shutdown_distributed()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_same_gradients(first, second):
+    first, second = torch.load(first), torch.load(second)
+    assert first.keys() == second.keys()
+    for name, grad in first.items():
+        if name != "__loss__":
+            torch.testing.assert_close(second[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# Every feature stays on: attentive weights give each shard its own normaliser, so a per-shard
+# mean would give other gradients; the pixel branch adds a second normalised term.
+ALL_ON = ("--model.pixel_branch.depth", "1", "--model.pixel_branch.embed_dim", "16",
+          "--model.pixel_branch.num_heads", "2", "--model.confidence_ignore", "true")  # fmt: skip
+
+
+def test_gradient_accumulation_gives_the_gradient_of_one_big_batch(tmp_path, image_folder):
+    big, accum = tmp_path / "big.pt", tmp_path / "accum.pt"
+    args = tiny_args(tmp_path / "b", image_folder, *ALL_ON, "--optim.batch_size", "8")
+    _first_step_gradients(0, 1, _free_port(), args, big)
+    args = tiny_args(
+        tmp_path / "a", image_folder, *ALL_ON, "--optim.batch_size", "4",
+        "--optim.accum_steps", "2",
+    )  # fmt: skip
+    _first_step_gradients(0, 1, _free_port(), args, accum)
+    assert_same_gradients(big, accum)
+    torch.testing.assert_close(torch.load(accum)["__loss__"], torch.load(big)["__loss__"])
 
 
 def test_two_gloo_ranks_give_the_gradients_of_one_process_on_the_global_batch(
     tmp_path, image_folder
 ):
-    # Without attentive weights every rank's loss has the same normaliser, so the DDP average
-    # of per-rank gradients is exactly the single-process gradient of the global batch.
-    common = ("--model.attentive", "false")
-    two = tmp_path / "two.pt"
-    args = tiny_args(tmp_path / "ddp", image_folder, *common, "--optim.batch_size", "4")
+    two, one = tmp_path / "two.pt", tmp_path / "one.pt"
+    args = tiny_args(tmp_path / "ddp", image_folder, *ALL_ON, "--optim.batch_size", "4")
     mp.spawn(_first_step_gradients, args=(2, _free_port(), args, two), nprocs=2, join=True)
-    one = tmp_path / "one.pt"
-    args = tiny_args(tmp_path / "single", image_folder, *common, "--optim.batch_size", "8")
+    args = tiny_args(tmp_path / "single", image_folder, *ALL_ON, "--optim.batch_size", "8")
     _first_step_gradients(0, 1, _free_port(), args, one)
-    ddp_grads, single_grads = torch.load(two), torch.load(one)
-    assert ddp_grads.keys() == single_grads.keys()
-    for name, grad in single_grads.items():
-        torch.testing.assert_close(ddp_grads[name], grad, rtol=1e-4, atol=1e-6)
+    assert_same_gradients(one, two)
 
 
 def test_torchrun_two_processes_complete(tmp_path, image_folder):
@@ -191,27 +198,27 @@ def test_torchrun_two_processes_complete(tmp_path, image_folder):
     assert done.returncode == 0, done.stderr[-2000:]
     epochs = read_metrics(out / "metrics.jsonl", "epoch")
     assert len(epochs) == 1  # rank 0 alone writes
-    assert load_checkpoint(out / "last.pth")["step"] == 3  # 24 images / (2 ranks x 4)
+    assert load_training_checkpoint(out / "last.pth")["position"]["step"] == 3  # 24 / (2 x 4)
+
+
+def parse(args):
+    args = resolve_presets(args)
+    parser = parser_for(args)
+    return to_config(parser, parser.parse_args(args), "pretrain")
 
 
 def test_the_written_config_round_trips(tmp_path, image_folder):
     out = tmp_path / "run"
     args = tiny_args(out, image_folder, "--optim.epochs", "1", "--model.mask_token_kind", "zeros")
     main(args)
-    parser = build_parser()
-    original = to_config(parser, parser.parse_args(args), "pretrain")
-    reloaded = to_config(
-        parser, parser.parse_args(["pretrain", "--config", str(out / "config.yaml")]), "pretrain"
-    )
-    assert reloaded == original
+    reloaded = parse(["pretrain", "--config", str(out / "config.yaml")])
+    assert reloaded == parse(args)
     assert yaml.safe_load((out / "config.yaml").read_text())["model"]["mask_token_kind"] == "zeros"
 
 
 @pytest.mark.parametrize("preset", ["vit_base_in1k", "vit_large_in1k", "tiny_cpu"])
 def test_presets_load_by_name(preset):
-    parser = build_parser()
-    args = parser.parse_args(resolve_presets(["pretrain", "--config", preset]))
-    config = to_config(parser, args, "pretrain")
+    config = parse(["pretrain", "--config", preset])
     config.validate()
     if preset.startswith("vit_"):
         assert config.optim.batch_size * config.optim.accum_steps * 8 == 4096
@@ -219,15 +226,94 @@ def test_presets_load_by_name(preset):
         assert config.model.decoder_depth == 2 and config.model.decoder_embed_dim == 512
         assert config.model.patch_mask_ratio == config.model.position_drop_ratio == 0.75
         assert config.data.crop_scale == (0.2, 1.0)
+        assert config.model.encoder.embed_dim == (768 if "base" in preset else 1024)
 
 
 def test_the_tiny_preset_is_the_default():
-    parser = build_parser()
-    default = to_config(parser, parser.parse_args(["pretrain"]), "pretrain")
-    preset = to_config(
-        parser, parser.parse_args(resolve_presets(["pretrain", "--config", "tiny_cpu"])), "pretrain"
-    )
-    assert default == preset
+    assert parse(["pretrain"]) == parse(["pretrain", "--config", "tiny_cpu"])
+
+
+def test_every_mae_option_reaches_the_model(tmp_path, image_folder):
+    out = tmp_path / "mae"
+    options = ("--model.name", "mae", "--model.decoder.depth", "3",
+               "--model.decoder.embed_dim", "24", "--model.decoder.num_heads", "4",
+               "--model.patch_mask_ratio", "0.5", "--optim.epochs", "1")  # fmt: skip
+    args = tiny_args(out, image_folder, *options)
+    for option in ("--model.decoder_embed_dim", "--model.decoder_num_heads"):  # DropPos only
+        del args[args.index(option) : args.index(option) + 2]
+    assert main(args) == 0
+    weights = final_weights(out)
+    assert {int(k.split(".")[1]) for k in weights if k.startswith("decoder_blocks.")} == {0, 1, 2}
+    assert weights["decoder_embed.weight"].shape == (24, 32)
+    assert "pixel_loss" in read_metrics(out / "metrics.jsonl", "epoch")[0]
+
+
+def test_the_multi_task_branch_is_configured_from_the_command_line(tmp_path, image_folder):
+    out = tmp_path / "multi"
+    assert main(tiny_args(out, image_folder, *ALL_ON, "--optim.epochs", "1")) == 0
+    weights = final_weights(out)
+    assert "aux_decoder_blocks.0.attn.qkv.weight" in weights
+    assert "aux_decoder_blocks.1.attn.qkv.weight" not in weights  # depth 1 as asked
+    epoch = read_metrics(out / "metrics.jsonl", "epoch")[0]
+    assert {"pixel_loss", "position_loss", "position_accuracy"} <= set(epoch)
+
+
+def test_an_option_of_the_other_model_is_an_error_not_ignored(tmp_path, image_folder):
+    args = ["pretrain", "--model.name", "mae", "--model.position_drop_ratio", "0.5"]
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2
+
+
+def test_resume_refuses_another_batch_geometry(tmp_path, image_folder, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_args(out, image_folder, "--optim.epochs", "1")) == 0
+    before = (out / "last.pth").read_bytes()
+    capsys.readouterr()
+    args = tiny_args(out, image_folder, "--optim.epochs", "2", "--optim.batch_size", "3")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "batch_size 4 -> 3" in err and len(err.splitlines()) == 1
+    assert (out / "last.pth").read_bytes() == before  # nothing touched
+
+
+def test_resume_refuses_another_model(tmp_path, image_folder, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_args(out, image_folder, "--optim.epochs", "1")) == 0
+    capsys.readouterr()
+    args = tiny_args(out, image_folder, "--optim.epochs", "2", "--model.encoder.depth", "2")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.encoder.depth: 1 -> 2" in err and len(err.splitlines()) == 1
+
+
+def test_resume_converts_the_same_global_batch_split_differently(
+    tmp_path, image_folder, monkeypatch
+):
+    straight = tmp_path / "straight"
+    main(tiny_args(straight, image_folder, "--optim.batch_size", "8"))
+    split = tmp_path / "split"
+    accumulated = ("--optim.batch_size", "4", "--optim.accum_steps", "2",
+                   "--run.save_every_steps", "1")  # fmt: skip
+    with monkeypatch.context() as patch:
+        crash_after_saves(patch, 2)  # mid-epoch 1, after step 2 of 3
+        with pytest.raises(KeyboardInterrupt):
+            main(tiny_args(split, image_folder, *accumulated))
+    assert load_training_checkpoint(split / "last.pth")["position"]["batch"] == 4
+    assert main(tiny_args(split, image_folder, "--optim.batch_size", "8")) == 0
+    for name, value in final_weights(straight).items():
+        torch.testing.assert_close(final_weights(split)[name], value, rtol=1e-3, atol=5e-4)
+
+
+def test_a_finished_run_says_so_and_leaves_its_outputs_alone(tmp_path, image_folder, capsys):
+    out = tmp_path / "run"
+    args = tiny_args(out, image_folder, "--optim.epochs", "1")
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 @pytest.mark.parametrize(
@@ -235,8 +321,8 @@ def test_the_tiny_preset_is_the_default():
     [
         (("--data.source", "/no/such/folder"), "data source"),
         (("--optim.epochs", "0"), "--optim.epochs"),
-        (("--model.name", "droppos_vit_gigantic"), "unknown model"),
-        (("--model.patch_size", "5"), "not a multiple of patch_size"),
+        (("--model.name", "droppos_vit_gigantic"), "not a pre-training model"),
+        (("--model.encoder.patch_size", "5"), "not a multiple of patch_size"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(tmp_path, image_folder, capsys, extra, message):
@@ -246,7 +332,7 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path, image_folder, capsys, extr
     assert len(err.splitlines()) == 1 and "Traceback" not in err
 
 
-def test_help_lists_every_option_with_its_default():
+def test_help_describes_every_option_once():
     done = subprocess.run(
         [sys.executable, "-m", "droppos.cli.main", "pretrain", "--help"],
         capture_output=True,
@@ -254,6 +340,22 @@ def test_help_lists_every_option_with_its_default():
         timeout=60,
     )
     assert done.returncode == 0
-    for option in ("--optim.base_lr", "--model.position_drop_ratio", "--run.resume"):
-        assert option in done.stdout
+    for option in ("--optim.base_lr", "--model.position_drop_ratio", "--run.resume",
+                   "--model.encoder.depth", "--model.pixel_branch"):  # fmt: skip
+        assert done.stdout.count(f"  {option} ") == 1, option
     assert "default: 0.75" in done.stdout
+    blocks, current = [], None  # each option's help: its first line and continuation lines
+    for line in done.stdout.split("options:", 1)[1].splitlines():
+        if line.startswith("  --"):
+            current = [line.strip()]
+            blocks.append(current)
+        elif current is not None and line.startswith(" " * 10):
+            current.append(line.strip())
+        else:
+            current = None
+    typed = [" ".join(b) for b in blocks if "(type:" in " ".join(b)]
+    assert len(typed) > 40
+    for text in typed:  # a description before the type, for every typed option
+        words = text.split("(type:")[0].split()[1:]  # after the option's name
+        words = [w for w in words if not (w.isupper() or w.startswith(("{", "[")))]
+        assert len(words) >= 2, text

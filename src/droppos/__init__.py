@@ -1,6 +1,6 @@
 """DropPos: pre-train Vision Transformers by reconstructing dropped positions (NeurIPS 2023)."""
 
-from droppos.interop.original import load_original_checkpoint
+from droppos.interop.checkpoints import load_original_checkpoint
 from droppos.models import (
     DropPosConfig,
     DropPosModel,

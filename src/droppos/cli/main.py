@@ -2,21 +2,26 @@
 
 jsonargparse turns each command's configuration dataclass into options (`--optim.epochs 10`),
 reads YAML (`--config configs/vit_base_in1k.yaml`, or just the preset's name), and prints every
-option with its default in `--help`.
+option with its default and a one-line description in `--help`. The model section of `pretrain`
+is the chosen model's own config (`--model.name droppos|mae`), so every option reaches the model
+and an option of the other model is an error, not silently ignored.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
-from droppos.engine.config import PretrainConfig
+from droppos.engine.config import PRETRAIN_MODELS, PretrainConfig, demo_model
 from droppos.evaluation.config import ExportConfig, FinetuneConfig, KnnConfig, LinprobeConfig
+
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 COMMANDS: dict[str, tuple[type, str]] = {
     "pretrain": (PretrainConfig, "Pre-train a ViT with DropPos (default: the built-in demo)."),
@@ -48,22 +53,77 @@ def resolve_presets(argv: list[str]) -> list[str]:
     return resolved
 
 
-def build_parser() -> ArgumentParser:
+def pretrain_model_name(argv: list[str]) -> str:
+    """The `model.name` the command line asks for: the last `--model.name`, else the last
+    `--config` file's, else droppos. It picks which model config the parser offers."""
+    name = "droppos"
+    for i, arg in enumerate(argv):
+        value = None
+        if arg == "--model.name" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--model.name="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv) and Path(argv[i + 1]).is_file():
+            try:
+                loaded = yaml.safe_load(Path(argv[i + 1]).read_text()) or {}
+            except yaml.YAMLError:
+                continue  # the parser reports it, with the file's name
+            model = loaded.get("model") if isinstance(loaded, dict) else None
+            value = model.get("name") if isinstance(model, dict) else None
+        if value is not None:
+            name = str(value)
+    return name
+
+
+def section_default(config_class: type, name: str) -> Any:
+    for f in fields(config_class):
+        if f.name == name:
+            return f.default_factory() if f.default_factory is not MISSING else f.default
+    raise KeyError(name)
+
+
+def command_parser(command: str, model_name: str = "droppos") -> ArgumentParser:
+    """One command's options: a group per section of its configuration dataclass."""
+    config_class, help_text = COMMANDS[command]
+    sub = ArgumentParser(description=help_text)
+    sub.add_argument(
+        "--config",
+        action=ActionConfigFile,
+        help=f"YAML file or preset name ({', '.join(preset_names())})",
+    )
+    if command == "export":  # a flat command without sections
+        sub.add_class_arguments(config_class, None, fail_untyped=True)
+        return sub
+    for f in fields(config_class):
+        section_class = type(section_default(config_class, f.name))
+        default = section_default(config_class, f.name)
+        if command == "pretrain" and f.name == "model":
+            section_class = PRETRAIN_MODELS.get(model_name, section_class)
+            default = demo_model(model_name if model_name in PRETRAIN_MODELS else "droppos")
+        sub.add_class_arguments(section_class, f.name, default=default, fail_untyped=True)
+    return sub
+
+
+def build_parser(model_name: str = "droppos") -> ArgumentParser:
     parser = ArgumentParser(
         prog="droppos",
         description="DropPos: pre-train Vision Transformers by reconstructing dropped positions.",
     )
     commands = parser.add_subcommands(dest="command", required=True)
-    for name, (config_class, help_text) in COMMANDS.items():
-        sub = ArgumentParser(description=help_text)
-        sub.add_argument(
-            "--config",
-            action=ActionConfigFile,
-            help=f"YAML file or preset name ({', '.join(preset_names())})",
-        )
-        sub.add_class_arguments(config_class, None, fail_untyped=True)
-        commands.add_subcommand(name, sub, help=help_text)
+    for name, (_, help_text) in COMMANDS.items():
+        commands.add_subcommand(name, command_parser(name, model_name), help=help_text)
     return parser
+
+
+def parser_for(argv: list[str]) -> ArgumentParser:
+    """The parser that fits `argv` (its pretrain model section follows `--model.name`)."""
+    name = pretrain_model_name(argv)
+    if argv and argv[0] == "pretrain" and name not in PRETRAIN_MODELS:
+        raise ValueError(
+            f"--model.name {name!r} is not a pre-training model; choose one of: "
+            + ", ".join(PRETRAIN_MODELS)
+        )
+    return build_parser(name)
 
 
 def to_config(parser: ArgumentParser, args: Namespace, command: str) -> Any:
@@ -91,59 +151,76 @@ def fail(command: str, error: BaseException) -> int:
     return 2
 
 
-def run_pretrain(parser: ArgumentParser, args: Namespace) -> int:
-    from droppos.engine.pretrain import setup, train
+def start_training(
+    parser: ArgumentParser, args: Namespace, command: str, setup: Any, what: str
+) -> Any:
+    """Set a training run up; say what it will do (or that it already finished). None when
+    there is nothing left to train."""
+    config = to_config(parser, args, command)
+    loop = setup(config)
+    if not loop.env.is_main:
+        return loop
+    out = loop.output_dir
+    if loop.finished:
+        print(
+            f"droppos {command}: the run in {out} already finished its {loop.optim.epochs} "
+            "epochs; its outputs are left as they are (raise --optim.epochs to continue it, "
+            "or choose another --run.output_dir)"
+        )
+        return None
+    write_resolved_config(parser, args, command, out)
+    resumed = ""
+    if loop.resumed_from is not None:
+        resumed = f"; resuming at epoch {loop.position.epoch + 1}, step {loop.position.step}"
+    print(
+        f"{what} ({loop.env.world_size} process(es), {loop.env.device}, {loop.precision}); "
+        f"outputs in {out}{resumed}",
+        flush=True,
+    )
+    for note in loop.notes:
+        print(f"note: {note}", flush=True)
+    return loop
 
+
+def run_pretrain(parser: ArgumentParser, args: Namespace) -> int:
+    from droppos.engine.pretrain import setup
+
+    section = args.pretrain
+    what = f"pre-training {section.model.name} on {section.data.source}"
     try:
-        config = to_config(parser, args, "pretrain")
-        trainer = setup(config)
+        loop = start_training(parser, args, "pretrain", setup, what)
     except (ValueError, FileNotFoundError) as error:
         return fail("pretrain", error)
-    if trainer.env.is_main:
-        out = Path(config.run.output_dir)
-        write_resolved_config(parser, args, "pretrain", out)
-        print(
-            f"pre-training {config.model.name} on {config.data.source} "
-            f"({trainer.env.world_size} process(es), {trainer.env.device}, {trainer.precision}); "
-            f"outputs in {out}"
-            + (
-                f"; resuming at epoch {trainer.epoch + 1}" if trainer.epoch or trainer.batch else ""
-            ),
-            flush=True,
-        )
-    summary = train(trainer)
-    if trainer.env.is_main and "position_accuracy" in summary:
+    if loop is None:
+        return 0
+    summary = loop.run()
+    if loop.env.is_main and "position_accuracy" in summary:
         print(
             f"done in {summary['wall_seconds']:.0f} s: position accuracy on dropped tokens "
             f"{summary['position_accuracy']:.3f} (chance {summary['chance_position_accuracy']:.3f})"
         )
+    elif loop.env.is_main:
+        print(f"done in {summary['wall_seconds']:.0f} s: loss {summary['loss']:.4f}")
     return 0
 
 
 def run_finetune(parser: ArgumentParser, args: Namespace) -> int:
     from droppos.evaluation.finetune import setup, train
 
+    section = args.finetune
+    what = f"fine-tuning {section.model.checkpoint} on {section.data.source}"
     try:
-        config = to_config(parser, args, "finetune")
-        run = setup(config)
+        loop = start_training(parser, args, "finetune", setup, what)
     except (ValueError, FileNotFoundError) as error:
         return fail("finetune", error)
-    out = Path(config.run.output_dir)
-    if run.env.is_main:
-        write_resolved_config(parser, args, "finetune", out)
-        print(
-            f"fine-tuning {run.backbone.source} ({run.backbone.kind}) on {config.data.source}, "
-            f"{run.num_classes} classes ({run.env.world_size} process(es), {run.env.device}, "
-            f"{run.precision}); outputs in {out}"
-            + (f"; resuming at epoch {run.epoch + 1}" if run.epoch or run.batch else ""),
-            flush=True,
-        )
-    results = train(run)
-    if run.env.is_main:
+    if loop is None:
+        return 0
+    results = train(loop)
+    if loop.env.is_main:
         print(
             f"done: val top-1 {results['top1']:.2f}, top-5 {results['top5']:.2f} "
             f"(best top-1 {results['best_top1']:.2f} at epoch {results['best_epoch']}); "
-            f"{out / 'results.json'}"
+            f"{loop.output_dir / 'results.json'}"
         )
     return 0
 
@@ -205,7 +282,7 @@ def run_linprobe(parser: ArgumentParser, args: Namespace) -> int:
 
 
 def run_export(parser: ArgumentParser, args: Namespace) -> int:
-    from droppos.interop.timm_export import export_checkpoint
+    from droppos.interop.export import export_checkpoint
 
     try:
         config = to_config(parser, args, "export")
@@ -234,10 +311,13 @@ RUNNERS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = resolve_presets(sys.argv[1:] if argv is None else argv)
     if not argv:
         argv = ["pretrain"]  # the one command that runs with nothing else: the demo
+    try:
+        parser = parser_for(argv)
+    except ValueError as error:
+        return fail(argv[0], error)
     args = parser.parse_args(argv)
     try:
         return RUNNERS[args.command](parser, args)

@@ -1,89 +1,41 @@
-"""Typed configuration of the commands, written next to every run's outputs.
+"""Typed configuration shared by every command, and the pre-training command's own.
 
-The defaults of `PretrainConfig` are the built-in demo (a tiny ViT on the embedded Fashion-MNIST
-subset, minutes on a laptop CPU); the paper's ImageNet recipes are YAML presets in `configs/`.
-The objective's own defaults (`DropPosConfig`) are the paper's.
+One dataclass per concept: the model section of `droppos pretrain` *is* the model's config
+(`DropPosConfig` or `MAEConfig`, picked by `--model.name`), and every training command shares
+`OptimSection` and `TrainRunSection`; the evaluation commands share `RunSection`. Defaults
+are the built-in demo (a tiny ViT on the embedded Fashion-MNIST subset, minutes on a laptop
+CPU); the paper's ImageNet recipes are YAML presets in `configs/`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-from torch import nn
+from droppos.models.droppos import DropPosConfig
+from droppos.models.encoder import EncoderConfig
+from droppos.models.mae import MAEConfig
 
-from droppos.models.registry import create_model, parse_name
+PretrainModelConfig = DropPosConfig | MAEConfig
+PRETRAIN_MODELS: dict[str, type] = {"droppos": DropPosConfig, "mae": MAEConfig}
 
 
-@dataclass
-class PretrainModelSection:
-    """Which model to pre-train, and the DropPos objective's options."""
+def demo_encoder() -> EncoderConfig:
+    """The demo's ViT: 4 blocks of ViT-Tiny width on 28x28 greyscale images, 7x7 patches."""
+    return EncoderConfig(img_size=28, patch_size=7, in_chans=1, embed_dim=192, depth=4, num_heads=3)
 
-    name: str = "droppos_vit_tiny_patch16"
-    """droppos_vit_{tiny,small,base,large}_patch16, droppos_vit_huge_patch14, or mae_vit_* for
-    the plain MAE baseline."""
-    img_size: int | tuple[int, int] = 28
-    """Input resolution (one int, or height and width)."""
-    patch_size: int | None = 7
-    """Patch size; null keeps the one in the model name."""
-    in_chans: int = 1
-    """Image channels the model takes (greyscale or RGB images are converted to it)."""
-    embed_dim: int | None = None
-    """Encoder width; null keeps the named size's."""
-    depth: int | None = 4
-    """Encoder blocks; null keeps the named size's."""
-    num_heads: int | None = None
-    """Encoder heads; null keeps the named size's."""
-    decoder_embed_dim: int = 256
-    decoder_depth: int = 2
-    decoder_num_heads: int = 8
-    patch_mask_ratio: float = 0.5
-    """gamma: fraction of patches hidden from the encoder (the paper: 0.75)."""
-    position_drop_ratio: float = 0.75
-    """gamma_pos: fraction of visible patches whose positional embedding is dropped."""
-    mask_token_kind: Literal["learnable", "zeros", "wrong_pos"] = "learnable"
-    smoothing_sigma: float = 1.0
-    """Initial sigma of the Gaussian position smoothing (0 = one-hot targets)."""
-    smoothing_decay: bool = True
-    """Decay sigma linearly to 0 over the run, per epoch (the paper's schedule)."""
-    attentive: bool = True
-    """Weight the loss by attention to [CLS] on the full image (attentive reconstruction)."""
-    attentive_tau: float = 0.1
-    attentive_source: Literal["full_image", "visible"] = "full_image"
-    """full_image (the paper: an extra no-grad pass) or visible (faster deviation: reuse the
-    masked pass's features; see benchmarks/RESULTS.md)."""
-    confidence_ignore: bool = False
-    pos_weight: float = 1.0
-    pixel_branch: bool = False
-    """Add the MAE pixel-reconstruction branch (multi-task)."""
 
-    def build(self) -> nn.Module:
-        kind, _, _ = parse_name(self.name)
-        encoder: dict[str, Any] = {"img_size": self.img_size, "in_chans": self.in_chans}
-        for key in ("patch_size", "embed_dim", "depth", "num_heads"):
-            if getattr(self, key) is not None:
-                encoder[key] = getattr(self, key)
-        if kind == "mae":
-            return create_model(self.name, patch_mask_ratio=self.patch_mask_ratio, **encoder)
-        if kind != "droppos":
-            raise ValueError(f"pretrain needs a droppos_* or mae_* model, got {self.name!r}")
-        return create_model(
-            self.name,
-            decoder_embed_dim=self.decoder_embed_dim,
-            decoder_depth=self.decoder_depth,
-            decoder_num_heads=self.decoder_num_heads,
-            patch_mask_ratio=self.patch_mask_ratio,
-            position_drop_ratio=self.position_drop_ratio,
-            mask_token_kind=self.mask_token_kind,
-            smoothing_sigma=self.smoothing_sigma,
-            attentive=self.attentive,
-            attentive_tau=self.attentive_tau,
-            attentive_source=self.attentive_source,
-            confidence_ignore=self.confidence_ignore,
-            pos_weight=self.pos_weight,
-            pixel_branch=self.pixel_branch,
-            **encoder,
-        )
+def demo_model(name: str = "droppos") -> PretrainModelConfig:
+    """The demo's pre-training model (DropPos, or MAE with the same encoder and masking)."""
+    if name == "mae":
+        return MAEConfig(encoder=demo_encoder(), patch_mask_ratio=0.5)
+    return DropPosConfig(
+        encoder=demo_encoder(),
+        decoder_embed_dim=256,
+        decoder_depth=2,
+        decoder_num_heads=8,
+        patch_mask_ratio=0.5,
+    )
 
 
 @dataclass
@@ -100,38 +52,77 @@ class DataSection:
     mean: tuple[float, ...] | None = None
     """Normalisation mean; null = ImageNet's for RGB, 0.5 for greyscale."""
     std: tuple[float, ...] | None = None
+    """Normalisation std; null = ImageNet's for RGB, 0.5 for greyscale."""
 
 
 @dataclass
 class OptimSection:
-    """AdamW and the schedule (SPEC §2)."""
+    """AdamW and its per-iteration schedule: linear warmup, then a half-cosine to min_lr."""
 
     epochs: int = 10
+    """Passes over the training set."""
     warmup_epochs: float = 1.0
+    """Epochs of linear lr warmup (fractions allowed)."""
     batch_size: int = 64
-    """Per process; the effective batch is batch_size x accum_steps x world size."""
+    """Images per process per forward; the effective batch is batch_size x accum_steps x
+    world size."""
     accum_steps: int = 1
-    """Gradient accumulation steps per optimizer step."""
+    """Forward/backward passes per optimizer step (gradient accumulation)."""
     base_lr: float = 2e-3
-    """lr = base_lr x effective batch / 256 (the paper: 1.5e-4), unless lr is set."""
+    """lr = base_lr x effective batch / 256, unless lr is set."""
     lr: float | None = None
     """Absolute peak lr (overrides base_lr scaling)."""
     min_lr: float = 0.0
+    """lr at the end of the cosine."""
     weight_decay: float = 0.05
+    """AdamW weight decay (never on biases, norms, tokens and fixed tables)."""
     betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    layer_decay: float = 1.0
+    """lr scale decay per block from the head down to the patch embedding (1 = off;
+    fine-tuning recipes: 0.75)."""
     clip_grad: float | None = 5.0
     """Max gradient norm; null disables clipping."""
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"--optim.epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1 or self.accum_steps < 1:
+            raise ValueError("--optim.batch_size and --optim.accum_steps must be >= 1")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(
+                f"--optim.warmup_epochs must be in [0, epochs], got {self.warmup_epochs}"
+            )
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"--optim.layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.base_lr <= 0 or (self.lr is not None and self.lr <= 0) or self.min_lr < 0:
+            raise ValueError("--optim.base_lr and --optim.lr must be > 0, --optim.min_lr >= 0")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError(f"--optim.clip_grad must be > 0 or null, got {self.clip_grad}")
 
 
 @dataclass
 class RunSection:
-    """Where outputs go, precision, checkpoints and logging."""
+    """Where outputs go, and how to compute."""
 
-    output_dir: str = "runs/pretrain"
+    output_dir: str = "runs/eval"
+    """Folder for this run's outputs."""
     seed: int = 0
+    """Seed of everything random (augmentation, masks, initialisation)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto = this process's GPU when there is one, else the CPU."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto = bf16 on GPUs and on CPUs with native bf16, else fp32."""
+    progress: bool = True
+    """Progress bars (only when the output is a terminal; plain lines otherwise)."""
+
+
+@dataclass
+class TrainRunSection(RunSection):
+    """Where outputs go, precision, checkpoints and logging of a training run."""
+
+    output_dir: str = "runs/pretrain"
+    """Folder for this run's outputs (config, metrics, checkpoints)."""
     compile: bool = False
     """torch.compile the model (pays off on GPUs for long runs)."""
     resume: str | None = "auto"
@@ -139,30 +130,38 @@ class RunSection:
     save_every_steps: int = 0
     """Also write last.pth every N optimizer steps (0 = at epoch ends only)."""
     keep_every_epochs: int = 0
-    """Keep checkpoint-EPOCH.pth every N epochs (0 = keep only last.pth)."""
+    """Also keep checkpoint-EPOCH.pth every N epochs (0 = keep only last.pth)."""
     log_every: int = 20
-    """Steps between progress/JSON-line updates (each costs one host sync)."""
+    """Optimizer steps between progress/JSON-line updates (each costs one host sync)."""
     tensorboard: bool = True
-    progress: bool = True
+    """Mirror the metrics to TensorBoard (output_dir/tensorboard)."""
+
+    def validate(self) -> None:
+        if self.save_every_steps < 0 or self.keep_every_epochs < 0:
+            raise ValueError("--run.save_every_steps and --run.keep_every_epochs must be >= 0")
+        if self.log_every < 1:
+            raise ValueError(f"--run.log_every must be >= 1, got {self.log_every}")
 
 
 @dataclass
 class PretrainConfig:
-    """Pre-train a ViT with DropPos."""
+    """Pre-train a ViT with DropPos (or the plain-MAE baseline)."""
 
-    model: PretrainModelSection = field(default_factory=PretrainModelSection)
+    model: PretrainModelConfig = field(default_factory=demo_model)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
-    run: RunSection = field(default_factory=RunSection)
+    run: TrainRunSection = field(default_factory=TrainRunSection)
 
     def validate(self) -> None:
         """Catch user mistakes before any work starts (each error says what to change)."""
-        o = self.optim
-        if o.epochs < 1:
-            raise ValueError(f"--optim.epochs must be >= 1, got {o.epochs}")
-        if o.batch_size < 1 or o.accum_steps < 1:
-            raise ValueError("--optim.batch_size and --optim.accum_steps must be >= 1")
-        if not 0 <= o.warmup_epochs <= o.epochs:
-            raise ValueError(f"--optim.warmup_epochs must be in [0, epochs], got {o.warmup_epochs}")
+        self.optim.validate()
+        self.run.validate()
+        if self.optim.layer_decay != 1.0:
+            raise ValueError("--optim.layer_decay is a fine-tuning option; keep it 1 here")
         if self.data.num_workers < 0:
             raise ValueError("--data.num_workers must be >= 0")
+        low, high = self.data.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(
+                f"--data.crop_scale must satisfy 0 < low <= high <= 1, got {self.data.crop_scale}"
+            )

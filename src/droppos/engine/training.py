@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from droppos.engine.config import OptimSection
 from droppos.engine.distributed import DistEnv
 from droppos.engine.optim import build_adamw, scaled_lr
 
@@ -24,11 +25,10 @@ def optimizer_steps_per_epoch(batches: int, batch_size: int, accum_steps: int) -
 
 
 def adamw_for_run(
-    model: nn.Module, optim: Any, world_size: int, layer_decay: float | None = None
+    model: nn.Module, optim: OptimSection, world_size: int, layer_decay: float | None = None
 ) -> tuple[torch.optim.AdamW, float]:
     """AdamW at the run's peak lr: `optim.lr` if given, else `optim.base_lr` scaled by the
-    effective batch (per-process batch x accumulation x processes). `optim` is any config
-    section with those fields plus weight_decay and betas."""
+    effective batch (per-process batch x accumulation x processes)."""
     effective_batch = optim.batch_size * optim.accum_steps * world_size
     peak_lr = optim.lr or scaled_lr(optim.base_lr, effective_batch)
     optimizer = build_adamw(

@@ -1,7 +1,7 @@
 """Typed configuration of the evaluation commands: finetune, linprobe, knn, export.
 
 Defaults are small runs on the built-in demo set that evaluate the default pre-training output
-(`runs/pretrain/last.pth`); the paper's ImageNet recipes (SPEC §2) are YAML presets in `configs/`.
+(`runs/pretrain/last.pth`); the paper's ImageNet recipes are YAML presets in `configs/`.
 The demo fine-tuning keeps the recipe's RandAugment, random erasing, label smoothing, drop path
 and layer decay, but not mixup/cutmix, and takes a larger lr and milder crops: 10 epochs on 4,000
 28x28 images are far from the 100-epoch ImageNet regime those settings were tuned for.
@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from droppos.engine.config import PretrainModelSection, RunSection
+from droppos.engine.config import OptimSection, RunSection, TrainRunSection, demo_encoder
 from droppos.models.encoder import EncoderConfig
-from droppos.models.registry import parse_name
 
 DEFAULT_CHECKPOINT = "runs/pretrain/last.pth"
 
@@ -30,23 +29,9 @@ class BackboneSection:
     """Keep only the checkpoint's shape and initialise afresh: the no-pretraining baseline of
     exactly the same model."""
     num_heads: int | None = None
-    """Attention heads, for files that do not say (non-standard widths); also shapes `random`."""
-    # The shape of `checkpoint: random`; defaults follow `droppos pretrain`'s demo model.
-    name: str = PretrainModelSection.name
-    """A model name whose encoder shape `random` takes (vit_base_patch16, ...)."""
-    img_size: int | tuple[int, int] = PretrainModelSection.img_size
-    patch_size: int | None = PretrainModelSection.patch_size
-    in_chans: int = PretrainModelSection.in_chans
-    embed_dim: int | None = PretrainModelSection.embed_dim
-    depth: int | None = PretrainModelSection.depth
-
-    def random_shape(self) -> EncoderConfig:
-        """The encoder shape `checkpoint: random` stands for."""
-        _, _, shape = parse_name(self.name)
-        for key in ("patch_size", "embed_dim", "depth", "num_heads"):
-            if getattr(self, key) is not None:
-                shape[key] = getattr(self, key)
-        return EncoderConfig(img_size=self.img_size, in_chans=self.in_chans, **shape)
+    """Attention heads, for files that do not say (non-standard widths)."""
+    encoder: EncoderConfig = field(default_factory=demo_encoder)
+    """The shape of `checkpoint: random` (default: the demo's encoder)."""
 
 
 @dataclass
@@ -59,14 +44,16 @@ class FeatureBackboneSection(BackboneSection):
 
 @dataclass
 class FinetuneModelSection(BackboneSection):
-    """Which weights to start from, and the classifier built on them (SPEC §2)."""
+    """Which weights to start from, and the classifier built on them."""
 
     global_pool: Literal["avg", "token"] = "avg"
     """avg: mean of the patch tokens through a new LayerNorm (the paper's head); token: [CLS]."""
     drop_path_rate: float = 0.1
+    """Stochastic depth: the rate of the deepest block (linearly less below)."""
     ema: bool = False
     """Also keep an exponential moving average of the weights, evaluated each epoch."""
     ema_decay: float = 0.9999
+    """Decay of that moving average per optimizer step."""
 
 
 @dataclass
@@ -77,19 +64,21 @@ class EvalDataSection:
     """demo (built in), fashion-mnist[:DIR], an image folder (class sub-folders; with train/
     and val/ inside, the split is picked), or a labelled file list (`path label` lines)."""
     num_workers: int = 1
+    """Loader worker processes per rank (0 loads in the main process)."""
     batch_size: int = 256
     """Images per forward when extracting features or evaluating (per process)."""
     mean: tuple[float, ...] | None = None
     """Normalisation mean; null = the checkpoint's (if it says), else ImageNet's for RGB and
     0.5 for greyscale."""
     std: tuple[float, ...] | None = None
+    """Normalisation std; null = the checkpoint's, else the defaults as for mean."""
     crop_pct: float = 0.875
     """Evaluation view: resize the shorter side to img_size / crop_pct, centre crop (256/224)."""
 
 
 @dataclass
 class AugmentSection:
-    """Fine-tuning augmentation and label regularisation (the MAE recipe, SPEC §2)."""
+    """Fine-tuning augmentation and label regularisation (the MAE recipe)."""
 
     crop_scale: tuple[float, float] = (0.2, 1.0)
     """RandomResizedCrop area range (the recipe's is 0.08-1)."""
@@ -102,27 +91,22 @@ class AugmentSection:
     cutmix: float = 0.0
     """CutMix alpha (0 disables; the recipe's is 1.0)."""
     label_smoothing: float = 0.1
+    """Label smoothing of the cross-entropy (folded into the mixup targets when mixing)."""
 
 
-@dataclass
-class FinetuneOptimSection:
-    """AdamW with layer-wise lr decay and a per-iteration warmup + half-cosine schedule."""
-
-    epochs: int = 10
-    warmup_epochs: float = 1.0
-    batch_size: int = 128
-    """Per process; the effective batch is batch_size x accum_steps x world size."""
-    accum_steps: int = 1
-    base_lr: float = 4e-3
-    """lr = base_lr x effective batch / 256, unless lr is set (the recipe's base is 1e-3)."""
-    lr: float | None = None
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    layer_decay: float = 0.75
-    """lr scale decay per block from the head down to the patch embedding (1 = off)."""
-    clip_grad: float | None = None
-    """Max gradient norm; null disables clipping (the recipe does not clip)."""
+def finetune_optim() -> OptimSection:
+    """The demo's fine-tuning schedule: the MAE recipe's AdamW, layer decay and no clipping,
+    with a larger base lr (the recipe's is 1e-3) for 10 epochs on 4,000 small images."""
+    return OptimSection(
+        epochs=10,
+        warmup_epochs=1.0,
+        batch_size=128,
+        base_lr=4e-3,
+        min_lr=1e-6,
+        betas=(0.9, 0.999),
+        layer_decay=0.75,
+        clip_grad=None,
+    )
 
 
 @dataclass
@@ -132,19 +116,15 @@ class FinetuneConfig:
     model: FinetuneModelSection = field(default_factory=FinetuneModelSection)
     data: EvalDataSection = field(default_factory=EvalDataSection)
     augment: AugmentSection = field(default_factory=AugmentSection)
-    optim: FinetuneOptimSection = field(default_factory=FinetuneOptimSection)
-    run: RunSection = field(default_factory=lambda: RunSection(output_dir="runs/finetune"))
+    optim: OptimSection = field(default_factory=finetune_optim)
+    run: TrainRunSection = field(
+        default_factory=lambda: TrainRunSection(output_dir="runs/finetune")
+    )
 
     def validate(self) -> None:
         o, a = self.optim, self.augment
-        if o.epochs < 1:
-            raise ValueError(f"--optim.epochs must be >= 1, got {o.epochs}")
-        if o.batch_size < 1 or o.accum_steps < 1:
-            raise ValueError("--optim.batch_size and --optim.accum_steps must be >= 1")
-        if not 0 <= o.warmup_epochs <= o.epochs:
-            raise ValueError(f"--optim.warmup_epochs must be in [0, epochs], got {o.warmup_epochs}")
-        if not 0 < o.layer_decay <= 1:
-            raise ValueError(f"--optim.layer_decay must be in (0, 1], got {o.layer_decay}")
+        o.validate()
+        self.run.validate()
         if (a.mixup > 0 or a.cutmix > 0) and o.batch_size % 2:
             raise ValueError(
                 "mixup/cutmix pair images within a batch: use an even --optim.batch_size"
@@ -160,30 +140,24 @@ class FinetuneConfig:
 
 
 @dataclass
-class EvalRunSection:
-    """Where results go, and how to compute."""
-
-    output_dir: str = "runs/eval"
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Of the feature extraction; the probes themselves train in fp32."""
-    progress: bool = True
-
-
-@dataclass
 class ProbeSection:
     """The linear probe (MAE protocol): BatchNorm without affine + Linear, LARS, cosine."""
 
     optimizer: Literal["lars", "sgd"] = "lars"
+    """LARS (the MAE linear probe) or plain SGD with momentum."""
     base_lrs: list[float] = field(default_factory=lambda: [3.0, 10.0, 30.0, 100.0])
     """Every base lr is trained side by side on the same cached features (lr = base_lr x batch
     / 256); the best is reported, together with all of them."""
     epochs: int = 90
+    """Passes over the cached training features."""
     warmup_epochs: float = 10.0
+    """Epochs of linear lr warmup before the cosine."""
     batch_size: int = 256
+    """Features per probe step."""
     weight_decay: float = 0.0
+    """Weight decay of the probe."""
     momentum: float = 0.9
+    """Momentum of LARS/SGD."""
 
 
 @dataclass
@@ -193,7 +167,7 @@ class LinprobeConfig:
     model: FeatureBackboneSection = field(default_factory=FeatureBackboneSection)
     data: EvalDataSection = field(default_factory=EvalDataSection)
     probe: ProbeSection = field(default_factory=ProbeSection)
-    run: EvalRunSection = field(default_factory=lambda: EvalRunSection(output_dir="runs/linprobe"))
+    run: RunSection = field(default_factory=lambda: RunSection(output_dir="runs/linprobe"))
 
     def validate(self) -> None:
         p = self.probe
@@ -211,6 +185,7 @@ class KnnSection:
     """Weighted k-nearest-neighbour vote on L2-normalised features."""
 
     k: int = 20
+    """Neighbours that vote."""
     temperature: float = 0.07
     """Neighbour weight exp(cosine / temperature)."""
     query_batch: int = 1024
@@ -224,7 +199,7 @@ class KnnConfig:
     model: FeatureBackboneSection = field(default_factory=FeatureBackboneSection)
     data: EvalDataSection = field(default_factory=EvalDataSection)
     knn: KnnSection = field(default_factory=KnnSection)
-    run: EvalRunSection = field(default_factory=lambda: EvalRunSection(output_dir="runs/knn"))
+    run: RunSection = field(default_factory=lambda: RunSection(output_dir="runs/knn"))
 
     def validate(self) -> None:
         if self.knn.k < 1 or self.knn.query_batch < 1:

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from torch.utils.data import Dataset
 
 from droppos.data import AugmentedDataset, build_dataset, eval_transform
-from droppos.evaluation.backbone import Backbone
 from droppos.evaluation.config import EvalDataSection
+from droppos.interop.checkpoints import Backbone
 
 
 @dataclass

@@ -20,9 +20,10 @@ from tqdm import tqdm
 
 from droppos.data import build_loader, dist_world
 from droppos.engine.precision import autocast
-from droppos.evaluation.backbone import Backbone, backbone_from, build_vit
+from droppos.evaluation.backbone import backbone_from
 from droppos.evaluation.config import EvalDataSection, FeatureBackboneSection
 from droppos.evaluation.datasets import eval_view, labelled_splits
+from droppos.interop.checkpoints import Backbone, build_vit
 
 POOLS = {"cls": "token", "avg": "avg"}  # our option -> timm's global_pool
 

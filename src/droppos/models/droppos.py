@@ -1,4 +1,4 @@
-"""The DropPos pre-training model: SPEC §1 in one screen.
+"""The DropPos pre-training model: the method of docs/method.md in one screen.
 
 Encoder (inherited, timm names) -> position decoder without positions -> classify every visible
 token's grid position. The objective's pieces (masking, position filling, smoothing, attentive
@@ -21,6 +21,7 @@ from droppos.objective.losses import (
     pixel_loss,
     position_accuracy,
     position_loss,
+    weighted_hits,
 )
 from droppos.objective.masking import (
     PatchMask,
@@ -33,7 +34,7 @@ from droppos.objective.masking import (
     random_patch_mask,
     random_position_drop,
 )
-from droppos.objective.smoothing import SmoothingMaps
+from droppos.objective.smoothing import smoothing_map
 
 MaskTokenKind = Literal["learnable", "zeros", "wrong_pos"]
 AttentiveSource = Literal["full_image", "visible"]
@@ -41,22 +42,41 @@ AttentiveSource = Literal["full_image", "visible"]
 
 @dataclass
 class DropPosConfig:
-    """Pre-training model and objective; defaults are the paper's (SPEC §2)."""
+    """The DropPos model and objective; defaults are the paper's ImageNet recipe."""
 
+    name: Literal["droppos"] = "droppos"
+    """Which pre-training model: droppos (this one) or mae (the plain-MAE baseline)."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    """The ViT being pre-trained (what fine-tuning, the probes and export use)."""
     decoder_embed_dim: int = 512
+    """Width of the position decoder."""
     decoder_depth: int = 2
+    """Transformer blocks of the position decoder."""
     decoder_num_heads: int = 16
+    """Attention heads of the position decoder."""
     patch_mask_ratio: float = 0.75
+    """Fraction of patches hidden from the encoder (gamma)."""
     position_drop_ratio: float = 0.75
+    """Fraction of the visible patches whose positional embedding is dropped (gamma_pos)."""
     mask_token_kind: MaskTokenKind = "learnable"
+    """What dropped patches get instead of their position: learnable, zeros or wrong_pos."""
     smoothing_sigma: float = 1.0
+    """Initial sigma of the Gaussian position smoothing (0 = one-hot targets)."""
+    smoothing_decay: bool = True
+    """Decay sigma linearly to 0 over the run, once per epoch (the paper's schedule)."""
     attentive: bool = True
+    """Weight the loss by each patch's similarity to [CLS] (attentive reconstruction)."""
     attentive_tau: float = 0.1
+    """Temperature of the attentive weights' softmax."""
     attentive_source: AttentiveSource = "full_image"
+    """full_image (the paper: an extra no-grad pass) or visible (faster: reuse the masked
+    pass's features; a departure from the paper, see benchmarks/RESULTS.md)."""
     confidence_ignore: bool = False
+    """Skip tokens whose probability at the true position already exceeds the target's."""
     pos_weight: float = 1.0
+    """Weight of the position loss (against the pixel loss of the MAE branch)."""
     pixel_branch: PixelDecoderConfig | None = None
+    """The MAE pixel-reconstruction branch (multi-task) and its decoder; null = off."""
 
     def __post_init__(self) -> None:
         for name in ("patch_mask_ratio", "position_drop_ratio"):
@@ -76,6 +96,10 @@ class DropPosConfig:
             )
         if self.attentive_tau <= 0:
             raise ValueError(f"attentive_tau must be > 0, got {self.attentive_tau}")
+        if self.smoothing_sigma < 0:
+            raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
+        if self.decoder_depth < 0 or self.decoder_embed_dim < 1:
+            raise ValueError("decoder_depth must be >= 0 and decoder_embed_dim >= 1")
         if num_visible(self.encoder.num_patches, self.patch_mask_ratio) < 1:
             raise ValueError("patch_mask_ratio leaves no visible patch; lower it")
 
@@ -92,13 +116,16 @@ class DropPosConfig:
 class DropPosOutput:
     """What one pre-training forward returns; every field stays on the device.
 
-    loss: total objective (`pos_weight * position_loss [+ pixel_loss]`).
-    position_loss: weighted soft cross-entropy over dropped tokens (SPEC §1.9).
+    loss: total objective (`pos_weight * position_loss [+ pixel_loss]`), each term normalised
+    over this batch (`global_loss` normalises over a whole global batch instead).
+    position_loss: weighted soft cross-entropy over dropped tokens.
     position_accuracy: plain top-1 over the dropped tokens.
     weighted_position_accuracy: top-1 weighted like the loss.
     position_logits: [N, V, L]. ids_keep: [N, V] true positions of the visible tokens.
     position_dropped: [N, V] bool. token_weights: [N, V] the loss weights m.
-    pixel_loss, pixel_pred ([N, L, p*p*C]): only with the MAE branch.
+    position_normaliser: sum of the attentive weights of the dropped tokens (the position
+    loss's denominator; confidence-ignored tokens still count, so they add zero loss).
+    pixel_loss, pixel_pred ([N, L, p*p*C]), masked_patches ([N, L] bool): MAE branch only.
     """
 
     loss: torch.Tensor
@@ -109,8 +136,40 @@ class DropPosOutput:
     ids_keep: torch.Tensor
     position_dropped: torch.Tensor
     token_weights: torch.Tensor
+    position_normaliser: torch.Tensor
+    pos_weight: float = 1.0
     pixel_loss: torch.Tensor | None = None
     pixel_pred: torch.Tensor | None = None
+    masked_patches: torch.Tensor | None = None
+
+    def global_loss(
+        self, position_normaliser: torch.Tensor, pixel_normaliser: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The loss with each term's denominator summed over the whole global batch: this
+        batch's share of it, so that the shares of all shards add up to the full-batch loss."""
+        scale = self.position_normaliser / position_normaliser.clamp_min(1e-12)
+        loss = self.pos_weight * self.position_loss * scale
+        if self.pixel_loss is not None and self.masked_patches is not None:
+            if pixel_normaliser is None:
+                raise ValueError("the MAE branch needs its global normaliser too")
+            pixel_scale = self.masked_patches.sum() / pixel_normaliser.clamp_min(1e-12)
+            loss = loss + self.pixel_loss * pixel_scale
+        return loss
+
+    def metric_sums(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every metric as (numerator, denominator) sums, detached: they add up over shards
+        and steps, so the logged figures are exact averages over the global batch."""
+        logits, targets = self.position_logits.detach(), self.ids_keep
+        normaliser = self.position_normaliser.detach()
+        sums = {
+            "position_loss": (self.position_loss.detach() * normaliser, normaliser),
+            "position_accuracy": weighted_hits(logits, targets, self.position_dropped),
+            "weighted_position_accuracy": weighted_hits(logits, targets, self.token_weights),
+        }
+        if self.pixel_loss is not None and self.masked_patches is not None:
+            count = self.masked_patches.sum().float()
+            sums["pixel_loss"] = (self.pixel_loss.detach() * count, count)
+        return sums
 
     def metrics(self) -> dict[str, torch.Tensor]:
         """Scalars to log, detached, still on the device (the caller decides when to sync)."""
@@ -159,9 +218,8 @@ class DropPosModel(ViTEncoder):
             self.aux_decoder_blocks = parts.blocks
             self.aux_decoder_norm = parts.norm
             self.aux_decoder_pred = parts.pred
-        self.smoothing_maps = SmoothingMaps(enc.grid_size)
 
-    # -- SPEC §1.2-1.4 ---------------------------------------------------------------------
+    # -- masking, position dropping, encoder -----------------------------------------------
 
     def forward_encoder(
         self, images: torch.Tensor, mask: PatchMask, drop: PositionDrop
@@ -170,13 +228,16 @@ class DropPosModel(ViTEncoder):
         their true position."""
         tokens = gather_tokens(self.embed_patches(images), mask.ids_keep)
         positions = self.pos_embed[0, 1:][mask.ids_keep]
-        if self.droppos_config.mask_token_kind == "wrong_pos":
+        kind = self.droppos_config.mask_token_kind
+        if kind == "wrong_pos":
             positions = fill_with_wrong_positions(positions, drop)
-        else:  # learnable, or zeros (a frozen all-zero token)
+        elif kind == "zeros":  # zeros whatever the (unused) parameter holds, as the original
+            positions = fill_with_token(positions, drop, torch.zeros_like(self.mask_pos_token))
+        else:
             positions = fill_with_token(positions, drop, self.mask_pos_token)
         return self.run_blocks(tokens + positions)
 
-    # -- SPEC §1.5 -------------------------------------------------------------------------
+    # -- position decoder ------------------------------------------------------------------
 
     def forward_decoder(self, latent: torch.Tensor) -> torch.Tensor:
         """latent [N, 1+V, D] -> position logits [N, V, L]. No positions, no mask tokens:
@@ -199,7 +260,7 @@ class DropPosModel(ViTEncoder):
             self.aux_decoder_pred,
         )
 
-    # -- SPEC §1.8-1.9 ---------------------------------------------------------------------
+    # -- attentive weights and the loss ----------------------------------------------------
 
     def token_weights(
         self,
@@ -210,7 +271,7 @@ class DropPosModel(ViTEncoder):
     ) -> torch.Tensor:
         """m = dropped * A (or dropped alone): [N, V], no gradient.
 
-        A comes from a separate pass over the full image (SPEC §1.8). The `visible` source is a
+        A comes from a separate pass over the full image. The `visible` source is a
         deliberate departure for speed: it reuses the masked pass's own features `latent`
         [N, 1+V, D] (dropped positions, masked context) and saves the whole extra pass.
         """
@@ -227,35 +288,67 @@ class DropPosModel(ViTEncoder):
             weights = attentive_weights(features, rows.expand_as(mask.ids_keep), cfg.attentive_tau)
         return dropped * weights
 
+    def masks(
+        self, images: torch.Tensor, patch_noise: torch.Tensor, position_noise: torch.Tensor
+    ) -> tuple[PatchMask, PositionDrop]:
+        """The visible patches and the dropped positions that the noise [N, L], [N, V] fixes."""
+        cfg = self.droppos_config
+        self._check_noise(images, patch_noise, position_noise)
+        mask = random_patch_mask(patch_noise, cfg.num_visible)
+        return mask, random_position_drop(position_noise, cfg.num_position_kept)
+
+    @torch.no_grad()
+    def loss_weights(
+        self, images: torch.Tensor, patch_noise: torch.Tensor, position_noise: torch.Tensor
+    ) -> torch.Tensor:
+        """m [N, V] of `forward` with the same noise, computed ahead of it without gradient.
+
+        With gradient accumulation the engine sums m over a whole global batch before any
+        backward (the position loss's exact denominator) and passes it back with
+        `forward(..., token_weights=m)`, so the attentive pass still runs once per image.
+        """
+        mask, drop = self.masks(images, patch_noise, position_noise)
+        latent = None
+        if self.droppos_config.attentive and self.droppos_config.attentive_source == "visible":
+            latent = self.forward_encoder(images, mask, drop)
+        return self.token_weights(images, mask, drop, latent)
+
     def forward(
         self,
         images: torch.Tensor,
-        sigma: float | None = None,
+        target_map: torch.Tensor | None = None,
         patch_noise: torch.Tensor | None = None,
         position_noise: torch.Tensor | None = None,
+        token_weights: torch.Tensor | None = None,
     ) -> DropPosOutput:
-        """One pre-training step's forward. images [N, C, H, W]; sigma: smoothing for this epoch
-        (default the config's initial sigma); patch_noise [N, L] and position_noise [N, V] fix the
-        masks from outside (lower noise = kept)."""
+        """One pre-training step's forward.
+
+        images [N, C, H, W]; target_map [L, L]: this epoch's soft targets, a tensor so that a
+        compiled forward never recompiles when sigma changes (default: the config's initial
+        sigma); patch_noise [N, L] and position_noise [N, V] fix the masks from outside (lower
+        noise = kept); token_weights [N, V]: m from `loss_weights`, not to compute it twice.
+        """
         cfg = self.droppos_config
         n, device = images.shape[0], images.device
         if patch_noise is None:
             patch_noise = torch.rand(n, self.num_patches, device=device)
         if position_noise is None:
             position_noise = torch.rand(n, cfg.num_visible, device=device)
-        self._check_noise(images, patch_noise, position_noise)
-        mask = random_patch_mask(patch_noise, cfg.num_visible)
-        drop = random_position_drop(position_noise, cfg.num_position_kept)
+        if target_map is None:
+            target_map = smoothing_map(self.config.grid_size, cfg.smoothing_sigma, device)
+        mask, drop = self.masks(images, patch_noise, position_noise)
 
         latent = self.forward_encoder(images, mask, drop)
         logits = self.forward_decoder(latent)
         targets = mask.ids_keep
-        smoothing = self.smoothing_maps(cfg.smoothing_sigma if sigma is None else sigma, device)
-        weights = self.token_weights(images, mask, drop, latent)
-        if cfg.confidence_ignore:
-            weights = weights * ~confident_tokens(logits, targets, smoothing)
+        weights = token_weights
+        if weights is None:
+            weights = self.token_weights(images, mask, drop, latent)
+        normaliser = weights.float().sum()
+        if cfg.confidence_ignore:  # a confident token adds zero loss but stays in the average
+            weights = weights * ~confident_tokens(logits, targets, target_map)
 
-        pos_loss = position_loss(logits, targets, weights, smoothing)
+        pos_loss = position_loss(logits, targets, weights, target_map, normaliser)
         output = DropPosOutput(
             loss=cfg.pos_weight * pos_loss,
             position_loss=pos_loss,
@@ -265,9 +358,12 @@ class DropPosModel(ViTEncoder):
             ids_keep=targets,
             position_dropped=drop.dropped,
             token_weights=weights,
+            position_normaliser=normaliser,
+            pos_weight=cfg.pos_weight,
         )
         if cfg.pixel_branch is not None:
             output.pixel_pred = self.forward_pixels(latent, mask)
+            output.masked_patches = mask.masked
             output.pixel_loss = pixel_loss(
                 output.pixel_pred,
                 images,

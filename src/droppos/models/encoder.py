@@ -30,18 +30,33 @@ def pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 @dataclass
 class EncoderConfig:
-    """Shape of the ViT encoder. Defaults are ViT-B/16 at 224 (SPEC §2)."""
+    """Shape of the ViT encoder. Defaults are ViT-B/16 at 224."""
 
     img_size: int | tuple[int, int] = 224
+    """Input resolution: one int, or height and width."""
     patch_size: int = 16
+    """Side of the square patches."""
     in_chans: int = 3
+    """Image channels the model takes (greyscale or RGB images are converted to it)."""
     embed_dim: int = 768
+    """Encoder width."""
     depth: int = 12
+    """Encoder blocks."""
     num_heads: int = 12
+    """Attention heads per block."""
     mlp_ratio: float = 4.0
+    """MLP hidden width as a multiple of embed_dim."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.img_size, list):  # from YAML or JSON
+            self.img_size = pair(self.img_size)
         h, w = pair(self.img_size)
+        if min(h, w, self.patch_size, self.in_chans, self.embed_dim, self.num_heads) < 1:
+            raise ValueError(
+                "img_size, patch_size, in_chans, embed_dim and num_heads must be positive"
+            )
+        if self.depth < 1:
+            raise ValueError(f"depth must be >= 1, got {self.depth}")
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(
                 f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"

@@ -1,12 +1,13 @@
 """Plain MAE under the same encoder, engine and checkpoint names as MAE's own (`decoder_*`).
 
-The baseline DropPos is compared against (SPEC §1, "options"): same masking, no position
-dropping, pixel reconstruction only.
+The baseline DropPos is compared against: same encoder and masking, no position dropping,
+normalised-pixel reconstruction of the masked patches only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -18,9 +19,16 @@ from droppos.objective.masking import gather_tokens, num_visible, random_patch_m
 
 @dataclass
 class MAEConfig:
+    """Plain MAE; defaults are MAE's ImageNet recipe."""
+
+    name: Literal["mae"] = "mae"
+    """Which pre-training model: mae (this one) or droppos."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    """The ViT being pre-trained (what fine-tuning, the probes and export use)."""
     decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
+    """The pixel decoder."""
     patch_mask_ratio: float = 0.75
+    """Fraction of patches hidden from the encoder (and reconstructed)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.patch_mask_ratio < 1.0:
@@ -39,8 +47,14 @@ class MAEOutput:
     pixel_pred: torch.Tensor
     masked: torch.Tensor
 
-    def metrics(self) -> dict[str, torch.Tensor]:
-        return {"loss": self.loss.detach(), "pixel_loss": self.loss.detach()}
+    def global_loss(self, pixel_normaliser: torch.Tensor) -> torch.Tensor:
+        """This batch's share of the loss normalised over the whole global batch."""
+        return self.loss * self.masked.sum() / pixel_normaliser.clamp_min(1e-12)
+
+    def metric_sums(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The pixel loss as (numerator, denominator) sums that add up over shards."""
+        count = self.masked.sum().float()
+        return {"pixel_loss": (self.loss.detach() * count, count)}
 
 
 class MAEModel(ViTEncoder):
@@ -56,15 +70,8 @@ class MAEModel(ViTEncoder):
         self.decoder_norm = parts.norm
         self.decoder_pred = parts.pred
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        sigma: float | None = None,
-        patch_noise: torch.Tensor | None = None,
-        position_noise: torch.Tensor | None = None,
-    ) -> MAEOutput:
-        """Same signature as DropPos's forward so one engine drives both (sigma and position
-        noise have no meaning here and are ignored)."""
+    def forward(self, images: torch.Tensor, patch_noise: torch.Tensor | None = None) -> MAEOutput:
+        """images [N, C, H, W]; patch_noise [N, L] fixes the mask from outside (lower = kept)."""
         n = images.shape[0]
         if patch_noise is None:
             patch_noise = torch.rand(n, self.num_patches, device=images.device)

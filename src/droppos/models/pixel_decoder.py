@@ -22,9 +22,13 @@ class PixelDecoderConfig:
     """MAE's decoder defaults: 8 blocks, 512 wide, 16 heads; normalised-pixel targets."""
 
     embed_dim: int = 512
+    """Width of the pixel decoder."""
     depth: int = 8
+    """Transformer blocks of the pixel decoder."""
     num_heads: int = 16
+    """Attention heads of the pixel decoder."""
     normalize_target: bool = True
+    """Predict each patch's pixels standardised by its own mean and variance."""
 
 
 class PixelDecoderParts(nn.Module):

@@ -1,6 +1,9 @@
-"""Losses and accuracies of SPEC §1.9, and the MAE pixel loss of the multi-task branch.
+"""Losses and accuracies of the position objective, and the MAE pixel loss (docs/method.md).
 
 Everything stays on the device: no `.item()`, no Python loops over the batch or the positions.
+Each loss takes an optional `normaliser`: the engine passes the sum over the whole global batch
+(all ranks, all accumulation micro-batches), so one optimiser step's gradient does not depend
+on how the batch was split; without it the loss is normalised over the tensors given.
 """
 
 from __future__ import annotations
@@ -24,29 +27,40 @@ def position_loss(
     target_positions: torch.Tensor,
     weights: torch.Tensor,
     smoothing: torch.Tensor,
+    normaliser: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Batch-weighted soft cross-entropy.
 
     logits [N, V, L], target_positions [N, V] (true grid index), weights [N, V] (zero for tokens
     that kept their position), smoothing [L, L] (row t = soft target of position t).
-    `sum(m * CE(T, softmax(logits))) / sum(m)` over the whole batch.
+    `sum(m * CE(T, softmax(logits))) / normaliser`, the normaliser defaulting to `sum(m)`.
     """
     _check_tokens(logits, target_positions=target_positions, weights=weights)
     log_probs = F.log_softmax(logits.float(), dim=-1)
     targets = smoothing[target_positions]
     cross_entropy = -(targets * log_probs).sum(dim=-1)
     weights = weights.float()
-    return (weights * cross_entropy).sum() / weights.sum().clamp_min(1e-12)
+    if normaliser is None:
+        normaliser = weights.sum()
+    return (weights * cross_entropy).sum() / normaliser.float().clamp_min(1e-12)
 
 
 def position_accuracy(
     logits: torch.Tensor, target_positions: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
     """`sum(m * [argmax == true]) / sum(m)`; with m = the dropped mask, the plain accuracy."""
+    hits, total = weighted_hits(logits, target_positions, weights)
+    return hits / total.clamp_min(1e-12)
+
+
+def weighted_hits(
+    logits: torch.Tensor, target_positions: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(sum(m * [argmax == true]), sum(m))`: an accuracy as a ratio that adds up over shards."""
     _check_tokens(logits, target_positions=target_positions, weights=weights)
     correct = (logits.argmax(dim=-1) == target_positions).float()
     weights = weights.float()
-    return (weights * correct).sum() / weights.sum().clamp_min(1e-12)
+    return (weights * correct).sum(), weights.sum()
 
 
 def confident_tokens(
@@ -76,11 +90,13 @@ def pixel_loss(
     masked: torch.Tensor,
     patch_size: int,
     normalize_target: bool = True,
+    normaliser: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MAE loss: per-patch MSE, averaged over the masked patches only.
 
     pred [N, L, p*p*C], images [N, C, H, W], masked [N, L] (True = hidden from the encoder).
     With `normalize_target`, each target patch is standardised by its own mean and variance.
+    `normaliser` defaults to the number of masked patches given.
     """
     target = patchify(images, patch_size).float()
     if pred.shape != target.shape:
@@ -91,4 +107,6 @@ def pixel_loss(
         target = (target - mean) / (var + 1e-6).sqrt()
     per_patch = (pred.float() - target).square().mean(dim=-1)
     masked = masked.float()
-    return (per_patch * masked).sum() / masked.sum().clamp_min(1e-12)
+    if normaliser is None:
+        normaliser = masked.sum()
+    return (per_patch * masked).sum() / normaliser.float().clamp_min(1e-12)

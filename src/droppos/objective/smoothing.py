@@ -1,7 +1,7 @@
-"""Position smoothing: Gaussian soft targets over the patch grid (SPEC §1.7).
+"""Position smoothing: Gaussian soft targets over the patch grid (docs/method.md).
 
-Rows are normalised (the original normalised columns, SPEC §4). The L x L map is built with one
-vectorised expression and cached per (grid, sigma, device); each step only gathers its rows.
+Rows are normalised (the original code normalised columns). The L x L map is built with one
+vectorised expression and cached per (sigma, device) by `PositionTargets`, outside the model.
 """
 
 from __future__ import annotations
@@ -26,15 +26,39 @@ def smoothing_map(
     return weights / weights.sum(dim=1, keepdim=True)
 
 
-class SmoothingMaps:
-    """Cache of smoothing maps; sigma changes once an epoch, so the cache stays tiny."""
+class PositionTargets:
+    """The soft-target maps of a run: the sigma schedule and a small cache of [L, L] maps.
 
-    def __init__(self, grid_size: tuple[int, int], max_entries: int = 4) -> None:
+    Lives outside the model so that a compiled forward only ever sees a tensor argument: the
+    map changes once an epoch, and Python state inside the graph would make `torch.compile`
+    recompile for every new sigma (and fall back to eager after a few).
+    """
+
+    def __init__(
+        self,
+        grid_size: tuple[int, int],
+        initial_sigma: float = 1.0,
+        decay: bool = True,
+        total_epochs: int = 1,
+        max_entries: int = 4,
+    ) -> None:
+        if initial_sigma < 0:
+            raise ValueError(f"smoothing sigma must be >= 0, got {initial_sigma}")
         self.grid_size = grid_size
+        self.initial_sigma = initial_sigma
+        self.decay = decay
+        self.total_epochs = total_epochs
         self.max_entries = max_entries
         self._maps: dict[tuple[float, str], torch.Tensor] = {}
 
-    def __call__(self, sigma: float, device: torch.device) -> torch.Tensor:
+    def sigma(self, epoch: float) -> float:
+        """This epoch's sigma: decayed linearly to 0 over the run, or constant."""
+        if not self.decay:
+            return self.initial_sigma
+        return sigma_at_epoch(epoch, self.total_epochs, self.initial_sigma)
+
+    def map_for_sigma(self, sigma: float, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[L, L] soft targets for `sigma` on `device`, built once and cached."""
         key = (round(float(sigma), 12), str(device))
         found = self._maps.get(key)
         if found is None:
@@ -43,9 +67,13 @@ class SmoothingMaps:
             found = self._maps[key] = smoothing_map(self.grid_size, key[0], device)
         return found
 
+    def at_epoch(self, epoch: float, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[L, L] soft targets of `epoch` (what the engine passes into the model's forward)."""
+        return self.map_for_sigma(self.sigma(epoch), device)
+
 
 def sigma_at_epoch(epoch: float, total_epochs: int, initial_sigma: float = 1.0) -> float:
-    """Linear decay `sigma_e = (1 - e / E) * sigma_0` (SPEC §1.7); never below zero."""
+    """Linear decay `sigma_e = (1 - e / E) * sigma_0` (docs/method.md); never below zero."""
     if total_epochs <= 0:
         return initial_sigma
     return max(0.0, (1.0 - epoch / total_epochs) * initial_sigma)

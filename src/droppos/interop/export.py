@@ -7,7 +7,7 @@ One `droppos export` writes, into one folder:
   and normalisation), plus a `droppos` block with provenance. Loads with
   `timm.create_model("local-dir:FOLDER", pretrained=True)` or, naming the file,
   `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...), **model_args)`
-  (SPEC §5: no missing keys but the classifier head).
+  (no missing keys but the classifier head).
 - `mae_format.pth`: `{"model": state dict}` with timm/MAE names, the file MAE releases: what
   Detectron2's ViTDet (`train.init_checkpoint`) and MAE/BEiT-style code load.
 - `mmseg_mae.pth`: the same weights under MMSegmentation's `MAE` backbone names (what its
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from safetensors.torch import save_file
 
 import droppos
 from droppos.data.transforms import default_mean_std
-from droppos.evaluation.backbone import Backbone, build_vit, load_backbone
+from droppos.interop.checkpoints import Backbone, build_vit, load_backbone, mae_state, mmseg_state
 from droppos.models.encoder import EncoderConfig, pair
 from droppos.models.registry import ENCODER_SIZES
 
@@ -39,16 +38,6 @@ WEIGHTS, CONFIG, MAE_FORMAT, MMSEG_FORMAT = (
     "config.json",
     "mae_format.pth",
     "mmseg_mae.pth",
-)
-
-# timm/MAE block names -> MMSegmentation's BEiT-style `MAE` backbone names.
-MMSEG_RENAMES = (
-    (r"^patch_embed\.proj\.", "patch_embed.projection."),
-    (r"^blocks\.(\d+)\.norm1\.", r"layers.\1.ln1."),
-    (r"^blocks\.(\d+)\.norm2\.", r"layers.\1.ln2."),
-    (r"^blocks\.(\d+)\.mlp\.fc1\.", r"layers.\1.ffn.layers.0.0."),
-    (r"^blocks\.(\d+)\.mlp\.fc2\.", r"layers.\1.ffn.layers.1."),
-    (r"^blocks\.(\d+)\.attn\.", r"layers.\1.attn."),
 )
 
 
@@ -103,7 +92,7 @@ def export_checkpoint(
     save_file(state, str(files.weights), metadata={"format": "pt"})
     config = timm_config(backbone, name, provenance(Path(checkpoint), backbone))
     files.config.write_text(json.dumps(config, indent=2) + "\n")
-    torch.save({"model": state}, files.mae_format)
+    torch.save(mae_state(state), files.mae_format)
     torch.save(mmseg_state(state), files.mmseg_format)
     return files
 
@@ -181,19 +170,3 @@ def provenance(path: Path, backbone: Backbone) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-
-def mmseg_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """timm/MAE names -> MMSegmentation `MAE` backbone names (its beit2mmseg.py mapping).
-
-    The final norm and any classifier are left out: that backbone has neither. MMSeg loads
-    non-strictly, so its own layer-scale and relative-position tables keep their init.
-    """
-    renamed = {}
-    for name, value in state.items():
-        if name.startswith(("norm.", "fc_norm.", "head.")):
-            continue
-        for pattern, replacement in MMSEG_RENAMES:
-            name = re.sub(pattern, replacement, name)
-        renamed[name] = value
-    return renamed

@@ -1,0 +1,468 @@
+"""The one checkpoint adapter: every file droppos reads or writes, in the style of timm's
+`checkpoint_filter_fn`.
+
+Reads (as a `Backbone`: encoder weights under timm names, and the shape they fit):
+droppos pre-training checkpoints, droppos fine-tuned classifiers, checkpoints of the original
+DropPos and MAE code (weights under `model` or `state_dict`, maybe `module.`-prefixed; names are
+ours, see docs/method.md), exported `model.safetensors`, and any timm ViT state dict. The shape
+is read off the tensors; the one thing no tensor shows, the number of heads, comes from the
+file's own configuration, else from the standard width table, else from the user.
+
+Writes: a timm `VisionTransformer` (`timm_vit`), MAE's file format (`mae_state`), and
+MMSegmentation's BEiT-style `MAE` backbone (`mmseg_state`). Every read is weights-only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from droppos.models.encoder import EncoderConfig, ViTEncoder, pair
+from droppos.models.registry import ENCODER_SIZES, parse_name
+
+WRAPPER_KEYS = ("model", "state_dict", "model_ema", "module")
+PREFIXES = ("module.", "_orig_mod.")
+
+
+def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Find the state dict inside a checkpoint object and strip DDP/compile prefixes."""
+    state: Mapping[str, Any] = checkpoint
+    for key in WRAPPER_KEYS:
+        inner = state.get(key) if isinstance(state, Mapping) else None
+        if isinstance(inner, Mapping) and inner:
+            state = inner
+            break
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError(
+            "no tensors found in checkpoint (looked at the top level and under "
+            f"{', '.join(WRAPPER_KEYS)})"
+        )
+    cleaned = {}
+    for name, value in tensors.items():
+        for prefix in PREFIXES:
+            while name.startswith(prefix):
+                name = name[len(prefix) :]
+        cleaned[name] = value
+    return cleaned
+
+
+def load_checkpoint_object(path: str | Path) -> Mapping[str, Any]:
+    """The whole object in a `.pth`/`.pt` (weights-only unpickling) or `.safetensors` file.
+
+    The original code saves its `argparse.Namespace` under `args`; it is the one non-tensor class
+    allowed, so full original checkpoints load without trusting arbitrary pickles.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"cannot read {path} as a checkpoint: {why_unreadable(error)}") from None
+    if not isinstance(content, Mapping):
+        raise ValueError(
+            f"cannot read {path} as a checkpoint: it holds a {type(content).__name__}, "
+            "not a dictionary of weights"
+        )
+    return content
+
+
+def why_unreadable(error: BaseException) -> str:
+    """A torch.load / safetensors failure in words a user can act on."""
+    text = str(error).strip()
+    if "Unsupported global" in text or "WeightsUnpickler" in text:
+        blocked = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f" ({blocked.group(1)})" if blocked else ""
+        return (
+            f"it asks to run code while loading{what}, which droppos never does; "
+            "save plain tensors (a state dict) or safetensors instead"
+        )
+    if isinstance(error, EOFError) or "Ran out of input" in text or "truncated" in text.lower():
+        return "the file is truncated (an interrupted copy or save?)"
+    if "invalid load key" in text or "magic number" in text or "zip archive" in text:
+        return "it is not a PyTorch or safetensors file"
+    if "HeaderTooLarge" in text or "safetensors" in type(error).__module__:
+        return "it is not a valid safetensors file"
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first[:200]
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """A `.pth`/`.pt` (torch pickle, weights only) or `.safetensors` file -> a clean state dict."""
+    return unwrap_state_dict(load_checkpoint_object(path))
+
+
+def load_original_checkpoint(
+    model: nn.Module, source: str | Path | Mapping[str, Any], strict: bool = True
+) -> nn.modules.module._IncompatibleKeys:
+    """Load an original DropPos/MAE checkpoint (path or loaded object) into `model`.
+
+    On a mismatch, the error names the missing and unexpected keys so the user can tell which
+    configuration the file was trained with (decoder depth, MAE branch, model size).
+    """
+    state = unwrap_state_dict(source) if isinstance(source, Mapping) else read_checkpoint(source)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if state[k].shape != own[k].shape
+    )
+    if strict and (missing or unexpected or mismatched):
+        raise ValueError(describe_mismatch(missing, unexpected, mismatched))
+    return model.load_state_dict(state, strict=strict)
+
+
+def describe_mismatch(missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:
+    """One line naming (the first few) missing, unexpected and mis-shaped keys."""
+
+    def head(items: list[str]) -> str:
+        return ", ".join(items[:6]) + (f" (+{len(items) - 6} more)" if len(items) > 6 else "")
+
+    parts = ["checkpoint does not match this model configuration"]
+    if missing:
+        parts.append(f"missing from file: {head(missing)}")
+    if unexpected:
+        parts.append(f"not in model: {head(unexpected)}")
+    if mismatched:
+        parts.append(f"shape differs: {head(mismatched)}")
+    return "; ".join(parts)
+
+
+ENCODER_KEY = re.compile(
+    r"^(patch_embed\.|cls_token$|pos_embed$|blocks\.\d+\.|norm\.|fc_norm\.|head\.)"
+)
+REQUIRED = ("patch_embed.proj.weight", "cls_token", "pos_embed", "blocks.0.attn.qkv.weight")
+HEADS_BY_WIDTH = {s["embed_dim"]: s["num_heads"] for s in ENCODER_SIZES.values()}
+
+
+@dataclass
+class Backbone:
+    """Encoder weights under timm names, and the shape they fit.
+
+    `state` holds only encoder tensors, plus `fc_norm`/`head` for a fine-tuned classifier.
+    `mean`/`std`/`classes` are the file's own when it records them (ours do).
+    """
+
+    encoder: EncoderConfig
+    state: dict[str, torch.Tensor]
+    source: str
+    kind: str
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    classes: list[str] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        head = self.state.get("head.weight")
+        return 0 if head is None else int(head.shape[0])
+
+    @property
+    def has_fc_norm(self) -> bool:
+        return "fc_norm.weight" in self.state
+
+    @property
+    def global_pool(self) -> str:
+        """How a fine-tuned head pools (its LayerNorm marks the average-pooled MAE head)."""
+        return "avg" if self.has_fc_norm else "token"
+
+
+def load_backbone(
+    checkpoint: str | Path, num_heads: int | None = None, random_shape: EncoderConfig | None = None
+) -> Backbone:
+    """A checkpoint file, or `random` (a fresh encoder of `random_shape`), as a Backbone.
+
+    Raises FileNotFoundError for a missing file and ValueError, naming what is wrong, for a
+    file that holds no ViT encoder or whose shape cannot be told.
+    """
+    if str(checkpoint) == "random":
+        if random_shape is None:
+            raise ValueError("a random backbone needs a shape")
+        return random_backbone(random_shape)
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {path} (pre-train first, or pass --model.checkpoint PATH|random)"
+        )
+    content = load_checkpoint_object(path)
+    try:
+        state = unwrap_state_dict(content)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    state = {k: v for k, v in state.items() if ENCODER_KEY.match(k)}
+    meta = _metadata(content, path)
+    encoder = meta.get("encoder")
+    if encoder is None:
+        heads = num_heads or meta.get("num_heads")
+        encoder = infer_encoder(state, str(path), heads, meta.get("img_size"))
+    elif num_heads is not None:
+        encoder = EncoderConfig(**{**asdict(encoder), "num_heads": num_heads})
+    return Backbone(
+        encoder=encoder,
+        state=state,
+        source=str(path),
+        kind=meta.get("kind", "original DropPos/MAE checkpoint"),
+        mean=_tuple(meta.get("mean")),
+        std=_tuple(meta.get("std")),
+        classes=meta.get("classes"),
+    )
+
+
+def random_backbone(shape: EncoderConfig) -> Backbone:
+    """A freshly initialised encoder (the pre-training init of SPEC §2): the no-pretraining
+    baseline, seeded by the caller's `torch.manual_seed`."""
+    encoder = ViTEncoder(shape)
+    return Backbone(encoder=shape, state=encoder.state_dict(), source="random", kind="random init")
+
+
+def infer_encoder(
+    state: Mapping[str, torch.Tensor],
+    where: str,
+    num_heads: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
+) -> EncoderConfig:
+    """Read a ViT's shape off its tensors; `num_heads` defaults by width (ViT-Ti/S/B/L/H)."""
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise ValueError(
+            f"{where} holds no ViT encoder (missing {', '.join(missing)}); expected a droppos, "
+            "DropPos or MAE checkpoint or an exported model.safetensors"
+        )
+    embed_dim, in_chans, patch_h, patch_w = state["patch_embed.proj.weight"].shape
+    if patch_h != patch_w:
+        raise ValueError(f"{where}: non-square patches {patch_h}x{patch_w} are not supported")
+    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
+    positions = state["pos_embed"].shape[1] - 1  # the [CLS] row comes first
+    if img_size is None:
+        side = math.isqrt(positions)
+        if side * side != positions:
+            raise ValueError(
+                f"{where}: pos_embed has {positions} patch positions, not a square grid; "
+                "cannot tell the image size"
+            )
+        img_size = side * patch_h
+    heads = num_heads or HEADS_BY_WIDTH.get(embed_dim)
+    if heads is None:
+        raise ValueError(
+            f"{where}: cannot tell the number of attention heads of a {embed_dim}-wide "
+            "encoder; pass --model.num_heads (or --num_heads)"
+        )
+    return EncoderConfig(
+        img_size=img_size,
+        patch_size=patch_h,
+        in_chans=in_chans,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=mlp_ratio,
+    )
+
+
+def build_vit(
+    backbone: Backbone,
+    num_classes: int = 0,
+    global_pool: str = "token",
+    fc_norm: bool | None = None,
+    drop_path_rate: float = 0.0,
+) -> VisionTransformer:
+    """timm's VisionTransformer with the backbone's weights.
+
+    `num_classes=0` gives a feature extractor whose output is the pooled feature. `fc_norm`
+    (default: as in the file) puts a LayerNorm after pooling instead of the final norm: the
+    MAE fine-tuning head, which drops the pre-trained final norm. A head is new (to be
+    initialised by the caller) unless the file has one of the same size; anything else that
+    does not fit raises ValueError naming the keys.
+    """
+    enc = backbone.encoder
+    model = VisionTransformer(
+        img_size=pair(enc.img_size),
+        patch_size=enc.patch_size,
+        in_chans=enc.in_chans,
+        embed_dim=enc.embed_dim,
+        depth=enc.depth,
+        num_heads=enc.num_heads,
+        mlp_ratio=enc.mlp_ratio,
+        qkv_bias=True,
+        global_pool=global_pool,
+        fc_norm=backbone.has_fc_norm if fc_norm is None else fc_norm,
+        num_classes=num_classes,
+        drop_path_rate=drop_path_rate,
+    )
+    own = model.state_dict()
+    state = dict(backbone.state)
+    for prefix in ("norm.", "fc_norm.", "head."):  # whichever the new head does not use
+        if not any(k.startswith(prefix) for k in own):
+            state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    if "head.weight" in state and state["head.weight"].shape != own["head.weight"].shape:
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    missing = sorted(k for k in set(own) - set(state) if not k.startswith(("head.", "fc_norm.")))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if state[k].shape != own[k].shape
+    )
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"{backbone.source}: " + describe_mismatch(missing, unexpected, mismatched)
+        )
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def has_loaded_head(backbone: Backbone, model: nn.Module) -> bool:
+    """Whether `build_vit` kept the file's classifier (same class count) rather than a new one."""
+    head = getattr(model, "head", None)
+    weight = backbone.state.get("head.weight")
+    return isinstance(head, nn.Linear) and weight is not None and weight.shape == head.weight.shape
+
+
+def pretraining_model_config(saved: Mapping[str, Any]) -> Any:
+    """A `DropPosConfig` or `MAEConfig` from its `asdict` form (what our checkpoints record)."""
+    from droppos.models.droppos import DropPosConfig
+    from droppos.models.mae import MAEConfig
+    from droppos.models.pixel_decoder import PixelDecoderConfig
+
+    values = dict(saved)
+    values["encoder"] = EncoderConfig(**values["encoder"])
+    if values.get("name") == "mae":
+        values["decoder"] = PixelDecoderConfig(**values["decoder"])
+        return MAEConfig(**values)
+    if values.get("pixel_branch") is not None:
+        values["pixel_branch"] = PixelDecoderConfig(**values["pixel_branch"])
+    return DropPosConfig(**values)
+
+
+def load_pretraining_model(path: str | Path) -> nn.Module:
+    """The whole pre-training model (decoders included) of a `droppos pretrain` checkpoint."""
+    from droppos.models.droppos import DropPosModel
+    from droppos.models.mae import MAEModel
+
+    content = load_checkpoint_object(path)
+    saved = content.get("model_config")
+    if content.get("droppos") != "pretrain" or not isinstance(saved, Mapping):
+        raise ValueError(f"{path} is not a droppos pre-training checkpoint")
+    config = pretraining_model_config(saved)
+    model = MAEModel(config) if config.name == "mae" else DropPosModel(config)
+    load_original_checkpoint(model, content)
+    return model
+
+
+# -- what each kind of file says about itself -------------------------------------------------
+
+
+def _metadata(content: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """Shape, normalisation and classes recorded by droppos files; {} for foreign ones."""
+    if content.get("droppos") == "finetune":  # ours, written by `droppos finetune`
+        return {
+            "kind": "droppos fine-tuned classifier",
+            "encoder": EncoderConfig(**content["encoder"]),
+            "mean": content.get("mean"),
+            "std": content.get("std"),
+            "classes": content.get("classes"),
+        }
+    config = content.get("config")
+    model_config = content.get("model_config")
+    if content.get("droppos") == "pretrain" and isinstance(model_config, Mapping):
+        data = config.get("data", {}) if isinstance(config, Mapping) else {}
+        return {  # ours, `droppos pretrain`
+            "kind": f"droppos pre-training checkpoint ({model_config.get('name')})",
+            "encoder": EncoderConfig(**model_config["encoder"]),
+            "mean": data.get("mean"),
+            "std": data.get("std"),
+        }
+    if isinstance(config, Mapping) and "model_name" in content:  # droppos 0.1 pre-training
+        section = config.get("model", {})
+        _, _, shape = parse_name(content["model_name"])
+        data = config.get("data", {})
+        return {
+            "kind": f"droppos pre-training checkpoint ({content['model_name']})",
+            "num_heads": section.get("num_heads") or shape["num_heads"],
+            "img_size": section.get("img_size"),
+            "mean": data.get("mean"),
+            "std": data.get("std"),
+        }
+    sidecar = path.with_name("config.json")
+    if path.suffix == ".safetensors" and sidecar.is_file():  # ours, `droppos export`
+        exported = json.loads(sidecar.read_text())
+        args = exported.get("model_args", {})
+        cfg = exported.get("pretrained_cfg", {})
+        return {
+            "kind": "exported model",
+            "num_heads": args.get("num_heads"),
+            "img_size": args.get("img_size"),
+            "mean": cfg.get("mean"),
+            "std": cfg.get("std"),
+            "classes": exported.get("label_names"),
+        }
+    return {}
+
+
+def _tuple(value: Any) -> tuple[float, ...] | None:
+    return None if value is None else tuple(float(v) for v in value)
+
+
+# -- writing other frameworks' formats --------------------------------------------------
+
+# timm/MAE block names -> MMSegmentation's BEiT-style `MAE` backbone names.
+MMSEG_RENAMES = (
+    (r"^patch_embed\.proj\.", "patch_embed.projection."),
+    (r"^blocks\.(\d+)\.norm1\.", r"layers.\1.ln1."),
+    (r"^blocks\.(\d+)\.norm2\.", r"layers.\1.ln2."),
+    (r"^blocks\.(\d+)\.mlp\.fc1\.", r"layers.\1.ffn.layers.0.0."),
+    (r"^blocks\.(\d+)\.mlp\.fc2\.", r"layers.\1.ffn.layers.1."),
+    (r"^blocks\.(\d+)\.attn\.", r"layers.\1.attn."),
+)
+
+
+def mmseg_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm/MAE names -> MMSegmentation `MAE` backbone names (its beit2mmseg.py mapping).
+
+    Its attention has a bias-free `qkv` and separate `q_bias` and `v_bias`, so the fused bias is
+    split; the key bias is left out, which changes nothing (it adds the same amount to every
+    logit of a query, and the softmax does not see it). The final norm and any classifier are
+    left out: that backbone has neither. MMSeg loads non-strictly, so its own layer-scale and
+    relative-position tables keep their init.
+    """
+    renamed = {}
+    for name, value in state.items():
+        if name.startswith(("norm.", "fc_norm.", "head.")):
+            continue
+        if name.endswith("attn.qkv.bias"):
+            q_bias, _, v_bias = value.chunk(3)
+            prefix = name.removesuffix("qkv.bias")
+            for suffix, bias in (("q_bias", q_bias), ("v_bias", v_bias)):
+                renamed[mmseg_name(prefix + suffix)] = bias.clone()
+            continue
+        renamed[mmseg_name(name)] = value
+    return renamed
+
+
+def mmseg_name(name: str) -> str:
+    for pattern, replacement in MMSEG_RENAMES:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def mae_state(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """MAE's release format, `{"model": state dict}` under timm names: what Detectron2's ViTDet
+    (`train.init_checkpoint`) and MAE/BEiT-style code load."""
+    return {"model": dict(state)}
