@@ -63,15 +63,13 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Average a tensor of metrics over ranks (one collective for all of them)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values /= dist.get_world_size()
-    return values
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def sum_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor summed over ranks, in one collective; the identity for one process."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    names = list(values)
+    tensors = [torch.as_tensor(values[n]) for n in names]
+    flat = torch.cat([t.double().reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    parts = flat.split([t.numel() for t in tensors])
+    return {n: p.reshape(t.shape).to(t.dtype) for n, p, t in zip(names, parts, tensors)}

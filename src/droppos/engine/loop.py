@@ -30,13 +30,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from droppos.data import set_epoch
+from droppos.data import build_loader, set_epoch
 from droppos.engine.checkpoint import (
     LAST,
     check_resume,
@@ -45,7 +44,7 @@ from droppos.engine.checkpoint import (
     save_atomic,
 )
 from droppos.engine.config import OptimSection, TrainRunSection
-from droppos.engine.distributed import DistEnv
+from droppos.engine.distributed import DistEnv, sum_over_ranks
 from droppos.engine.logging import MetricWriter
 from droppos.engine.optim import lr_at_step, set_lr
 from droppos.engine.precision import autocast, grad_scaler
@@ -375,18 +374,6 @@ class MetricSums:
         return result
 
 
-def sum_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each tensor summed over ranks, in one collective; the identity for one process."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return values
-    names = list(values)
-    tensors = [torch.as_tensor(values[n]) for n in names]
-    flat = torch.cat([t.double().reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    parts = flat.split([t.numel() for t in tensors])
-    return {n: p.reshape(t.shape).to(t.dtype) for n, p, t in zip(names, parts, tensors)}
-
-
 def batch_size(batch: Any) -> int:
     first = batch[0] if isinstance(batch, list | tuple) else batch
     return int(first.shape[0])
@@ -398,10 +385,22 @@ def build_loop(
     optim: OptimSection,
     run_options: TrainRunSection,
     config: dict[str, Any],
-    loader: DataLoader,
+    train_set: Dataset,
+    num_workers: int,
     precision: str,
 ) -> TrainLoop:
-    """Optimizer, scaler and engine model for `method`; restores a checkpoint if one is due."""
+    """The training loader (this rank's shard, in an order that is a function of seed and
+    epoch), optimizer, scaler and engine model for `method`; restores a checkpoint if due."""
+    loader = build_loader(
+        train_set,
+        optim.batch_size,
+        shuffle=True,
+        seed=run_options.seed,
+        num_workers=num_workers,
+        drop_last=True,
+        distributed=env.distributed,
+        device_type=env.device.type,
+    )
     steps_per_epoch = optimizer_steps_per_epoch(len(loader), optim.batch_size, optim.accum_steps)
     layer_decay = optim.layer_decay if optim.layer_decay < 1 else None
     optimizer, peak_lr = adamw_for_run(method.model, optim, env.world_size, layer_decay)

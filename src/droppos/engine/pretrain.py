@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from droppos.data import AugmentedDataset, build_dataset, build_loader
+from droppos.data import AugmentedDataset, build_dataset
 from droppos.data.mask_noise import MaskNoiseDataset
 from droppos.data.transforms import pretrain_transform
 from droppos.engine.config import PretrainConfig
@@ -195,17 +195,16 @@ def setup(config: PretrainConfig) -> TrainLoop:
         num_patches=model.num_patches,
         num_visible=config.model.num_visible,
     )
-    loader = build_loader(
+    return build_loop(
+        method,
+        env,
+        config.optim,
+        config.run,
+        asdict(config),
         noisy,
-        config.optim.batch_size,
-        shuffle=True,
-        seed=config.run.seed,
-        num_workers=config.data.num_workers,
-        drop_last=True,
-        distributed=env.distributed,
-        device_type=env.device.type,
+        config.data.num_workers,
+        precision,
     )
-    return build_loop(method, env, config.optim, config.run, asdict(config), loader, precision)
 
 
 def pretrain(config: PretrainConfig) -> dict[str, Any]:

@@ -31,8 +31,8 @@ from droppos.data import (
     sample_seed,
     seeded_cpu_rngs,
 )
-from droppos.engine.distributed import DistEnv, init_distributed
-from droppos.engine.loop import StepResult, TrainLoop, build_loop, sum_over_ranks
+from droppos.engine.distributed import DistEnv, init_distributed, sum_over_ranks
+from droppos.engine.loop import StepResult, TrainLoop, build_loop
 from droppos.engine.precision import autocast, resolve_precision
 from droppos.evaluation.backbone import backbone_from
 from droppos.evaluation.config import FinetuneConfig
@@ -220,16 +220,6 @@ def setup(config: FinetuneConfig) -> TrainLoop:
     transform = finetune_transform(
         enc.img_size, enc.in_chans, mean, std, aug.crop_scale, aug.auto_augment, aug.reprob
     )
-    loader = build_loader(
-        AugmentedDataset(splits.train, transform, seed=config.run.seed),
-        config.optim.batch_size,
-        shuffle=True,
-        seed=config.run.seed,
-        num_workers=config.data.num_workers,
-        drop_last=True,
-        distributed=env.distributed,
-        device_type=env.device.type,
-    )
     val = eval_view(splits.val, config.data, backbone)
     val_loader = build_loader(
         Subset(val, range(env.rank, len(val), env.world_size)),
@@ -258,7 +248,17 @@ def setup(config: FinetuneConfig) -> TrainLoop:
         ema=ModelEmaV3(model, decay=config.model.ema_decay) if config.model.ema else None,
         precision=precision,
     )
-    return build_loop(method, env, config.optim, config.run, asdict(config), loader, precision)
+    train_set = AugmentedDataset(splits.train, transform, seed=config.run.seed)
+    return build_loop(
+        method,
+        env,
+        config.optim,
+        config.run,
+        asdict(config),
+        train_set,
+        config.data.num_workers,
+        precision,
+    )
 
 
 def results(loop: TrainLoop, train_seconds: float) -> dict[str, Any]:
