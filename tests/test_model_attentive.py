@@ -1,4 +1,4 @@
-"""SPEC §1.8: attentive reconstruction weights."""
+"""Attentive reconstruction weights."""
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,7 @@ def test_visible_source_reuses_the_masked_pass_and_skips_the_full_image():
 
 
 def test_full_image_pass_computes_only_cls_and_visible_rows_exactly():
-    """SPEC §1.8 reads only [CLS] and the visible patches: the pass that skips the other rows'
+    """The attentive weights read only [CLS] and the visible patches: the pass that skips the other rows'
     queries in the last block gives the same features as the whole pass, gathered."""
     model = tiny_droppos()
     images = torch.randn(3, 3, 32, 32)

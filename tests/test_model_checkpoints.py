@@ -1,4 +1,4 @@
-"""SPEC §5: original checkpoints load strictly, whatever wrapper and prefix they carry."""
+"""Original checkpoints load strictly, whatever wrapper and prefix they carry."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ BLOCK = ["norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"]
 
 
 def original_names(depth, decoder_depth, mae_branch=False, mae_depth=8):
-    """The key set of an original DropPos checkpoint, written out from SPEC §5."""
+    """The key set of an original DropPos checkpoint, written out from the method's parameter names."""
 
     def linear(prefix):
         return [f"{prefix}.weight", f"{prefix}.bias"]

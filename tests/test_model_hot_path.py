@@ -1,4 +1,4 @@
-"""SPEC §4 / issue: no host synchronisation and no oversized temporaries in forward + loss."""
+"""no host synchronisation and no oversized temporaries in forward + loss."""
 
 import pytest
 import torch

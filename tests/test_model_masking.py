@@ -1,4 +1,4 @@
-"""SPEC §1.2-1.3: which patches are seen, which lose their position, what replaces it."""
+"""which patches are seen, which lose their position, what replaces it."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""Image transforms (SPEC §2) and per-sample seeded augmentation.
+"""Image transforms (docs/method.md) and per-sample seeded augmentation.
 
 Default normalisation: ImageNet's mean/std for 3 channels (what the released checkpoints were
 trained with); (0.5,)/(0.5,) for 1 channel, i.e. [0, 1] -> [-1, 1], which fits any greyscale
@@ -123,7 +123,7 @@ def eval_transform(
 ) -> T.Compose:
     """Deterministic evaluation view: resize the shorter side to size / crop_pct, centre crop.
 
-    The standard 256 -> 224 protocol of the fine-tuning recipe (SPEC §2). For a non-square
+    The standard 256 -> 224 protocol of the fine-tuning recipe (docs/method.md). For a non-square
     ``img_size`` (h, w) the shorter side goes to max(h, w) / crop_pct, so the crop always fits.
     """
     if not 0 < crop_pct <= 1:
@@ -150,7 +150,7 @@ def finetune_transform(
     auto_augment: str | None = "rand-m9-mstd0.5-inc1",
     reprob: float = 0.25,
 ) -> T.Compose:
-    """The MAE fine-tuning augmentation (SPEC §2), from timm's parts, for RGB and greyscale.
+    """The MAE fine-tuning augmentation (docs/method.md), from timm's parts, for RGB and greyscale.
 
     RandomResizedCrop (bicubic) + flip + RandAugment on the PIL image, then normalise and
     random-erase (pixel mode) the tensor: what timm's `create_transform` builds, except that

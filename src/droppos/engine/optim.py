@@ -1,4 +1,4 @@
-"""AdamW with the paper's parameter groups, and the per-iteration lr schedule (SPEC §2).
+"""AdamW with the paper's parameter groups, and the per-iteration lr schedule (docs/method.md).
 
 Parameter grouping is timm's: no weight decay on biases, norms (1-D parameters) and whatever the
 model lists in `no_weight_decay()` (tokens, fixed tables); layer-wise lr decay reads the model's

@@ -226,7 +226,7 @@ def load_backbone(
 
 
 def random_backbone(shape: EncoderConfig) -> Backbone:
-    """A freshly initialised encoder (the pre-training init of SPEC §2): the no-pretraining
+    """A freshly initialised encoder (the pre-training init of docs/method.md): the no-pretraining
     baseline, seeded by the caller's `torch.manual_seed`."""
     encoder = ViTEncoder(shape)
     return Backbone(encoder=shape, state=encoder.state_dict(), source="random", kind="random init")

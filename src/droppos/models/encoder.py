@@ -1,6 +1,6 @@
 """The ViT encoder: timm's patch embedding and pre-norm blocks, fixed 2-D sin-cos positions.
 
-Parameter names are timm's `VisionTransformer` names and the original DropPos names (SPEC §5):
+Parameter names are timm's `VisionTransformer` names and the original DropPos names:
 `patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.{i}.*`, `norm`. Export to timm is therefore
 a copy, and original checkpoints load without renaming.
 """
@@ -80,7 +80,7 @@ class EncoderConfig:
 
 
 def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float) -> nn.ModuleList:
-    """timm pre-norm blocks as in SPEC §1.5: qkv bias, LayerNorm eps 1e-6, fused attention."""
+    """timm pre-norm blocks as in DropPos and MAE: qkv bias, LayerNorm eps 1e-6, fused attention."""
     norm = partial(nn.LayerNorm, eps=1e-6)
     return nn.ModuleList(
         Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm)
@@ -89,7 +89,7 @@ def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float) -
 
 
 def init_weights(module: nn.Module) -> None:
-    """MAE/DropPos init (SPEC §2): xavier-uniform Linear, LayerNorm (1, 0)."""
+    """MAE/DropPos init : xavier-uniform Linear, LayerNorm (1, 0)."""
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)
         if module.bias is not None:
@@ -193,7 +193,7 @@ class ViTEncoder(nn.Module):
 
         Equals `forward_features(images)` gathered at those rows. Every block but the last still
         runs over all tokens (they are the last block's keys and values); the last block computes
-        queries, projection and MLP for the requested rows alone. The attentive pass (SPEC §1.8)
+        queries, projection and MLP for the requested rows alone. The attentive pass
         needs only `[CLS]` and the visible patches, so this saves most of one block's work.
         """
         x = self.prepend_cls(self.embed_patches(images) + self.pos_embed[:, 1:])

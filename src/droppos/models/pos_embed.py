@@ -1,4 +1,4 @@
-"""Fixed 2-D sin-cos positional embeddings (SPEC §1.4).
+"""Fixed 2-D sin-cos positional embeddings (docs/method.md).
 
 The layout follows MAE's `get_2d_sincos_pos_embed` so that freshly built tables are identical to
 the ones stored in original DropPos/MAE checkpoints: the first half of the channels encodes the

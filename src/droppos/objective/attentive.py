@@ -1,4 +1,4 @@
-"""Attentive reconstruction weights (SPEC §1.8).
+"""Attentive reconstruction weights (docs/method.md).
 
 Patches that look like the `[CLS]` summary of the whole image count more; look-alike background
 patches, whose exact position is ambiguous anyway, count less.

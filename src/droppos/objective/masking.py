@@ -1,4 +1,4 @@
-"""Which patches the encoder sees, and which of those lose their position (SPEC §1.2-1.3).
+"""Which patches the encoder sees, and which of those lose their position (docs/method.md).
 
 Pure functions over index tensors. Noise follows Hugging Face ViTMAE's convention: per sample,
 the *lowest* noise values are kept. Passing the same noise reproduces the same masks exactly.
@@ -78,7 +78,7 @@ def fill_with_wrong_positions(positions: torch.Tensor, drop: PositionDrop) -> to
     """`wrong_pos` kind: each dropped token gets the true embedding of another dropped token of
     the same image. The dropped tokens, already in random (noise) order, pass their embeddings one
     step along a cycle: a per-sample derangement whenever two or more are dropped, which fixes
-    both defects of the original code (one permutation per batch; fixed points, SPEC §4).
+    both defects of the original code (one permutation per batch; fixed points).
     """
     dim = positions.shape[-1]
     index = drop.ids_dropped[..., None].expand(-1, -1, dim)
