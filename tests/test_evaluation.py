@@ -196,10 +196,22 @@ def test_foreign_or_unreadable_checkpoints_fail_with_one_line(tmp_path, capsys):
     torch.save({"model": tiny_droppos().state_dict()}, odd_width)  # 64 wide: heads unknown
     not_a_vit = tmp_path / "resnet.pth"
     torch.save({"state_dict": {"conv1.weight": torch.zeros(8, 3, 7, 7)}}, not_a_vit)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello, these are notes\n")
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(odd_width.read_bytes()[:1000])
+    payload = tmp_path / "payload.pth"
+    torch.save({"model": {"x": torch.zeros(1)}, "hook": argparse.ArgumentParser}, payload)
     cases = [
         (odd_width, "--model.num_heads"),
         (not_a_vit, "holds no ViT encoder"),
         (tmp_path / "missing.pth", "no checkpoint at"),
+        (notes, "not a PyTorch or safetensors file"),
+        (empty, "is empty"),
+        (truncated, "truncated"),
+        (payload, "asks to run code while loading (argparse.ArgumentParser)"),
     ]
     for path, message in cases:
         args = ["knn", "--model.checkpoint", str(path), "--run.output_dir", str(tmp_path / "x")]

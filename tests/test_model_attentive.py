@@ -46,8 +46,8 @@ def test_visible_source_reuses_the_masked_pass_and_skips_the_full_image():
 
 
 def test_full_image_pass_computes_only_cls_and_visible_rows_exactly():
-    """The attentive weights read only [CLS] and the visible patches: the pass that skips the other rows'
-    queries in the last block gives the same features as the whole pass, gathered."""
+    """The attentive weights read only [CLS] and the visible patches: the pass that skips the
+    other rows' queries in the last block gives the same features as the whole pass, gathered."""
     model = tiny_droppos()
     images = torch.randn(3, 3, 32, 32)
     ids_keep = random_patch_mask(torch.rand(3, model.num_patches), 5).ids_keep

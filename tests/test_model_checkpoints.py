@@ -10,7 +10,7 @@ BLOCK = ["norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"]
 
 
 def original_names(depth, decoder_depth, mae_branch=False, mae_depth=8):
-    """The key set of an original DropPos checkpoint, written out from the method's parameter names."""
+    """The key set of an original DropPos checkpoint, written out name by name."""
 
     def linear(prefix):
         return [f"{prefix}.weight", f"{prefix}.bias"]

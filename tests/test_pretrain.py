@@ -359,3 +359,28 @@ def test_help_describes_every_option_once():
         words = text.split("(type:")[0].split()[1:]  # after the option's name
         words = [w for w in words if not (w.isupper() or w.startswith(("{", "[")))]
         assert len(words) >= 2, text
+
+
+def test_a_planted_payload_in_last_pth_is_refused_and_never_runs(tmp_path, image_folder, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_args(out, image_folder, "--optim.epochs", "1")) == 0
+    marker = tmp_path / "payload-ran"
+    state = load_training_checkpoint(out / "last.pth")
+    state["position"]["epoch"] = 0
+    state["hook"] = Payload(str(marker))
+    torch.save(state, out / "last.pth")
+    capsys.readouterr()
+    assert main(tiny_args(out, image_folder, "--optim.epochs", "2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "asks to run code while loading" in err and len(err.splitlines()) == 1, err
+    assert not marker.exists()
+
+
+class Payload:
+    """Unpickling this object would create a file: what an attacker's `__reduce__` does."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

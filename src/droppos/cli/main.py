@@ -230,6 +230,7 @@ def _frozen_features(parser: ArgumentParser, args: Namespace, command: str) -> A
     import torch
 
     from droppos.engine.distributed import init_distributed
+    from droppos.engine.logging import show_progress
     from droppos.engine.precision import resolve_precision
     from droppos.evaluation.features import frozen_features
 
@@ -238,7 +239,7 @@ def _frozen_features(parser: ArgumentParser, args: Namespace, command: str) -> A
     env = init_distributed(config.run.device)
     precision = resolve_precision(config.run.precision, env.device)
     torch.manual_seed(config.run.seed)
-    progress = config.run.progress and env.is_main
+    progress = show_progress(config.run.progress, env.is_main)
     features = frozen_features(config.model, config.data, env.device, precision, progress)
     if env.is_main:
         write_resolved_config(parser, args, command, Path(config.run.output_dir))

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from droppos.interop.checkpoints import load_checkpoint_object
+
 LAST = "last.pth"
 
 
@@ -41,13 +43,10 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     """A training checkpoint of ours, unpickled weights-only: tensors, numbers, strings and
     containers; a file that needs anything else (code to run) is refused, saying why."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # an unpickling refusal, a truncated or foreign file
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"cannot resume from {path}: {reason[:300]}") from None
+        state = load_checkpoint_object(path)
+    except ValueError as error:  # a refused, truncated or foreign file, said in words
+        raise ValueError(f"--run.resume: {error}") from None
     if not isinstance(state, dict) or "position" not in state or "model" not in state:
         raise ValueError(
             f"cannot resume from {path}: not a droppos training checkpoint (pick another "

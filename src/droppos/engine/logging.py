@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+
+def show_progress(requested: bool, is_main: bool = True) -> bool:
+    """Progress bars only where a person watches: on a terminal, from rank 0. Redirected to a
+    file or a pipe, a run prints plain per-epoch lines instead of every bar refresh."""
+    return requested and is_main and sys.stderr.isatty()
 
 
 class MetricWriter:

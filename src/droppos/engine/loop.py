@@ -45,7 +45,7 @@ from droppos.engine.checkpoint import (
 )
 from droppos.engine.config import OptimSection, TrainRunSection
 from droppos.engine.distributed import DistEnv, sum_over_ranks
-from droppos.engine.logging import MetricWriter
+from droppos.engine.logging import MetricWriter, show_progress
 from droppos.engine.optim import lr_at_step, set_lr
 from droppos.engine.precision import autocast, grad_scaler
 from droppos.engine.training import (
@@ -232,7 +232,7 @@ class TrainLoop:
             total=self.steps_per_epoch,
             initial=pos.batch // accum,
             desc=f"epoch {pos.epoch + 1}/{self.optim.epochs}",
-            disable=not (self.env.is_main and self.run_options.progress and sys.stderr.isatty()),
+            disable=not show_progress(self.run_options.progress, self.env.is_main),
             dynamic_ncols=True,
             leave=False,
         )

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from droppos.data import dist_world
+from droppos.engine.logging import show_progress
 from droppos.engine.optim import lr_at_step
 from droppos.evaluation.config import LinprobeConfig, ProbeSection
 from droppos.evaluation.features import FrozenFeatures
@@ -111,7 +112,9 @@ def run_linprobe(config: LinprobeConfig, features: FrozenFeatures) -> dict[str, 
     The best learning rate is picked on the val split, as MAE's sweeps do; all are reported.
     """
     started = time.perf_counter()
-    probes = train_probes(features, config.probe, config.run.seed, config.run.progress)
+    probes = train_probes(
+        features, config.probe, config.run.seed, show_progress(config.run.progress)
+    )
     best = max(probes, key=lambda r: (r["top1"], r["top5"]))
     results = {
         "top1": best["top1"],

@@ -66,8 +66,15 @@ def load_checkpoint_object(path: str | Path) -> Mapping[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"cannot read {path} as a checkpoint: the file is empty")
+    kind = file_kind(path)
+    if kind is None:
+        raise ValueError(
+            f"cannot read {path} as a checkpoint: it is not a PyTorch or safetensors file"
+        )
     try:
-        if path.suffix == ".safetensors":
+        if kind == "safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path))
@@ -81,6 +88,17 @@ def load_checkpoint_object(path: str | Path) -> Mapping[str, Any]:
             "not a dictionary of weights"
         )
     return content
+
+
+def file_kind(path: Path) -> str | None:
+    """`torch` (a zip archive or a legacy pickle), `safetensors`, or None, from the first bytes."""
+    with path.open("rb") as stream:
+        head = stream.read(9)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{":  # an 8-byte header length, then JSON
+        return "safetensors"
+    return None
 
 
 def why_unreadable(error: BaseException) -> str:
