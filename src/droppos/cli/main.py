@@ -9,6 +9,7 @@ and an option of the other model is an error, not silently ignored.
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import MISSING, fields
 from importlib import resources
@@ -146,9 +147,19 @@ def write_resolved_config(parser: ArgumentParser, args: Namespace, command: str,
     (out / "config.yaml").write_text(dump_config(parser, args, command))
 
 
-def fail(command: str, error: BaseException) -> int:
-    print(f"droppos {command}: error: {error}", file=sys.stderr)
-    return 2
+def fail(command: str, error: BaseException, exit_code: int = 2) -> int:
+    print(f"droppos {command}: error: {one_line(error)}", file=sys.stderr)
+    return exit_code
+
+
+def one_line(error: BaseException) -> str:
+    """The line of an error a user needs. A loader worker's error arrives with the worker's
+    traceback folded into its message: keep its last line, without the exception's name."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    line = lines[-1] if len(lines) > 1 else lines[0]
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", line)
 
 
 def start_training(
@@ -162,6 +173,7 @@ def start_training(
         return loop
     out = loop.output_dir
     if loop.finished:
+        loop.close()
         print(
             f"droppos {command}: the run in {out} already finished its {loop.optim.epochs} "
             "epochs; its outputs are left as they are (raise --optim.epochs to continue it, "
@@ -182,26 +194,60 @@ def start_training(
     return loop
 
 
+def run_training(
+    parser: ArgumentParser, args: Namespace, command: str, setup: Any, train: Any, what: str
+) -> tuple[int, Any, Any]:
+    """Set up, train and stop cleanly: (exit status, loop, what `train` returned).
+
+    Every way a run can end early becomes one line: a user mistake (2), a stop the user asked
+    for with a signal (0, resumable), a fault of the data, the disk or the optimisation (1).
+    """
+    from droppos.data import BadImageError
+    from droppos.engine.guards import RunStopped
+
+    try:
+        loop = start_training(parser, args, command, setup, what)
+    except (ValueError, FileNotFoundError) as error:
+        return fail(command, error), None, None
+    if loop is None:
+        return 0, None, None
+    try:
+        return 0, loop, train(loop)
+    except RunStopped as stop:
+        if stop.exit_code == 0:
+            print(f"droppos {command}: {stop}", flush=True)
+            return 0, loop, None
+        return fail(command, stop, stop.exit_code), loop, None
+    except BadImageError as error:
+        return fail(command, error, 1), loop, None
+    except RuntimeError as error:
+        if "DataLoader timed out" not in str(error):
+            raise
+        timeout = args[command].data.timeout
+        message = f"a data loader worker took more than --data.timeout {timeout:g} s on one batch"
+        return fail(command, RuntimeError(message), 1), loop, None
+    finally:
+        loop.close()
+
+
 def run_pretrain(parser: ArgumentParser, args: Namespace) -> int:
     from droppos.engine.pretrain import setup
 
     section = args.pretrain
     what = f"pre-training {section.model.name} on {section.data.source}"
-    try:
-        loop = start_training(parser, args, "pretrain", setup, what)
-    except (ValueError, FileNotFoundError) as error:
-        return fail("pretrain", error)
-    if loop is None:
-        return 0
-    summary = loop.run()
-    if loop.env.is_main and "position_accuracy" in summary:
-        print(
-            f"done in {summary['wall_seconds']:.0f} s: position accuracy on dropped tokens "
-            f"{summary['position_accuracy']:.3f} (chance {summary['chance_position_accuracy']:.3f})"
-        )
-    elif loop.env.is_main:
-        print(f"done in {summary['wall_seconds']:.0f} s: loss {summary['loss']:.4f}")
-    return 0
+    status, loop, summary = run_training(
+        parser, args, "pretrain", setup, lambda loop: loop.run(), what
+    )
+    if summary is None or not loop.env.is_main:
+        return status
+    done = f"done in {summary['wall_seconds']:.0f} s: "
+    if "position_accuracy" in summary:
+        chance = summary["chance_position_accuracy"]
+        print(f"{done}position accuracy on dropped tokens {summary['position_accuracy']:.3f} "
+              f"(chance {chance:.3f})")  # fmt: skip
+    else:
+        print(f"{done}loss {summary['loss']:.4f}")
+    return status
 
 
 def run_finetune(parser: ArgumentParser, args: Namespace) -> int:
@@ -209,20 +255,15 @@ def run_finetune(parser: ArgumentParser, args: Namespace) -> int:
 
     section = args.finetune
     what = f"fine-tuning {section.model.checkpoint} on {section.data.source}"
-    try:
-        loop = start_training(parser, args, "finetune", setup, what)
-    except (ValueError, FileNotFoundError) as error:
-        return fail("finetune", error)
-    if loop is None:
-        return 0
-    results = train(loop)
-    if loop.env.is_main:
-        print(
-            f"done: val top-1 {results['top1']:.2f}, top-5 {results['top5']:.2f} "
-            f"(best top-1 {results['best_top1']:.2f} at epoch {results['best_epoch']}); "
-            f"{loop.output_dir / 'results.json'}"
-        )
-    return 0
+    status, loop, results = run_training(parser, args, "finetune", setup, train, what)
+    if results is None or not loop.env.is_main:
+        return status
+    print(
+        f"done: val top-1 {results['top1']:.2f}, top-5 {results['top5']:.2f} "
+        f"(best top-1 {results['best_top1']:.2f} at epoch {results['best_epoch']}); "
+        f"{loop.output_dir / 'results.json'}"
+    )
+    return status
 
 
 def _frozen_features(parser: ArgumentParser, args: Namespace, command: str) -> Any:

@@ -1,7 +1,9 @@
 """Data: datasets of ``(PIL.Image, label)``, the transforms, and resumable loaders."""
 
+from droppos.data.bad_images import ReplaceBadImages, replaced_images
 from droppos.data.datasets import (
     FASHION_MNIST_CLASSES,
+    BadImageError,
     DemoDataset,
     FashionMNISTDataset,
     FileListDataset,
@@ -24,10 +26,12 @@ from droppos.data.transforms import (
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "AugmentedDataset",
+    "BadImageError",
     "DemoDataset",
     "FashionMNISTDataset",
     "FileListDataset",
     "ImageFolderDataset",
+    "ReplaceBadImages",
     "ResumableSampler",
     "build_dataset",
     "build_loader",
@@ -38,6 +42,7 @@ __all__ = [
     "load_image",
     "pretrain_transform",
     "read_idx",
+    "replaced_images",
     "sample_seed",
     "seeded_cpu_rngs",
     "set_epoch",

@@ -16,15 +16,17 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 __all__ = [
     "DEFAULT_FASHION_MNIST_ROOT",
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "DEMO_FILE",
     "FASHION_MNIST_CLASSES",
     "IMG_EXTENSIONS",
+    "BadImageError",
     "DemoDataset",
     "FashionMNISTDataset",
     "FileListDataset",
@@ -32,6 +34,7 @@ __all__ = [
     "build_dataset",
     "load_image",
     "read_idx",
+    "to_grey_or_rgb",
 ]
 
 DEFAULT_FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian dataset-fashion-mnist
@@ -63,17 +66,77 @@ def _canonical_split(split: str) -> str:
         raise ValueError(f"unknown split {split!r}: expected 'train' or 'val'") from None
 
 
-def load_image(path: str | os.PathLike[str]) -> Image.Image:
+DEFAULT_MAX_IMAGE_PIXELS = 200_000_000  # 14,000 x 14,000: far above any training image
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be used: unreadable, truncated, not an image, or too large."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str | None = None) -> None:
+        # One argument: an already formed message (how DataLoader re-raises a worker's error).
+        super().__init__(str(path) if reason is None else f"unreadable image {path}: {reason}")
+        self.path, self.reason = ("", str(path)) if reason is None else (str(path), reason)
+
+
+def load_image(
+    path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> Image.Image:
     """Decode an image fully (closing the file) as "L" or "RGB", keeping greyscale grey.
 
     torchvision's default loader forces RGB; keeping "L" lets a 1-channel model read greyscale
-    data without a round trip through three identical channels.
+    data without a round trip through three identical channels. The size is checked from the
+    header, before decoding: a file of more than `max_pixels` is refused, never decoded. Any
+    failure raises `BadImageError` naming the file and what is wrong with it.
     """
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        img.load()
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # our own limit, checked below, replaces Pillow's
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise BadImageError(
+                    path,
+                    f"{width} x {height} pixels is more than --data.max_image_pixels "
+                    f"({max_pixels})",
+                )
+            img.load()
+    except BadImageError:
+        raise
+    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, EOFError...
+        raise BadImageError(path, _describe_decode_error(error)) from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    return to_grey_or_rgb(img)
+
+
+def _describe_decode_error(error: Exception) -> str:
+    text = str(error)
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image Pillow can read (empty, or another kind of file)"
+    if "truncated" in text or isinstance(error, EOFError):
+        return "the file is truncated"
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
+
+
+def to_grey_or_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> "L" or "RGB" with the full range mapped to 0-255.
+
+    16-bit greyscale ("I;16", or "I" from 16-bit files) is scaled down, not clipped (a plain
+    `convert("L")` saturates it to white); float images in [0, 1] are scaled up.
+    """
     if img.mode in ("L", "RGB"):
         return img
+    if img.mode.startswith("I;16") or img.mode == "I":
+        values = np.asarray(img, dtype=np.float64)
+        eight_bit = img.mode == "I" and values.max(initial=0) <= 255  # 8-bit values in int32
+        scaled = values if eight_bit else values / 257.0
+        return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+    if img.mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        if values.max(initial=0) <= 1.0:
+            values = values * 255.0
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
     return img.convert("L" if img.mode in _GREY_MODES else "RGB")
 
 
@@ -94,8 +157,11 @@ class ImageFolderDataset(Dataset):
     sorted by name, with label -1.
     """
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    ) -> None:
         self.root = Path(root).expanduser()
+        self.max_pixels = max_pixels
         if not self.root.is_dir():
             raise ValueError(f"image folder {str(self.root)!r} is not a directory")
         self.classes: list[str] | None = None
@@ -123,7 +189,7 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
-        return load_image(path), label
+        return load_image(path, self.max_pixels), label
 
 
 class FileListDataset(Dataset):
@@ -134,8 +200,14 @@ class FileListDataset(Dataset):
     is checked for existence, so that building a 1.28M-line ImageNet list stays cheap.
     """
 
-    def __init__(self, root: str | os.PathLike[str], list_file: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        list_file: str | os.PathLike[str],
+        max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> None:
         self.root = Path(root).expanduser()
+        self.max_pixels = max_pixels
         self.list_file = Path(list_file).expanduser()
         if not self.list_file.is_file():
             raise ValueError(f"file list {str(self.list_file)!r} not found")
@@ -158,7 +230,7 @@ class FileListDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
-        return load_image(path), label
+        return load_image(path, self.max_pixels), label
 
 
 def _split_line(line: str) -> tuple[str, int | None]:
@@ -305,7 +377,9 @@ class DemoDataset(_ArrayImageDataset):
         super().__init__(data[f"{self.split}_images"], data[f"{self.split}_labels"], classes)
 
 
-def build_dataset(source: str, split: str = "train") -> Dataset:
+def build_dataset(
+    source: str, split: str = "train", max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> Dataset:
     """One entry point from a config string to a dataset of ``(PIL.Image, label)``.
 
     ``source``: ``"demo"``; ``"fashion-mnist"`` or ``"fashion-mnist:DIR"``; a ``.txt`` file list
@@ -326,34 +400,37 @@ def build_dataset(source: str, split: str = "train") -> Dataset:
     if path.is_file():
         if path.suffix.lower() != ".txt":
             raise ValueError(f"data source {source!r} is not a .txt file list: {_SOURCE_HELP}")
-        return _file_list(path, [path.with_suffix(""), path.parent])
+        return _file_list(path, [path.with_suffix(""), path.parent], max_pixels)
     if not path.is_dir():
         raise ValueError(f"data source {source!r} does not exist: {_SOURCE_HELP}")
     split_names = [*_SPLITS, "test"]
     has_layout = any((path / s).is_dir() or (path / f"{s}.txt").is_file() for s in split_names)
     if not has_layout:
-        return ImageFolderDataset(path)
+        return ImageFolderDataset(path, max_pixels)
     if (path / f"{split}.txt").is_file():
-        return _file_list(path / f"{split}.txt", [path / split, path])
+        return _file_list(path / f"{split}.txt", [path / split, path], max_pixels)
     if (path / split).is_dir():
-        return ImageFolderDataset(path / split)
+        return ImageFolderDataset(path / split, max_pixels)
     if split == "val" and (path / "test").is_dir():
-        return ImageFolderDataset(path / "test")
+        return ImageFolderDataset(path / "test", max_pixels)
     raise ValueError(
         f"data source {source!r} is split into train/val but has no '{split}/' folder "
         f"or '{split}.txt' list"
     )
 
 
-def _file_list(list_file: Path, candidate_roots: list[Path]) -> FileListDataset:
+def _file_list(
+    list_file: Path, candidate_roots: list[Path], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> FileListDataset:
     """The original code reads ``DATA/train.txt`` relative to ``DATA/train``; fall back to the
     list's own folder when the listed paths resolve there instead."""
     first = _first_entry(list_file)
     if first is not None:
         for root in candidate_roots:
             if (root / first).is_file():
-                return FileListDataset(root, list_file)
-    return FileListDataset(candidate_roots[-1], list_file)  # raises a message naming the path
+                return FileListDataset(root, list_file, max_pixels)
+    # raises a message naming the path
+    return FileListDataset(candidate_roots[-1], list_file, max_pixels)
 
 
 def _first_entry(list_file: Path) -> str | None:

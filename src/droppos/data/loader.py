@@ -87,6 +87,7 @@ def build_loader(
     device_type: str = "cpu",
     prefetch_factor: int = 2,
     collate_fn: Any = None,
+    timeout: float = 0.0,
 ) -> DataLoader:
     """A DataLoader over a ``ResumableSampler``; ``batch_size`` is per process.
 
@@ -120,6 +121,7 @@ def build_loader(
         drop_last=drop_last,
         persistent_workers=workers,
         prefetch_factor=prefetch_factor if workers else None,
+        timeout=timeout if workers else 0.0,  # a worker stuck on one batch stops the run
         # Fixes the workers' base seed too, for transforms not run under AugmentedDataset.
         generator=torch.Generator().manual_seed(seed),
     )

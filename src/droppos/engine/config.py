@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from droppos.data.datasets import DEFAULT_MAX_IMAGE_PIXELS
 from droppos.models.droppos import DropPosConfig
 from droppos.models.encoder import EncoderConfig
 from droppos.models.mae import MAEConfig
@@ -40,19 +41,57 @@ def demo_model(name: str = "droppos") -> PretrainModelConfig:
 
 @dataclass
 class DataSection:
-    """Where the images come from."""
+    """Where the images come from, and what happens to unreadable ones."""
 
     source: str = "demo"
     """demo (built in), fashion-mnist[:DIR], an image folder (class sub-folders or flat; with
     train/ and val/ inside, the split is picked), or a file list (`relative/path label` lines)."""
     num_workers: int = 1
-    """Loader worker processes per rank (0 loads in the training process)."""
-    crop_scale: tuple[float, float] = (0.5, 1.0)
-    """RandomResizedCrop area range (the paper and the ImageNet presets: 0.2-1)."""
+    """Loader worker processes per rank (0 loads in the main process)."""
     mean: tuple[float, ...] | None = None
     """Normalisation mean; null = ImageNet's for RGB, 0.5 for greyscale."""
     std: tuple[float, ...] | None = None
     """Normalisation std; null = ImageNet's for RGB, 0.5 for greyscale."""
+    on_bad_image: Literal["skip", "fail"] = "skip"
+    """A training image that cannot be read: skip (warn, count, use its neighbour) or fail."""
+    max_bad_fraction: float = 0.01
+    """Stop when more than this fraction of an epoch's images were unreadable."""
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    """Images with more pixels are unreadable (checked before decoding)."""
+    timeout: float = 600.0
+    """Seconds a loader worker may take for one batch before the run stops (0 = no limit)."""
+
+    def validate(self) -> None:
+        if self.num_workers < 0:
+            raise ValueError(f"--data.num_workers must be >= 0, got {self.num_workers}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(
+                f"--data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}"
+            )
+        if self.max_image_pixels < 1 or self.timeout < 0:
+            raise ValueError("--data.max_image_pixels must be >= 1 and --data.timeout >= 0")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if values is not None and (not values or (name == "std" and min(values) <= 0)):
+                raise ValueError(f"--data.{name} needs one value per channel (std > 0)")
+
+
+@dataclass
+class PretrainDataSection(DataSection):
+    """Where the images come from, their augmentation, and what happens to unreadable ones."""
+
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    """RandomResizedCrop area range (the paper and the ImageNet presets: 0.2-1)."""
+
+    def validate(self) -> None:
+        super().validate()
+        check_crop_scale("--data.crop_scale", self.crop_scale)
+
+
+def check_crop_scale(option: str, scale: tuple[float, float]) -> None:
+    low, high = scale
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"{option} must satisfy 0 < low <= high <= 1, got {list(scale)}")
 
 
 @dataclass
@@ -135,8 +174,15 @@ class TrainRunSection(RunSection):
     """Optimizer steps between progress/JSON-line updates (each costs one host sync)."""
     tensorboard: bool = True
     """Mirror the metrics to TensorBoard (output_dir/tensorboard)."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A non-finite loss or gradient norm: stop (nothing non-finite is saved) or skip the step
+    (reads one value from the device per step)."""
+    max_skipped_steps: int = 5
+    """With on_nonfinite skip: this many non-finite steps in a row stop the run."""
 
     def validate(self) -> None:
+        if self.max_skipped_steps < 1:
+            raise ValueError(f"--run.max_skipped_steps must be >= 1, got {self.max_skipped_steps}")
         if self.save_every_steps < 0 or self.keep_every_epochs < 0:
             raise ValueError("--run.save_every_steps and --run.keep_every_epochs must be >= 0")
         if self.log_every < 1:
@@ -148,7 +194,7 @@ class PretrainConfig:
     """Pre-train a ViT with DropPos (or the plain-MAE baseline)."""
 
     model: PretrainModelConfig = field(default_factory=demo_model)
-    data: DataSection = field(default_factory=DataSection)
+    data: PretrainDataSection = field(default_factory=PretrainDataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     run: TrainRunSection = field(default_factory=TrainRunSection)
 
@@ -158,10 +204,4 @@ class PretrainConfig:
         self.run.validate()
         if self.optim.layer_decay != 1.0:
             raise ValueError("--optim.layer_decay is a fine-tuning option; keep it 1 here")
-        if self.data.num_workers < 0:
-            raise ValueError("--data.num_workers must be >= 0")
-        low, high = self.data.crop_scale
-        if not 0 < low <= high <= 1:
-            raise ValueError(
-                f"--data.crop_scale must satisfy 0 < low <= high <= 1, got {self.data.crop_scale}"
-            )
+        self.data.validate()

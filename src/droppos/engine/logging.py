@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+
+def finite_json(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None: JSON has no NaN, and a bare NaN
+    makes a file that strict readers reject."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def write_json(path: str | Path, value: Any) -> None:
+    """Strict JSON (non-finite floats as null), indented, with a final newline."""
+    Path(path).write_text(json.dumps(finite_json(value), indent=2, allow_nan=False) + "\n")
 
 
 def show_progress(requested: bool, is_main: bool = True) -> bool:
@@ -39,10 +57,14 @@ class MetricWriter:
         if not self.enabled:
             return
         record = {"kind": kind, "step": step, "time": round(time.time(), 3), **metrics}
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
         if self._tensorboard is not None:
             for name, value in metrics.items():
-                if isinstance(value, int | float) and not isinstance(value, bool):
+                if (
+                    isinstance(value, int | float)
+                    and not isinstance(value, bool)
+                    and (math.isfinite(value))
+                ):
                     self._tensorboard.add_scalar(f"{kind}/{name}", value, step)
 
     def close(self) -> None:

@@ -20,7 +20,6 @@ read once every `log_every` steps.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -35,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from droppos.data import build_loader, set_epoch
+from droppos.data import build_loader, replaced_images, set_epoch
 from droppos.engine.checkpoint import (
     LAST,
     check_resume,
@@ -43,9 +42,17 @@ from droppos.engine.checkpoint import (
     load_training_checkpoint,
     save_atomic,
 )
-from droppos.engine.config import OptimSection, TrainRunSection
+from droppos.engine.config import DataSection, OptimSection, TrainRunSection
 from droppos.engine.distributed import DistEnv, sum_over_ranks
-from droppos.engine.logging import MetricWriter, show_progress
+from droppos.engine.guards import (
+    NonFiniteWatch,
+    RunLock,
+    RunStopped,
+    StopSignals,
+    finite_step,
+    remove_temporary_files,
+)
+from droppos.engine.logging import MetricWriter, show_progress, write_json
 from droppos.engine.optim import lr_at_step, set_lr
 from droppos.engine.precision import autocast, grad_scaler
 from droppos.engine.training import (
@@ -132,9 +139,21 @@ class TrainLoop:
     scaler: torch.amp.GradScaler
     peak_lr: float
     steps_per_epoch: int
+    data: DataSection = field(default_factory=DataSection)
     position: Position = field(default_factory=Position)
     resumed_from: Path | None = None
     notes: list[str] = field(default_factory=list)
+    lock: RunLock | None = None
+    signals: StopSignals = field(default_factory=StopSignals)
+    nonfinite: NonFiniteWatch | None = None
+    skipped_in_a_row: int = 0
+    last_saved_step: int | None = None
+    bad_images_at_epoch_start: int = 0
+
+    def close(self) -> None:
+        """Release the output folder (the CLI calls it however the run ended)."""
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def finished(self) -> bool:
@@ -168,14 +187,44 @@ class TrainLoop:
         }
 
     def save(self, extra: dict[str, dict[str, Any]] | None = None, keep: bool = False) -> None:
-        if not self.env.is_main:
+        """Write last.pth (and kept or extra files), never with a non-finite weight in it."""
+        self.check_finite()
+        if self.env.is_main:
+            state = self.state()
+            targets = [(LAST, state)]
+            if keep:
+                targets.append((f"checkpoint-{self.position.epoch:04d}.pth", state))
+            targets += list((extra or {}).items())
+            for name, content in targets:
+                try:
+                    save_atomic(content, self.output_dir / name)
+                except OSError as error:
+                    raise RunStopped(
+                        f"could not write {self.output_dir / name} ({error.strerror or error}); "
+                        f"{self.last_checkpoint_note()}; free space and run the same command "
+                        "to resume"
+                    ) from None
+        self.last_saved_step = self.position.step
+
+    def last_checkpoint_note(self) -> str:
+        if self.last_saved_step is not None:
+            where = self.output_dir / LAST
+            return f"the last good checkpoint is {where} (step {self.last_saved_step})"
+        if self.resumed_from is not None:
+            return f"the last good checkpoint is {self.resumed_from}"
+        return "no checkpoint was written yet"
+
+    def check_finite(self) -> None:
+        """Stop, saying where, if any step since the start was non-finite (one device read)."""
+        if self.nonfinite is None:
             return
-        state = self.state()
-        save_atomic(state, self.output_dir / LAST)
-        if keep:
-            save_atomic(state, self.output_dir / f"checkpoint-{self.position.epoch:04d}.pth")
-        for name, content in (extra or {}).items():
-            save_atomic(content, self.output_dir / name)
+        step = self.nonfinite.bad_step()
+        if step is not None:
+            raise RunStopped(
+                f"the loss or gradient norm became NaN or infinite at step {step}; nothing "
+                f"after it was saved and {self.last_checkpoint_note()}. Lower --optim.lr or "
+                "raise --optim.warmup_epochs (or --run.on_nonfinite skip to skip such steps)"
+            )
 
     def restore(self, path: Path) -> None:
         state = load_training_checkpoint(path)
@@ -209,15 +258,49 @@ class TrainLoop:
         )
         summary: dict[str, Any] = {}
         started = time.perf_counter()
+        self.last_saved_step = self.position.step if self.resumed_from is not None else None
         try:
-            while not self.finished:
-                summary = self.run_epoch(writer)
+            with self.signals:
+                while not self.finished:
+                    summary = self.run_epoch(writer)
         finally:
             writer.close()
         summary["wall_seconds"] = round(time.perf_counter() - started, 2)
         if self.env.is_main:
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_json(self.output_dir / "summary.json", summary)
         return summary
+
+    def poll(self, full: bool) -> None:
+        """Act on what may have happened since the last step: a stop signal, too many bad
+        images, a non-finite step. Ranks decide together, at logging steps (`full`); a single
+        process looks at the host-side flags after every step."""
+        if self.env.distributed and not full:
+            return
+        bad = replaced_images(self.loader.dataset) - self.bad_images_at_epoch_start
+        flags = {"signal": float(self.signals.received is not None), "bad": float(bad)}
+        if self.env.distributed:
+            on_device = {k: torch.tensor(v, device=self.env.device) for k, v in flags.items()}
+            flags = {k: float(v) for k, v in sum_over_ranks(on_device).items()}
+        if full:
+            self.check_finite()
+        epoch_images = self.steps_per_epoch * self.optim.accum_steps * self.optim.batch_size
+        allowed = self.data.max_bad_fraction * epoch_images * self.env.world_size
+        if flags["bad"] > allowed:
+            raise RunStopped(
+                f"{int(flags['bad'])} unreadable images this epoch, more than "
+                f"--data.max_bad_fraction {self.data.max_bad_fraction} of "
+                f"{epoch_images * self.env.world_size}; the warnings above name them. Fix or "
+                "remove them (or raise the fraction), then run the same command to resume"
+            )
+        if flags["signal"]:
+            self.save()
+            name = self.signals.received or "a stop signal"
+            raise RunStopped(
+                f"stopped by {name} at epoch {self.position.epoch + 1}, step "
+                f"{self.position.step}; saved {self.output_dir / LAST}: run the same command "
+                "to resume exactly there",
+                exit_code=0,
+            )
 
     def run_epoch(self, writer: MetricWriter) -> dict[str, Any]:
         pos, accum = self.position, self.optim.accum_steps
@@ -225,6 +308,7 @@ class TrainLoop:
         warmup_steps = round(self.optim.warmup_epochs * self.steps_per_epoch)
         set_epoch(self.loader, pos.epoch, start_batch=pos.batch)
         self.method.start_epoch(pos.epoch, pos.batch)
+        self.bad_images_at_epoch_start = replaced_images(self.loader.dataset)
         self.engine_model.train()
         epoch_sums, window_sums = MetricSums(self.env), MetricSums(self.env)
         window_images, window_start = 0, time.perf_counter()
@@ -242,16 +326,21 @@ class TrainLoop:
                 lr_at_step(pos.step, total_steps, warmup_steps, self.peak_lr, self.optim.min_lr),
             )
             loss, metrics, images = self.accumulate(micro_batches)
-            grad_norm = self.optimizer_step()
+            grad_norm, applied = self.optimizer_step(loss)
             pos.step += 1
             pos.batch += accum
-            self.method.after_step(pos.step)
-            epoch_sums.add(loss, metrics)
-            window_sums.add(loss, metrics)
-            window_images += images * self.env.world_size
             bar.update(1)
+            if applied:
+                self.method.after_step(pos.step)
+                epoch_sums.add(loss, metrics)
+                window_sums.add(loss, metrics)
+            else:
+                epoch_sums.skipped += 1
+            window_images += images * self.env.world_size
+            logging_step = pos.step % self.run_options.log_every == 0
+            self.poll(full=logging_step)
 
-            if pos.step % self.run_options.log_every == 0:
+            if logging_step:
                 record = window_sums.means()
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 record["lr"] = max(g["lr"] for g in self.optimizer.param_groups)
@@ -268,15 +357,27 @@ class TrainLoop:
                 self.save()
         bar.close()
 
+        self.poll(full=True)
         metrics: dict[str, Any] = epoch_sums.means()
         metrics["lr"] = max(g["lr"] for g in self.optimizer.param_groups)
+        bad = replaced_images(self.loader.dataset) - self.bad_images_at_epoch_start
+        metrics["bad_images"] = int(sum_over_ranks({"n": torch.tensor(bad)})["n"])
+        if epoch_sums.skipped:
+            metrics["skipped_steps"] = epoch_sums.skipped
         pos.epoch, pos.batch = pos.epoch + 1, 0
         extra = self.method.end_epoch(pos.epoch - 1, metrics)
         metrics.update(extra.get("metrics", {}))
         writer.write("epoch", pos.step, {"epoch": pos.epoch, **metrics})
         if self.env.is_main:
+            faults = ""
+            if metrics["bad_images"]:
+                faults += f" ({metrics['bad_images']} unreadable images skipped)"
+            if epoch_sums.skipped:
+                faults += f" ({epoch_sums.skipped} non-finite steps skipped)"
             tqdm.write(
-                f"epoch {pos.epoch}/{self.optim.epochs}: " + self.method.epoch_line(metrics),
+                f"epoch {pos.epoch}/{self.optim.epochs}: "
+                + self.method.epoch_line(metrics)
+                + faults,
                 file=sys.stdout,
             )
         keep_every = self.run_options.keep_every_epochs
@@ -331,17 +432,39 @@ class TrainLoop:
             images += batch_size(batch)
         return loss, metrics, images
 
-    def optimizer_step(self) -> torch.Tensor | None:
-        grad_norm = None
+    def optimizer_step(self, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Clip and step; returns the gradient norm and whether the step was applied.
+
+        A non-finite loss or norm is noted on the device (read at logging steps and before
+        saves). With `--run.on_nonfinite skip` it is read now and the step is skipped; fp16
+        leaves that to its gradient scaler, which skips overflowing steps by design.
+        """
+        parameters = [p for p in self.method.model.parameters() if p.grad is not None]
+        self.scaler.unscale_(self.optimizer)
         if self.optim.clip_grad is not None:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = nn.utils.clip_grad_norm_(
-                self.method.model.parameters(), self.optim.clip_grad
-            )
+            grad_norm = nn.utils.clip_grad_norm_(parameters, self.optim.clip_grad)
+        else:
+            grad_norm = nn.utils.get_total_norm([p.grad for p in parameters])
+        fp16 = self.scaler.is_enabled()
+        finite = finite_step(loss, None if fp16 else grad_norm)
+        if self.run_options.on_nonfinite == "skip" and not fp16 and not bool(finite):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_in_a_row += 1
+            if self.skipped_in_a_row >= self.run_options.max_skipped_steps:
+                raise RunStopped(
+                    f"{self.skipped_in_a_row} non-finite steps in a row up to step "
+                    f"{self.position.step + 1}; {self.last_checkpoint_note()}. Lower "
+                    "--optim.lr or raise --optim.warmup_epochs"
+                )
+            return grad_norm, False
+        self.skipped_in_a_row = 0
+        if self.run_options.on_nonfinite == "stop":
+            assert self.nonfinite is not None
+            self.nonfinite.observe(self.position.step + 1, finite)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return grad_norm, True
 
 
 class MetricSums:
@@ -351,6 +474,7 @@ class MetricSums:
         self.env = env
         self.loss = torch.zeros((), device=env.device)
         self.steps = 0
+        self.skipped = 0
         self.sums: dict[str, list[torch.Tensor]] = {}
 
     def add(self, loss: torch.Tensor, metrics: Sums) -> None:
@@ -384,9 +508,9 @@ def build_loop(
     env: DistEnv,
     optim: OptimSection,
     run_options: TrainRunSection,
+    data: DataSection,
     config: dict[str, Any],
     train_set: Dataset,
-    num_workers: int,
     precision: str,
 ) -> TrainLoop:
     """The training loader (this rank's shard, in an order that is a function of seed and
@@ -396,10 +520,11 @@ def build_loop(
         optim.batch_size,
         shuffle=True,
         seed=run_options.seed,
-        num_workers=num_workers,
+        num_workers=data.num_workers,
         drop_last=True,
         distributed=env.distributed,
         device_type=env.device.type,
+        timeout=data.timeout,
     )
     steps_per_epoch = optimizer_steps_per_epoch(len(loader), optim.batch_size, optim.accum_steps)
     layer_decay = optim.layer_decay if optim.layer_decay < 1 else None
@@ -417,8 +542,17 @@ def build_loop(
         scaler=grad_scaler(env.device, precision),
         peak_lr=peak_lr,
         steps_per_epoch=steps_per_epoch,
+        data=data,
+        nonfinite=NonFiniteWatch(env.device),
     )
-    resume = find_resume(run_options.output_dir, run_options.resume)
-    if resume is not None:
-        loop.restore(resume)
+    if env.is_main:  # one run per output folder; its interrupted saves are ours to clean
+        loop.lock = RunLock(run_options.output_dir).acquire()
+        remove_temporary_files(run_options.output_dir)
+    try:
+        resume = find_resume(run_options.output_dir, run_options.resume)
+        if resume is not None:
+            loop.restore(resume)
+    except BaseException:
+        loop.close()
+        raise
     return loop

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from droppos.data import AugmentedDataset, build_dataset
+from droppos.data import AugmentedDataset, ReplaceBadImages, build_dataset
 from droppos.data.mask_noise import MaskNoiseDataset
 from droppos.data.transforms import pretrain_transform
 from droppos.engine.config import PretrainConfig
@@ -181,7 +181,10 @@ def setup(config: PretrainConfig) -> TrainLoop:
     torch.manual_seed(config.run.seed + env.rank)
     method = build_method(config, env)
     model = method.model
-    dataset = build_dataset(config.data.source, "train")
+    dataset = ReplaceBadImages(
+        build_dataset(config.data.source, "train", config.data.max_image_pixels),
+        config.data.on_bad_image,
+    )
     encoder = config.model.encoder
     transform = pretrain_transform(
         encoder.img_size,
@@ -200,9 +203,9 @@ def setup(config: PretrainConfig) -> TrainLoop:
         env,
         config.optim,
         config.run,
+        config.data,
         asdict(config),
         noisy,
-        config.data.num_workers,
         precision,
     )
 

@@ -12,7 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from droppos.engine.config import OptimSection, RunSection, TrainRunSection, demo_encoder
+from droppos.engine.config import (
+    DataSection,
+    OptimSection,
+    RunSection,
+    TrainRunSection,
+    check_crop_scale,
+    demo_encoder,
+)
 from droppos.models.encoder import EncoderConfig
 
 DEFAULT_CHECKPOINT = "runs/pretrain/last.pth"
@@ -57,23 +64,28 @@ class FinetuneModelSection(BackboneSection):
 
 
 @dataclass
-class EvalDataSection:
+class EvalDataSection(DataSection):
     """Where the labelled images come from, and the deterministic evaluation view."""
 
     source: str = "demo"
     """demo (built in), fashion-mnist[:DIR], an image folder (class sub-folders; with train/
     and val/ inside, the split is picked), or a labelled file list (`path label` lines)."""
-    num_workers: int = 1
-    """Loader worker processes per rank (0 loads in the main process)."""
-    batch_size: int = 256
-    """Images per forward when extracting features or evaluating (per process)."""
     mean: tuple[float, ...] | None = None
     """Normalisation mean; null = the checkpoint's (if it says), else ImageNet's for RGB and
     0.5 for greyscale."""
     std: tuple[float, ...] | None = None
     """Normalisation std; null = the checkpoint's, else the defaults as for mean."""
+    batch_size: int = 256
+    """Images per forward when extracting features or evaluating (per process)."""
     crop_pct: float = 0.875
     """Evaluation view: resize the shorter side to img_size / crop_pct, centre crop (256/224)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.batch_size < 1:
+            raise ValueError(f"--data.batch_size must be >= 1, got {self.batch_size}")
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"--data.crop_pct must be in (0, 1], got {self.crop_pct}")
 
 
 @dataclass
@@ -125,6 +137,9 @@ class FinetuneConfig:
         o, a = self.optim, self.augment
         o.validate()
         self.run.validate()
+        check_crop_scale("--augment.crop_scale", a.crop_scale)
+        if a.mixup < 0 or a.cutmix < 0:
+            raise ValueError("--augment.mixup and --augment.cutmix must be >= 0")
         if (a.mixup > 0 or a.cutmix > 0) and o.batch_size % 2:
             raise ValueError(
                 "mixup/cutmix pair images within a batch: use an even --optim.batch_size"
@@ -231,10 +246,9 @@ class ExportConfig:
 
 
 def _validate_common(data: EvalDataSection, model: BackboneSection) -> None:
-    if data.num_workers < 0 or data.batch_size < 1:
-        raise ValueError("--data.num_workers must be >= 0 and --data.batch_size >= 1")
-    if not 0 < data.crop_pct <= 1:
-        raise ValueError(f"--data.crop_pct must be in (0, 1], got {data.crop_pct}")
+    data.validate()
+    if model.num_heads is not None and model.num_heads < 1:
+        raise ValueError(f"--model.num_heads must be >= 1, got {model.num_heads}")
     drop_path = getattr(model, "drop_path_rate", 0.0)
     if not 0 <= drop_path < 1:
         raise ValueError(f"--model.drop_path_rate must be in [0, 1), got {drop_path}")

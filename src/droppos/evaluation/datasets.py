@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from torch.utils.data import Dataset
 
 from droppos.data import AugmentedDataset, build_dataset, eval_transform
+from droppos.engine.config import DataSection
 from droppos.evaluation.config import EvalDataSection
 from droppos.interop.checkpoints import Backbone
 
@@ -21,9 +22,11 @@ class LabelledSplits:
     classes: list[str] | None
 
 
-def labelled_splits(source: str) -> LabelledSplits:
-    """Both splits of `source` (the same kinds pre-training reads); ValueError without labels."""
-    train, val = build_dataset(source, "train"), build_dataset(source, "val")
+def labelled_splits(data: DataSection) -> LabelledSplits:
+    """Both splits of `data.source` (the kinds pre-training reads); ValueError without labels."""
+    source = data.source
+    train = build_dataset(source, "train", data.max_image_pixels)
+    val = build_dataset(source, "val", data.max_image_pixels)
     num_classes = getattr(train, "num_classes", 0)
     if num_classes < 2:
         raise ValueError(

@@ -105,7 +105,7 @@ def frozen_features(
     FileNotFoundError before any image is read.
     """
     backbone = backbone_from(model)
-    splits = labelled_splits(data.source)
+    splits = labelled_splits(data)
     extractor = build_vit(backbone, num_classes=0, global_pool=POOLS[model.feature]).to(device)
     started = time.perf_counter()
     extracted = [

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Subset
 
 from droppos.data import (
     AugmentedDataset,
+    ReplaceBadImages,
     build_loader,
     finetune_transform,
     sample_seed,
@@ -211,7 +212,7 @@ def setup(config: FinetuneConfig) -> TrainLoop:
     precision = resolve_precision(config.run.precision, env.device)
     torch.manual_seed(config.run.seed)  # the same new head (and random backbone) on every rank
     backbone = backbone_from(config.model)
-    splits = labelled_splits(config.data.source)
+    splits = labelled_splits(config.data)
     model = classifier(backbone, config, splits.num_classes).to(env.device)
 
     enc = backbone.encoder
@@ -248,15 +249,16 @@ def setup(config: FinetuneConfig) -> TrainLoop:
         ema=ModelEmaV3(model, decay=config.model.ema_decay) if config.model.ema else None,
         precision=precision,
     )
-    train_set = AugmentedDataset(splits.train, transform, seed=config.run.seed)
+    train = ReplaceBadImages(splits.train, config.data.on_bad_image)
+    train_set = AugmentedDataset(train, transform, seed=config.run.seed)
     return build_loop(
         method,
         env,
         config.optim,
         config.run,
+        config.data,
         asdict(config),
         train_set,
-        config.data.num_workers,
         precision,
     )
 

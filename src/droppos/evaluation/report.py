@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import droppos
+from droppos.engine.logging import write_json
 
 RESULTS = "results.json"
 
@@ -22,5 +22,5 @@ def write_results(output_dir: str | Path, command: str, results: dict[str, Any])
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **results,
     }
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(path, record)
     return path
