@@ -9,12 +9,13 @@ and an option of the other model is an error, not silently ignored.
 
 from __future__ import annotations
 
+import difflib
 import re
 import sys
 from dataclasses import MISSING, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
@@ -36,6 +37,55 @@ COMMANDS: dict[str, tuple[type, str]] = {
 }
 
 
+class UsageError(Exception):
+    """A command-line mistake, as one line (the usage is for `--help`)."""
+
+
+class Parser(ArgumentParser):
+    """jsonargparse without prefix abbreviations, whose errors are one line, not a usage dump."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        raise UsageError(usage_line(message, self))
+
+
+def usage_line(message: str, parser: ArgumentParser) -> str:
+    """jsonargparse's message, cut to the line that matters, with a suggestion for a typo."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if lines and lines[0].startswith("Problems parsing config"):  # YAML syntax
+        where = next((x for x in lines if re.search(r"line \d+", x)), "")
+        line = re.search(r"line \d+, column \d+", where)
+        what = " ".join(x for x in lines[1:] if not x.startswith("in ")) or lines[0]
+        at = f" at {line.group(0)}" if line else ""
+        return f"--config: the YAML file does not parse{at}: {what}"
+    unknown = re.search(r"[Uu]nrecognized arguments: (\S+)", message) or re.search(
+        r"does not accept option '([\w.]+)'", message
+    )
+    if unknown:
+        option = "--" + unknown.group(1).split("=")[0].removeprefix("--")
+        known = [o for a in parser._actions for o in a.option_strings if "." in o]
+        close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        return f"unknown option {option}{hint} (--help lists them)"
+    for line in lines:  # a wrong value: jsonargparse names the key, then the reason
+        if line.startswith(("Parser key", "Key ")):
+            key = re.search(r'"([\w.]+)"', line)
+            reason = next(
+                (x for x in lines if x.startswith(("Expected", "Given value", "Does not"))), ""
+            )
+            if key:
+                reason = re.sub(r"<class '(\w+)'>", r"\1", reason or line)
+                reason = re.sub(r"typing\.Literal\[(.*)\]", r"one of \1", reason)
+                wrong = re.match(r"Expected an? (.*)\. Got value: (.*)", reason)
+                if wrong:
+                    reason = f"expected {wrong.group(1)}, got {wrong.group(2)!r}"
+                return f"--{key.group(1)}: {reason}"
+    return lines[0] if lines else "invalid command line (--help lists the options)"
+
+
 def preset_names() -> list[str]:
     folder = resources.files("droppos") / "configs"
     return sorted(
@@ -44,13 +94,18 @@ def preset_names() -> list[str]:
 
 
 def resolve_presets(argv: list[str]) -> list[str]:
-    """`--config vit_base_in1k` -> the packaged YAML, when no such file exists here."""
+    """`--config vit_base_in1k` -> the packaged YAML, when no such file exists here; a name
+    that is neither a file nor a preset is a UsageError listing the presets."""
     resolved = list(argv)
     for i, arg in enumerate(resolved[:-1]):
         if arg == "--config" and not Path(resolved[i + 1]).exists():
             name = resolved[i + 1].removesuffix(".yaml")
-            if name in preset_names():
-                resolved[i + 1] = str(resources.files("droppos") / "configs" / f"{name}.yaml")
+            if name not in preset_names():
+                raise UsageError(
+                    f"--config {resolved[i + 1]}: no such file, and not a preset; presets: "
+                    + ", ".join(preset_names())
+                )
+            resolved[i + 1] = str(resources.files("droppos") / "configs" / f"{name}.yaml")
     return resolved
 
 
@@ -86,7 +141,7 @@ def section_default(config_class: type, name: str) -> Any:
 def command_parser(command: str, model_name: str = "droppos") -> ArgumentParser:
     """One command's options: a group per section of its configuration dataclass."""
     config_class, help_text = COMMANDS[command]
-    sub = ArgumentParser(description=help_text)
+    sub = Parser(description=help_text)
     sub.add_argument(
         "--config",
         action=ActionConfigFile,
@@ -106,7 +161,7 @@ def command_parser(command: str, model_name: str = "droppos") -> ArgumentParser:
 
 
 def build_parser(model_name: str = "droppos") -> ArgumentParser:
-    parser = ArgumentParser(
+    parser = Parser(
         prog="droppos",
         description="DropPos: pre-train Vision Transformers by reconstructing dropped positions.",
     )
@@ -353,14 +408,14 @@ RUNNERS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = resolve_presets(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        argv = ["pretrain"]  # the one command that runs with nothing else: the demo
+    argv = list(sys.argv[1:] if argv is None else argv) or ["pretrain"]  # no options: the demo
+    command = argv[0] if argv[0] in COMMANDS else "command"
     try:
+        argv = resolve_presets(argv)
         parser = parser_for(argv)
-    except ValueError as error:
-        return fail(argv[0], error)
-    args = parser.parse_args(argv)
+        args = parser.parse_args(argv)
+    except (UsageError, ValueError) as error:
+        return fail(command, error)
     try:
         return RUNNERS[args.command](parser, args)
     finally:

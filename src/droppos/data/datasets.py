@@ -114,7 +114,7 @@ def _describe_decode_error(error: Exception) -> str:
     text = str(error)
     if isinstance(error, UnidentifiedImageError):
         return "not an image Pillow can read (empty, or another kind of file)"
-    if "truncated" in text or isinstance(error, EOFError):
+    if "truncated" in text.lower() or isinstance(error, EOFError):
         return "the file is truncated"
     return (text.splitlines()[0] if text else type(error).__name__)[:200]
 

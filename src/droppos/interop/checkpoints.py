@@ -225,6 +225,12 @@ def load_backbone(
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
     state = {k: v for k, v in state.items() if ENCODER_KEY.match(k)}
+    broken = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+    if broken:
+        raise ValueError(
+            f"{path} holds NaN or infinite weights ({', '.join(broken[:3])}"
+            f"{', ...' if len(broken) > 3 else ''}): it comes from a diverged run"
+        )
     meta = _metadata(content, path)
     encoder = meta.get("encoder")
     if encoder is None:

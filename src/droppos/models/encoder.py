@@ -53,7 +53,9 @@ class EncoderConfig:
         h, w = pair(self.img_size)
         if min(h, w, self.patch_size, self.in_chans, self.embed_dim, self.num_heads) < 1:
             raise ValueError(
-                "img_size, patch_size, in_chans, embed_dim and num_heads must be positive"
+                "encoder img_size, patch_size, in_chans, embed_dim and num_heads must be "
+                f"positive, got img_size {self.img_size}, patch_size {self.patch_size}, in_chans "
+                f"{self.in_chans}, embed_dim {self.embed_dim}, num_heads {self.num_heads}"
             )
         if self.depth < 1:
             raise ValueError(f"depth must be >= 1, got {self.depth}")
