@@ -21,7 +21,15 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
 from droppos.engine.config import PRETRAIN_MODELS, PretrainConfig, demo_model
-from droppos.evaluation.config import ExportConfig, FinetuneConfig, KnnConfig, LinprobeConfig
+from droppos.evaluation.config import (
+    ExportConfig,
+    FinetuneConfig,
+    KnnConfig,
+    LinprobeConfig,
+    OrderSensitivityConfig,
+    PositionProbeConfig,
+    VisualizeConfig,
+)
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -30,11 +38,21 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "finetune": (FinetuneConfig, "Fine-tune a checkpoint end to end for classification."),
     "linprobe": (LinprobeConfig, "Linear probe on frozen features (a sweep of learning rates)."),
     "knn": (KnnConfig, "Weighted kNN classification on frozen features."),
+    "probe-position": (
+        PositionProbeConfig,
+        "How well a frozen backbone knows where its patches are (linear position probe).",
+    ),
+    "order-sensitivity": (
+        OrderSensitivityConfig,
+        "Top-1 of a fine-tuned classifier with intact, shuffled and position-less inputs.",
+    ),
+    "visualize": (VisualizeConfig, "Pictures of the jigsaw a DropPos checkpoint solves."),
     "export": (
         ExportConfig,
         "Export a checkpoint for timm, Detectron2 ViTDet and MMSegmentation.",
     ),
 }
+FLAT_COMMANDS = ("export", "visualize")  # options without sections
 
 
 class UsageError(Exception):
@@ -147,7 +165,7 @@ def command_parser(command: str, model_name: str = "droppos") -> ArgumentParser:
         action=ActionConfigFile,
         help=f"YAML file or preset name ({', '.join(preset_names())})",
     )
-    if command == "export":  # a flat command without sections
+    if command in FLAT_COMMANDS:
         sub.add_class_arguments(config_class, None, fail_untyped=True)
         return sub
     for f in fields(config_class):
@@ -321,25 +339,108 @@ def run_finetune(parser: ArgumentParser, args: Namespace) -> int:
     return status
 
 
-def _frozen_features(parser: ArgumentParser, args: Namespace, command: str) -> Any:
-    """The shared start of knn and linprobe: config, devices, then the features, extracted once."""
+def evaluation_setup(parser: ArgumentParser, args: Namespace, command: str) -> Any:
+    """The shared start of the evaluations: config, process group, device, precision, seed."""
     import torch
 
     from droppos.engine.distributed import init_distributed
     from droppos.engine.logging import show_progress
     from droppos.engine.precision import resolve_precision
-    from droppos.evaluation.features import frozen_features
 
     config = to_config(parser, args, command)
     config.validate()
     env = init_distributed(config.run.device)
     precision = resolve_precision(config.run.precision, env.device)
     torch.manual_seed(config.run.seed)
-    progress = show_progress(config.run.progress, env.is_main)
+    return config, env, precision, show_progress(config.run.progress, env.is_main)
+
+
+def _frozen_features(parser: ArgumentParser, args: Namespace, command: str) -> Any:
+    """The shared start of knn and linprobe: the setup, then the features, extracted once."""
+    from droppos.evaluation.features import frozen_features
+
+    config, env, precision, progress = evaluation_setup(parser, args, command)
     features = frozen_features(config.model, config.data, env.device, precision, progress)
     if env.is_main:
         write_resolved_config(parser, args, command, Path(config.run.output_dir))
     return config, env, features
+
+
+def run_probe_position(parser: ArgumentParser, args: Namespace) -> int:
+    from droppos.evaluation.position_probe import position_probe
+
+    try:
+        config, env, precision, progress = evaluation_setup(parser, args, "probe-position")
+        write_resolved_config(parser, args, "probe-position", Path(config.run.output_dir))
+        results = position_probe(config, env.device, precision, progress)
+    except (ValueError, FileNotFoundError) as error:
+        return fail("probe-position", error)
+    print(
+        f"position probe of {results['checkpoint']} ({results['drop_ratio']:g} of positions "
+        f"dropped, {len(results['seeds'])} seeds): top-1 {results['top1']:.2f} +- "
+        f"{results['top1_std']:.2f} (chance {results['chance_top1']:.2f}), within one cell "
+        f"{results['within_one_cell']:.2f}, mean error distance "
+        f"{results['mean_error_distance']:.2f} cells; "
+        f"{Path(config.run.output_dir) / 'results.json'}"
+    )
+    return 0
+
+
+def run_order_sensitivity(parser: ArgumentParser, args: Namespace) -> int:
+    from droppos.data import build_loader
+    from droppos.evaluation.backbone import backbone_from
+    from droppos.evaluation.datasets import eval_view, labelled_splits
+    from droppos.evaluation.order_sensitivity import order_sensitivity
+    from droppos.evaluation.report import write_results
+    from droppos.interop.checkpoints import build_vit
+
+    try:
+        config, env, precision, _ = evaluation_setup(parser, args, "order-sensitivity")
+        backbone = backbone_from(config.model)
+        if backbone.num_classes == 0:
+            raise ValueError(
+                f"{backbone.source} has no classifier head; order-sensitivity needs a fine-tuned "
+                "checkpoint (droppos finetune writes best.pth)"
+            )
+        vit = build_vit(
+            backbone, num_classes=backbone.num_classes, global_pool=backbone.global_pool
+        )
+        val = eval_view(labelled_splits(config.data).val, config.data, backbone)
+        loader = build_loader(
+            val,
+            config.data.batch_size,
+            shuffle=False,
+            num_workers=config.data.num_workers,
+            device_type=env.device.type,
+        )
+        results = order_sensitivity(
+            vit.to(env.device), loader, env.device, precision, config.order.tiles, config.run.seed
+        )
+    except (ValueError, FileNotFoundError) as error:
+        return fail("order-sensitivity", error)
+    results.update(checkpoint=backbone.source, checkpoint_kind=backbone.kind)
+    write_results(config.run.output_dir, "order-sensitivity", results)
+    rows = "\n".join(f"| {c} | {v:.2f} |" for c, v in results["top1"].items())
+    print(f"top-1 of {backbone.source} on {results['images']} images:\n"
+          f"| input | top-1 |\n|---|---|\n{rows}")  # fmt: skip
+    return 0
+
+
+def run_visualize(parser: ArgumentParser, args: Namespace) -> int:
+    from droppos.engine.distributed import resolve_device
+    from droppos.evaluation.jigsaw import visualize_checkpoint
+
+    try:
+        config = to_config(parser, args, "visualize")
+        config.validate()
+        paths = visualize_checkpoint(
+            config.checkpoint, config.source, config.images, config.output, config.seed,
+            resolve_device(config.device),
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError) as error:
+        return fail("visualize", error)
+    print(f"{len(paths)} pictures in {config.output}: {', '.join(p.name for p in paths)}")
+    return 0
 
 
 def run_knn(parser: ArgumentParser, args: Namespace) -> int:
@@ -404,6 +505,9 @@ RUNNERS = {
     "linprobe": run_linprobe,
     "knn": run_knn,
     "export": run_export,
+    "probe-position": run_probe_position,
+    "order-sensitivity": run_order_sensitivity,
+    "visualize": run_visualize,
 }
 
 

@@ -67,6 +67,11 @@ class MetricWriter:
                 ):
                     self._tensorboard.add_scalar(f"{kind}/{name}", value, step)
 
+    def image(self, tag: str, picture: Any, step: int) -> None:
+        """An RGB picture [H, W, 3] (uint8) to TensorBoard's Images tab."""
+        if self.enabled and self._tensorboard is not None:
+            self._tensorboard.add_image(tag, picture, step, dataformats="HWC")
+
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()

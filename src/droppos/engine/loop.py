@@ -368,6 +368,8 @@ class TrainLoop:
         extra = self.method.end_epoch(pos.epoch - 1, metrics)
         metrics.update(extra.get("metrics", {}))
         writer.write("epoch", pos.step, {"epoch": pos.epoch, **metrics})
+        for tag, picture in extra.get("images", {}).items():
+            writer.image(tag, picture, pos.step)
         if self.env.is_main:
             faults = ""
             if metrics["bad_images"]:

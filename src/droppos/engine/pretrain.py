@@ -9,8 +9,10 @@ the loss is normalised over the whole global batch.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -72,6 +74,8 @@ class DropPosMethod(PretrainMethod):
 
     targets: PositionTargets | None = None
     target_map: torch.Tensor | None = None
+    is_main: bool = True
+    picture_images: torch.Tensor | None = None
     loss_weights: Any = None  # the model's loss_weights, compiled with the model if asked
 
     def start_epoch(self, epoch: int, batch: int) -> None:
@@ -111,12 +115,32 @@ class DropPosMethod(PretrainMethod):
 
     def end_epoch(self, epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
         assert self.targets is not None
-        return {
+        found: dict[str, Any] = {
             "metrics": {
                 "sigma": self.targets.sigma(epoch),
                 "chance_position_accuracy": 1.0 / self.model.num_patches,
             }
         }
+        every = self.config.run.pictures_every
+        if every and (epoch + 1) % every == 0 and self.is_main:
+            found["images"] = self.pictures(epoch)
+        return found
+
+    def pictures(self, epoch: int) -> dict[str, Any]:
+        """The jigsaw of a few fixed images, drawn into output_dir/pictures (for TensorBoard)."""
+        from droppos.data import default_mean_std
+        from droppos.evaluation.jigsaw import jigsaw_pictures, picture_batch, save_pictures
+
+        data, encoder = self.config.data, self.config.model.encoder
+        defaults = default_mean_std(encoder.in_chans)
+        mean, std = tuple(data.mean or defaults[0]), tuple(data.std or defaults[1])
+        if self.picture_images is None:
+            images = picture_batch(data.source, encoder.img_size, encoder.in_chans, 4, mean, std)
+            self.picture_images = images.to(self.device)
+        drawn = jigsaw_pictures(self.model, self.picture_images, mean, std, self.config.run.seed)
+        folder = Path(self.config.run.output_dir) / "pictures"
+        save_pictures(drawn, folder, f"epoch-{epoch + 1:04d}")
+        return {f"jigsaw/{i}": np.asarray(picture) for i, picture in enumerate(drawn)}
 
     def epoch_line(self, metrics: dict[str, float]) -> str:
         line = super().epoch_line(metrics)
@@ -166,7 +190,9 @@ def build_method(config: PretrainConfig, env: DistEnv) -> PretrainMethod:
     loss_weights = model.loss_weights
     if config.run.compile:
         loss_weights = torch.compile(loss_weights)
-    return DropPosMethod(model, config, env.device, targets=targets, loss_weights=loss_weights)
+    return DropPosMethod(
+        model, config, env.device, targets=targets, loss_weights=loss_weights, is_main=env.is_main
+    )
 
 
 def setup(config: PretrainConfig) -> TrainLoop:

@@ -225,6 +225,103 @@ class KnnConfig:
 
 
 @dataclass
+class PositionProbeSection:
+    """The position probe: which patches lose their position, and the linear classifier."""
+
+    drop_ratio: float = 0.75
+    """Fraction of each image's patches encoded without their positional embedding (and
+    probed); 0 probes every patch with its embedding, 1 drops them all."""
+    seeds: int = 3
+    """Probes trained on the same features with different seeds (mean and std reported)."""
+    epochs: int = 30
+    """Passes over the cached patch features."""
+    batch_size: int = 1024
+    """Patch features per probe step."""
+    lr: float = 1e-3
+    """AdamW learning rate (cosine to zero)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay of the probe."""
+    holdout: float = 0.2
+    """Share of the images held out for scoring when the source has no val split."""
+    max_train_images: int = 10000
+    """At most this many training images (a fixed random subset)."""
+    max_val_images: int = 2000
+    """At most this many held-out images."""
+
+
+@dataclass
+class PositionProbeConfig:
+    """Measure how well a frozen backbone knows where its patches are."""
+
+    model: BackboneSection = field(default_factory=BackboneSection)
+    data: EvalDataSection = field(default_factory=EvalDataSection)
+    probe: PositionProbeSection = field(default_factory=PositionProbeSection)
+    run: RunSection = field(default_factory=lambda: RunSection(output_dir="runs/probe-position"))
+
+    def validate(self) -> None:
+        p = self.probe
+        if not 0 <= p.drop_ratio <= 1:
+            raise ValueError(f"--probe.drop_ratio must be in [0, 1], got {p.drop_ratio}")
+        if min(p.seeds, p.epochs, p.batch_size, p.max_train_images, p.max_val_images) < 1:
+            raise ValueError(
+                "--probe.seeds, epochs, batch_size, max_train_images and max_val_images must "
+                "be >= 1"
+            )
+        if p.lr <= 0 or p.weight_decay < 0 or not 0 < p.holdout < 1:
+            raise ValueError(
+                "--probe.lr must be > 0, --probe.weight_decay >= 0, --probe.holdout in (0, 1)"
+            )
+        _validate_common(self.data, self.model)
+
+
+@dataclass
+class OrderSection:
+    """How the input's order is broken."""
+
+    tiles: int = 2
+    """The tile jigsaw cuts each image into tiles x tiles pieces."""
+
+
+@dataclass
+class OrderSensitivityConfig:
+    """Top-1 of a fine-tuned classifier with intact, shuffled and position-less inputs."""
+
+    model: BackboneSection = field(
+        default_factory=lambda: BackboneSection(checkpoint="runs/finetune/best.pth")
+    )
+    data: EvalDataSection = field(default_factory=EvalDataSection)
+    order: OrderSection = field(default_factory=OrderSection)
+    run: RunSection = field(default_factory=lambda: RunSection(output_dir="runs/order-sensitivity"))
+
+    def validate(self) -> None:
+        if self.order.tiles < 1:
+            raise ValueError(f"--order.tiles must be >= 1, got {self.order.tiles}")
+        _validate_common(self.data, self.model)
+
+
+@dataclass
+class VisualizeConfig:
+    """Pictures of the jigsaw a DropPos checkpoint solves."""
+
+    checkpoint: str = DEFAULT_CHECKPOINT
+    """A droppos pre-training checkpoint of a DropPos model (the decoder is needed)."""
+    source: str = "demo"
+    """Images to draw (the val split when the source has one)."""
+    images: int = 4
+    """How many images: one PNG each."""
+    output: str = "runs/visualize"
+    """Folder for the pictures."""
+    seed: int = 0
+    """Seed of the masks drawn for the pictures."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto = a GPU when there is one, else the CPU."""
+
+    def validate(self) -> None:
+        if self.images < 1:
+            raise ValueError(f"--images must be >= 1, got {self.images}")
+
+
+@dataclass
 class ExportConfig:
     """Export a checkpoint's encoder (or fine-tuned classifier) for timm, Detectron2, MMSeg."""
 

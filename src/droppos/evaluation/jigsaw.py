@@ -1,0 +1,199 @@
+"""Pictures of the pretext task: the jigsaw the model solves, where it errs, what it weighs.
+
+One picture per image, five panels side by side: the input; the patches the encoder saw (an
+orange frame marks those whose position was dropped); the visible patches placed where the model
+*predicts* they belong (each cell taken once, most confident first); a per-patch error map
+(grid distance between predicted and true cell: green 0, yellow 1, red 2 or more; grey kept
+their position, dark = hidden); and the attentive-reconstruction weights as a heat map. Drawn
+with Pillow alone, so it needs no plotting library, and written as PNG.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from droppos.models.droppos import DropPosModel
+from droppos.objective.attentive import attentive_weights
+
+PANELS = ("input", "visible", "predicted places", "error (cells)", "attentive weights")
+FRAME = np.array([255, 140, 0], dtype=np.uint8)  # dropped position: orange
+HIDDEN, KEPT = np.array([40, 40, 40], np.uint8), np.array([170, 170, 170], np.uint8)
+
+
+def assign_cells(logits: torch.Tensor) -> torch.Tensor:
+    """logits [V, L] -> a distinct cell [V] per patch: most confident patch first, each taking
+    its best free cell. A confident, correct prediction is placed exactly where it belongs."""
+    probs = logits.float().softmax(dim=-1)
+    cells = torch.full((logits.shape[0],), -1, dtype=torch.long)
+    free = torch.ones(logits.shape[1], dtype=torch.bool)
+    for patch in probs.max(dim=-1).values.argsort(descending=True).tolist():
+        choice = int(probs[patch].masked_fill(~free, -1).argmax())
+        cells[patch], free[choice] = choice, False
+    return cells
+
+
+def to_patches(pixels: np.ndarray, patch: int) -> np.ndarray:
+    """[H, W, C] -> [L, p, p, C] in row-major grid order."""
+    h, w, c = pixels.shape
+    grid = pixels.reshape(h // patch, patch, w // patch, patch, c).transpose(0, 2, 1, 3, 4)
+    return grid.reshape(-1, patch, patch, c)
+
+
+def place_patches(
+    patches: np.ndarray, which: np.ndarray, cells: np.ndarray, grid: tuple[int, int], fill=HIDDEN
+) -> np.ndarray:
+    """Patches `which` [K] of `patches` [L, p, p, C] put at grid `cells` [K]; the rest `fill`."""
+    rows, cols = grid
+    p, c = patches.shape[1], patches.shape[3]
+    canvas = np.empty((rows, cols, p, p, c), dtype=patches.dtype)
+    canvas[:] = fill[:c] if c == len(fill) else fill.mean().astype(patches.dtype)
+    for patch, cell in zip(which.tolist(), cells.tolist()):
+        canvas[cell // cols, cell % cols] = patches[patch]
+    return canvas.transpose(0, 2, 1, 3, 4).reshape(rows * p, cols * p, c)
+
+
+def heat(values: np.ndarray) -> np.ndarray:
+    """[...] in [0, 1] -> RGB [..., 3]: black, red, yellow, white."""
+    v = np.clip(values, 0, 1)[..., None]
+    rgb = np.concatenate(
+        [np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], -1
+    )
+    return (rgb * 255).astype(np.uint8)
+
+
+def cell_map(colors: np.ndarray, grid: tuple[int, int], patch: int) -> np.ndarray:
+    """[L, 3] colours -> an image of the grid with each cell `patch` pixels wide."""
+    rows, cols = grid
+    return np.kron(colors.reshape(rows, cols, 3), np.ones((patch, patch, 1), np.uint8)).astype(
+        np.uint8
+    )
+
+
+def compose(panels: list[np.ndarray], titles: tuple[str, ...], min_side: int = 112) -> Image.Image:
+    """Panels [H, W, 3] side by side, enlarged (nearest) to at least `min_side`, with titles."""
+    scale = max(1, -(-min_side // panels[0].shape[0]))
+    tiles = [Image.fromarray(p).resize((p.shape[1] * scale, p.shape[0] * scale), Image.NEAREST)
+             for p in panels]  # fmt: skip
+    gap, title = 6, 16
+    width = sum(t.width for t in tiles) + gap * (len(tiles) + 1)
+    height = tiles[0].height + title + 2 * gap
+    picture = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(picture)
+    x = gap
+    for tile, name in zip(tiles, titles):
+        draw.text((x, 2), name, fill=(0, 0, 0))
+        picture.paste(tile, (x, title + gap))
+        x += tile.width + gap
+    return picture
+
+
+def rgb(pixels: np.ndarray) -> np.ndarray:
+    return np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels
+
+
+@torch.no_grad()
+def jigsaw_pictures(
+    model: DropPosModel,
+    images: torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    seed: int = 0,
+) -> list[Image.Image]:
+    """images [N, C, H, W], normalised with mean/std -> one five-panel picture per image."""
+    model.eval()
+    cfg, enc = model.droppos_config, model.config
+    n, grid, p = images.shape[0], enc.grid_size, enc.patch_size
+    generator = torch.Generator().manual_seed(seed)
+    patch_noise = torch.rand(n, model.num_patches, generator=generator).to(images.device)
+    position_noise = torch.rand(n, cfg.num_visible, generator=generator).to(images.device)
+    out = model(images, patch_noise=patch_noise, position_noise=position_noise)
+    every = torch.arange(model.num_patches, device=images.device).expand(n, -1)
+    attention = attentive_weights(model.forward_features(images), every, cfg.attentive_tau)
+
+    shift = torch.tensor(mean, device=images.device)[:, None, None]
+    scale = torch.tensor(std, device=images.device)[:, None, None]
+    pixels = ((images * scale + shift).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1)
+    pictures = []
+    for i in range(n):
+        image = rgb(pixels[i].cpu().numpy())
+        patches = to_patches(image, p)
+        visible = out.ids_keep[i].cpu().numpy()
+        dropped = out.position_dropped[i].cpu().numpy()
+        framed = patches.copy()
+        for edge in (np.s_[:, 0], np.s_[:, -1], np.s_[:, :, 0], np.s_[:, :, -1]):
+            view = framed[visible[dropped]]
+            view[edge] = FRAME
+            framed[visible[dropped]] = view
+        seen = place_patches(framed, visible, visible, grid)
+        predicted_cells = assign_cells(out.position_logits[i].cpu()).numpy()
+        solved = place_patches(patches, visible, predicted_cells, grid)
+        errors = np.tile(HIDDEN, (model.num_patches, 1))
+        errors[visible] = KEPT
+        best = out.position_logits[i].argmax(dim=-1).cpu().numpy()
+        dy = best // grid[1] - visible // grid[1]
+        dx = best % grid[1] - visible % grid[1]
+        distance = np.sqrt(dy**2 + dx**2)
+        palette = np.array([[40, 170, 60], [240, 200, 40], [220, 40, 40]], np.uint8)
+        errors[visible[dropped]] = palette[np.minimum(np.ceil(distance[dropped]), 2).astype(int)]
+        weights = attention[i].float().cpu().numpy()
+        panels = [
+            image,
+            seen,
+            solved,
+            cell_map(errors, grid, p),
+            cell_map(heat(weights / max(weights.max(), 1e-12)), grid, p),
+        ]
+        pictures.append(compose(panels, PANELS))
+    return pictures
+
+
+def save_pictures(pictures: list[Image.Image], folder: str | Path, stem: str) -> list[Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, picture in enumerate(pictures):
+        path = folder / f"{stem}-{i:02d}.png"
+        picture.save(path)
+        paths.append(path)
+    return paths
+
+
+def picture_batch(
+    source: str, img_size: int | tuple[int, int], in_chans: int, count: int,
+    mean: tuple[float, ...], std: tuple[float, ...],
+) -> torch.Tensor:  # fmt: skip
+    """`count` images spread over the val split of `source` (else its train split), in the
+    deterministic evaluation view: [count, C, H, W]."""
+    from droppos.data import build_dataset, eval_transform
+
+    try:
+        dataset = build_dataset(source, "val")
+    except ValueError:
+        dataset = build_dataset(source, "train")
+    transform = eval_transform(img_size, in_chans, mean, std)
+    size = len(dataset)  # type: ignore[arg-type]
+    picks = sorted({round(i * size / count) for i in range(count)} - {size})
+    return torch.stack([transform(dataset[i][0]) for i in picks])
+
+
+def visualize_checkpoint(
+    checkpoint: str | Path, source: str, count: int, output: str | Path, seed: int,
+    device: torch.device,
+) -> list[Path]:  # fmt: skip
+    """Pictures of `count` images of `source` for a DropPos pre-training checkpoint."""
+    from droppos.data import default_mean_std
+    from droppos.interop.checkpoints import load_checkpoint_object, load_pretraining_model
+
+    model = load_pretraining_model(checkpoint)
+    if not isinstance(model, DropPosModel):
+        raise ValueError(f"{checkpoint} is an MAE checkpoint: there is no jigsaw to draw")
+    data = (load_checkpoint_object(checkpoint).get("config") or {}).get("data") or {}
+    defaults = default_mean_std(model.config.in_chans)
+    mean, std = tuple(data.get("mean") or defaults[0]), tuple(data.get("std") or defaults[1])
+    images = picture_batch(source, model.config.img_size, model.config.in_chans, count, mean, std)
+    pictures = jigsaw_pictures(model.to(device), images.to(device), mean, std, seed)
+    return save_pictures(pictures, output, "jigsaw")

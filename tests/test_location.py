@@ -1,0 +1,167 @@
+"""Location awareness, measured and shown: position probe, order sensitivity, jigsaw pictures."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from droppos.cli.main import main
+from droppos.evaluation.config import PositionProbeSection
+from droppos.evaluation.jigsaw import assign_cells, place_patches, to_patches
+from droppos.evaluation.order_sensitivity import condition_logits
+from droppos.evaluation.position_probe import (
+    PatchFeatures,
+    position_scores,
+    probed_patch_features,
+    train_position_probe,
+)
+
+GRID, L = (4, 4), 16
+QUIET = ["--data.num_workers", "0", "--run.progress", "false"]
+
+
+def results(folder):
+    return json.loads((folder / "results.json").read_text())
+
+
+def tiny_vit(**overrides):
+    options = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+    return timm.create_model("vit_tiny_patch16_224", **{**options, **overrides}).eval()
+
+
+def test_an_oracle_feature_scores_100_and_a_random_backbone_scores_chance():
+    generator = torch.Generator().manual_seed(0)
+    positions = torch.arange(L).repeat(200)
+    oracle = torch.nn.functional.one_hot(positions, L).float()
+    oracle += 0.01 * torch.randn(oracle.shape, generator=generator)
+    split = PatchFeatures(oracle, positions)
+    section = PositionProbeSection(epochs=20, batch_size=256, lr=1e-2)
+    assert train_position_probe(split, split, L, GRID, section, seed=0)["top1"] == 100.0
+
+    # A random ViT on noise images, every position dropped: nothing tells the cells apart.
+    vit = tiny_vit()
+    images = torch.randn(120, 3, 32, 32, generator=generator)
+    dataset = list(zip(images, torch.zeros(120, dtype=torch.long)))
+    train = probed_patch_features(vit, dataset[:90], 1.0, 0, 30, torch.device("cpu"))
+    val = probed_patch_features(vit, dataset[90:], 1.0, 1, 30, torch.device("cpu"))
+    assert len(train.positions) == 90 * L  # ratio 1: every patch probed
+    scores = train_position_probe(train, val, L, GRID, section, seed=0)
+    assert scores["top1"] < 2 * 100 / L  # chance is 6.25%
+
+
+def test_position_scores_count_neighbours_and_error_distances():
+    positions = torch.tensor([0, 5, 10, 15])
+    predicted = torch.tensor([0, 6, 0, 15])  # right, one cell off, far off, right
+    logits = torch.nn.functional.one_hot(predicted, L).float()
+    scores = position_scores(logits, positions, GRID)
+    assert scores["top1"] == 50.0 and scores["within_one_cell"] == 75.0
+    assert scores["mean_error_distance"] == pytest.approx((1 + math.sqrt(8)) / 2)
+
+
+def test_the_jigsaw_of_an_oracle_prediction_is_the_input():
+    image = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    patches = to_patches(image, 8)
+    visible = np.random.default_rng(1).permutation(L)  # every patch, in random order
+    logits = torch.nn.functional.one_hot(torch.as_tensor(visible), L).float() * 10
+    cells = assign_cells(logits).numpy()
+    assert np.array_equal(place_patches(patches, visible, cells, GRID), image)
+
+
+def test_shuffling_patches_matters_only_to_a_model_with_positions():
+    images = torch.randn(4, 3, 32, 32)
+    with_positions = tiny_vit(num_classes=5)
+    without = tiny_vit(num_classes=5)
+    with torch.no_grad():
+        without.load_state_dict(with_positions.state_dict())
+        without.pos_embed.zero_()
+    for model, changes in ((without, False), (with_positions, True)):
+        intact = condition_logits(model, images, "intact", torch.Generator().manual_seed(0))
+        shuffled = condition_logits(
+            model, images, "shuffled_patches", torch.Generator().manual_seed(0)
+        )
+        assert torch.allclose(intact, shuffled, atol=1e-5) != changes
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """Two epochs of DropPos on a few hundred demo images, with pictures every epoch."""
+    out = tmp_path_factory.mktemp("pretrain")
+    args = [
+        "pretrain", "--model.encoder.embed_dim", "32", "--model.encoder.depth", "1",
+        "--model.encoder.num_heads", "2", "--model.decoder_embed_dim", "32",
+        "--model.decoder_num_heads", "2", "--optim.epochs", "2", "--optim.batch_size", "256",
+        "--run.output_dir", str(out), "--run.precision", "fp32", "--run.pictures_every", "1",
+        *QUIET,
+    ]  # fmt: skip
+    assert main(args) == 0
+    return out
+
+
+def test_pretraining_draws_the_jigsaw_into_the_output_folder_and_tensorboard(pretrained):
+    pictures = sorted((pretrained / "pictures").glob("*.png"))
+    assert [p.name for p in pictures[:2]] == ["epoch-0001-00.png", "epoch-0001-01.png"]
+    assert len(pictures) == 8  # 4 images x 2 epochs
+    events = list((pretrained / "tensorboard").glob("events.*"))
+    assert events and max(e.stat().st_size for e in events) > 10_000  # the images are in
+
+
+def test_visualize_writes_pngs_of_the_expected_size(tmp_path, pretrained):
+    out = tmp_path / "pictures"
+    args = ["visualize", "--checkpoint", str(pretrained / "last.pth"), "--output", str(out)]
+    assert main([*args, "--images", "3"]) == 0
+    pictures = sorted(out.glob("*.png"))
+    assert len(pictures) == 3
+    with Image.open(pictures[0]) as picture:
+        picture.load()
+        # five panels of the 28x28 demo images enlarged 4x (112 px), 6 px apart, a title row
+        assert picture.size == (5 * 112 + 6 * 6, 112 + 16 + 2 * 6)
+
+
+def test_probe_position_reads_our_checkpoints_and_a_plain_timm_state_dict(
+    tmp_path, pretrained, capsys
+):
+    common = ["--probe.seeds", "2", "--probe.epochs", "3", "--probe.max_train_images", "300",
+              "--probe.max_val_images", "100", *QUIET]  # fmt: skip
+    out = tmp_path / "ours"
+    args = ["probe-position", "--model.checkpoint", str(pretrained / "last.pth")]
+    assert main([*args, "--run.output_dir", str(out), *common]) == 0
+    found = results(out)
+    assert found["chance_top1"] == 6.25 and len(found["seeds"]) == 2
+    assert found["val_patches"] == 100 * 12  # 0.75 of 16 positions dropped per image
+    assert found["top1"] > found["chance_top1"]  # the demo's objects sit in the middle
+
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1, depth=1, num_classes=10
+    )  # a supervised-style timm ViT-Tiny: its width tells the number of heads
+    path = tmp_path / "plain_timm.pth"
+    torch.save(vit.state_dict(), path)
+    out = tmp_path / "timm"
+    args = ["probe-position", "--model.checkpoint", str(path), "--probe.drop_ratio", "0"]
+    assert main([*args, "--run.output_dir", str(out), *common]) == 0
+    assert results(out)["val_patches"] == 100 * 16  # ratio 0: every patch probed
+    assert "position probe" in capsys.readouterr().out
+
+
+def test_order_sensitivity_reports_every_condition(tmp_path, pretrained):
+    finetuned = tmp_path / "finetune"
+    args = ["finetune", "--model.checkpoint", str(pretrained / "last.pth"), "--optim.epochs",
+            "1", "--optim.batch_size", "250", "--run.output_dir", str(finetuned),
+            "--run.precision", "fp32", "--run.tensorboard", "false", *QUIET]  # fmt: skip
+    assert main(args) == 0
+    out = tmp_path / "order"
+    args = ["order-sensitivity", "--model.checkpoint", str(finetuned / "best.pth")]
+    assert main([*args, "--run.output_dir", str(out), *QUIET]) == 0
+    top1 = results(out)["top1"]
+    assert set(top1) == {"intact", "shuffled_patches", "no_positions", "tile_jigsaw"}
+    assert results(out)["images"] == 1000
+    assert top1["intact"] > 15  # above chance (10%): the classifier learnt something
+
+
+def test_order_sensitivity_needs_a_classifier(tmp_path, pretrained, capsys):
+    args = ["order-sensitivity", "--model.checkpoint", str(pretrained / "last.pth")]
+    assert main([*args, "--run.output_dir", str(tmp_path), *QUIET]) == 2
+    assert "has no classifier head" in capsys.readouterr().err
