@@ -68,3 +68,10 @@ def test_nothing_points_at_a_spec_users_do_not_have():
         assert not re.search(r"SPEC\b", path.read_text()), path
     for path in sorted((ROOT / "src/droppos/configs").glob("*.yaml")):
         assert "SPEC" not in path.read_text(), path
+
+
+def test_the_lower_packages_never_import_evaluation_or_cli():
+    for package in ("engine", "interop", "models", "objective", "data", "visual"):
+        for path in sorted((ROOT / "src" / "droppos" / package).glob("*.py")):
+            imports = re.findall(r"^\s*(?:from|import) (droppos\.\w+)", path.read_text(), re.M)
+            assert not {"droppos.evaluation", "droppos.cli"} & set(imports), path

@@ -11,7 +11,6 @@ from PIL import Image
 
 from droppos.cli.main import main
 from droppos.evaluation.config import PositionProbeSection
-from droppos.evaluation.jigsaw import assign_cells, place_patches, to_patches
 from droppos.evaluation.order_sensitivity import condition_logits
 from droppos.evaluation.position_probe import (
     PatchFeatures,
@@ -19,6 +18,7 @@ from droppos.evaluation.position_probe import (
     probed_patch_features,
     train_position_probe,
 )
+from droppos.visual.jigsaw import assign_cells, place_patches, to_patches
 
 GRID, L = (4, 4), 16
 QUIET = ["--data.num_workers", "0", "--run.progress", "false"]

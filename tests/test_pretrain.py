@@ -216,10 +216,15 @@ def test_the_written_config_round_trips(tmp_path, image_folder):
     assert yaml.safe_load((out / "config.yaml").read_text())["model"]["mask_token_kind"] == "zeros"
 
 
-@pytest.mark.parametrize("preset", ["vit_base_in1k", "vit_large_in1k", "tiny_cpu"])
+@pytest.mark.parametrize(
+    "preset", ["vit_base_in1k", "vit_large_in1k", "mae_vit_base_in1k", "tiny_cpu"]
+)
 def test_presets_load_by_name(preset):
     config = parse(["pretrain", "--config", preset])
     config.validate()
+    if preset == "mae_vit_base_in1k":
+        assert config.model.name == "mae" and config.model.decoder.depth == 8
+        assert config.model.patch_mask_ratio == 0.75 and config.optim.warmup_epochs == 40
     if preset.startswith("vit_"):
         assert config.optim.batch_size * config.optim.accum_steps * 8 == 4096
         assert config.optim.base_lr == 1.5e-4

@@ -428,7 +428,7 @@ def run_order_sensitivity(parser: ArgumentParser, args: Namespace) -> int:
 
 def run_visualize(parser: ArgumentParser, args: Namespace) -> int:
     from droppos.engine.distributed import resolve_device
-    from droppos.evaluation.jigsaw import visualize_checkpoint
+    from droppos.visual.jigsaw import visualize_checkpoint
 
     try:
         config = to_config(parser, args, "visualize")

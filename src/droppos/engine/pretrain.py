@@ -129,7 +129,7 @@ class DropPosMethod(PretrainMethod):
     def pictures(self, epoch: int) -> dict[str, Any]:
         """The jigsaw of a few fixed images, drawn into output_dir/pictures (for TensorBoard)."""
         from droppos.data import default_mean_std
-        from droppos.evaluation.jigsaw import jigsaw_pictures, picture_batch, save_pictures
+        from droppos.visual.jigsaw import jigsaw_pictures, picture_batch, save_pictures
 
         data, encoder = self.config.data, self.config.model.encoder
         defaults = default_mean_std(encoder.in_chans)
