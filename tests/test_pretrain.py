@@ -389,3 +389,18 @@ class Payload:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def test_a_log_written_to_a_file_has_plain_lines_only(tmp_path, image_folder):
+    out = tmp_path / "run"
+    args = [a for a in tiny_args(out, image_folder) if a not in ("--run.progress", "false")]
+    done = subprocess.run(
+        [sys.executable, "-m", "droppos.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # progress bars are on by default, but the output is not a terminal
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "\r" not in done.stdout + done.stderr
+    assert len(done.stdout.splitlines()) == 4  # start, two epochs, done
+    assert len(done.stdout) + len(done.stderr) < 5000
