@@ -16,34 +16,23 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from droppos.data.datasets import BadImageError
+from droppos.data.datasets import BadImageError, DatasetWrapper
 
 OnBadImage = Literal["skip", "fail"]
 MAX_SLOTS = 256  # worker processes per rank that can count; more share the last slot
 MAX_TRIES = 16  # consecutive bad files before the data source itself is suspect
 
 
-class ReplaceBadImages(Dataset):
+class ReplaceBadImages(DatasetWrapper):
     """`dataset[i]`, or with `skip` the next readable item when it is unreadable."""
 
     def __init__(self, dataset: Dataset, policy: OnBadImage = "skip") -> None:
         if policy not in ("skip", "fail"):
             raise ValueError(f"--data.on_bad_image must be skip or fail, got {policy!r}")
-        self.dataset = dataset
+        super().__init__(dataset)
         self.policy = policy
         self._counts = torch.zeros(MAX_SLOTS + 1, dtype=torch.int64).share_memory_()
         self._warned: set[str] = set()
-
-    @property
-    def num_classes(self) -> int:
-        return getattr(self.dataset, "num_classes", 0)
-
-    @property
-    def classes(self) -> list[str] | None:
-        return getattr(self.dataset, "classes", None)
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
 
     @property
     def replaced(self) -> int:

@@ -59,6 +59,24 @@ _SOURCE_HELP = (
 )
 
 
+class DatasetWrapper(Dataset):
+    """A dataset that wraps another and keeps its length, classes and class count visible."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    @property
+    def num_classes(self) -> int:
+        return getattr(self.dataset, "num_classes", 0)
+
+    @property
+    def classes(self) -> list[str] | None:
+        return getattr(self.dataset, "classes", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+
 def _canonical_split(split: str) -> str:
     try:
         return _SPLIT_ALIASES[split]

@@ -25,6 +25,8 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from droppos.data.datasets import DatasetWrapper
+
 __all__ = [
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
@@ -221,7 +223,7 @@ def seeded_cpu_rngs(seed: int) -> Iterator[None]:
         np.random.set_state(np_state)
 
 
-class AugmentedDataset(Dataset):
+class AugmentedDataset(DatasetWrapper):
     """Applies ``transform`` with randomness that is a pure function of (seed, epoch, index).
 
     So a sample's augmentation does not depend on the number of workers, of DDP ranks, or on
@@ -233,7 +235,7 @@ class AugmentedDataset(Dataset):
     """
 
     def __init__(self, dataset: Dataset, transform: Callable[[Any], Any], seed: int = 0) -> None:
-        self.dataset = dataset
+        super().__init__(dataset)
         self.transform = transform
         self.seed = seed
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
@@ -244,17 +246,6 @@ class AugmentedDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch.fill_(epoch)
-
-    @property
-    def num_classes(self) -> int:
-        return getattr(self.dataset, "num_classes", 0)
-
-    @property
-    def classes(self) -> list[str] | None:
-        return getattr(self.dataset, "classes", None)
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         img, label = self.dataset[index]

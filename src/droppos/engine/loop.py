@@ -508,15 +508,19 @@ def batch_size(batch: Any) -> int:
 def build_loop(
     method: TrainingMethod,
     env: DistEnv,
-    optim: OptimSection,
-    run_options: TrainRunSection,
-    data: DataSection,
-    config: dict[str, Any],
+    config: Any,
     train_set: Dataset,
     precision: str,
 ) -> TrainLoop:
     """The training loader (this rank's shard, in an order that is a function of seed and
-    epoch), optimizer, scaler and engine model for `method`; restores a checkpoint if due."""
+    epoch), optimizer, scaler and engine model for `method`; restores a checkpoint if due.
+
+    `config` is the command's configuration: its `optim`, `run` and `data` sections drive the
+    loop, and the whole of it is recorded in every checkpoint.
+    """
+    optim: OptimSection = config.optim
+    run_options: TrainRunSection = config.run
+    data: DataSection = config.data
     loader = build_loader(
         train_set,
         optim.batch_size,
@@ -536,7 +540,7 @@ def build_loop(
         env=env,
         optim=optim,
         run_options=run_options,
-        config=config,
+        config=asdict(config),
         loader=loader,
         precision=precision,
         engine_model=prepare_for_training(method.model, env, run_options.compile),

@@ -224,16 +224,7 @@ def setup(config: PretrainConfig) -> TrainLoop:
         num_patches=model.num_patches,
         num_visible=config.model.num_visible,
     )
-    return build_loop(
-        method,
-        env,
-        config.optim,
-        config.run,
-        config.data,
-        asdict(config),
-        noisy,
-        precision,
-    )
+    return build_loop(method, env, config, noisy, precision)
 
 
 def pretrain(config: PretrainConfig) -> dict[str, Any]:

@@ -251,16 +251,7 @@ def setup(config: FinetuneConfig) -> TrainLoop:
     )
     train = ReplaceBadImages(splits.train, config.data.on_bad_image)
     train_set = AugmentedDataset(train, transform, seed=config.run.seed)
-    return build_loop(
-        method,
-        env,
-        config.optim,
-        config.run,
-        config.data,
-        asdict(config),
-        train_set,
-        precision,
-    )
+    return build_loop(method, env, config, train_set, precision)
 
 
 def results(loop: TrainLoop, train_seconds: float) -> dict[str, Any]:
