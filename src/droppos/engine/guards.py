@@ -142,6 +142,8 @@ class RunLock:
 def _is_stale(owner: dict[str, Any]) -> bool:
     if owner.get("host") != socket.gethostname():
         return False  # another machine's process: cannot tell, so respect it
+    if owner.get("pid") == os.getpid():
+        return True  # left by an earlier run of this very process that was never closed
     try:
         os.kill(int(owner["pid"]), 0)
     except ProcessLookupError:

@@ -228,5 +228,10 @@ def setup(config: PretrainConfig) -> TrainLoop:
 
 
 def pretrain(config: PretrainConfig) -> dict[str, Any]:
-    """Set up and run; the programmatic twin of `droppos pretrain`."""
-    return setup(config).run()
+    """Set up and run; the programmatic twin of `droppos pretrain` (releases the output folder
+    however the run ends)."""
+    loop = setup(config)
+    try:
+        return loop.run()
+    finally:
+        loop.close()

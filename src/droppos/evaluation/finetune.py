@@ -285,5 +285,10 @@ def train(loop: TrainLoop) -> dict[str, Any]:
 
 
 def finetune(config: FinetuneConfig) -> dict[str, Any]:
-    """Set up and run; the programmatic twin of `droppos finetune`."""
-    return train(setup(config))
+    """Set up and run; the programmatic twin of `droppos finetune` (releases the output folder
+    however the run ends)."""
+    loop = setup(config)
+    try:
+        return train(loop)
+    finally:
+        loop.close()
