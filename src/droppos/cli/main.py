@@ -29,6 +29,7 @@ from droppos.evaluation.config import (
     OrderSensitivityConfig,
     PositionProbeConfig,
     VisualizeConfig,
+    WriteShardsConfig,
 )
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -47,12 +48,13 @@ COMMANDS: dict[str, tuple[type, str]] = {
         "Top-1 of a fine-tuned classifier with intact, shuffled and position-less inputs.",
     ),
     "visualize": (VisualizeConfig, "Pictures of the jigsaw a DropPos checkpoint solves."),
+    "write-shards": (WriteShardsConfig, "Write a data source as WebDataset-style tar shards."),
     "export": (
         ExportConfig,
         "Export a checkpoint for timm, Detectron2 ViTDet and MMSegmentation.",
     ),
 }
-FLAT_COMMANDS = ("export", "visualize")  # options without sections
+FLAT_COMMANDS = ("export", "visualize", "write-shards")  # options without sections
 
 
 class UsageError(Exception):
@@ -499,6 +501,21 @@ def run_export(parser: ArgumentParser, args: Namespace) -> int:
     return 0
 
 
+def run_write_shards(parser: ArgumentParser, args: Namespace) -> int:
+    from droppos.data.shards import write_shards
+
+    try:
+        config = to_config(parser, args, "write-shards")
+        config.validate()
+        written = write_shards(config.source, config.output, config.shard_size)
+    except (ValueError, FileNotFoundError) as error:
+        return fail("write-shards", error)
+    said = ", ".join(f"{split}: {len(paths)} shard(s)" for split, paths in written.items())
+    print(f"wrote {config.source} to {config.output} ({said}); train on it with "
+          f"--data.source {config.output}")  # fmt: skip
+    return 0
+
+
 RUNNERS = {
     "pretrain": run_pretrain,
     "finetune": run_finetune,
@@ -508,6 +525,7 @@ RUNNERS = {
     "probe-position": run_probe_position,
     "order-sensitivity": run_order_sensitivity,
     "visualize": run_visualize,
+    "write-shards": run_write_shards,
 }
 
 

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -55,7 +56,8 @@ _SPLIT_ALIASES = {"train": "train", "val": "val", "test": "val", "t10k": "val"}
 _GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 _SOURCE_HELP = (
     "expected 'demo', 'fashion-mnist', 'fashion-mnist:DIR', an image directory "
-    "(class sub-folders, flat, or with train/ and val/), or a .txt file list"
+    "(class sub-folders, flat, or with train/ and val/), a folder of .tar shards, or a .txt "
+    "file list"
 )
 
 
@@ -106,23 +108,34 @@ def load_image(
     header, before decoding: a file of more than `max_pixels` is refused, never decoded. Any
     failure raises `BadImageError` naming the file and what is wrong with it.
     """
+    try:
+        with open(path, "rb") as stream:
+            return decode_image(stream, path, max_pixels)
+    except OSError as error:
+        raise BadImageError(path, error.strerror or str(error)) from None
+
+
+def decode_image(
+    stream: BinaryIO,
+    name: str | os.PathLike[str],
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+) -> Image.Image:
+    """`load_image` for an open binary stream (a file, or a member of a tar shard)."""
     limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # our own limit, checked below, replaces Pillow's
     try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            width, height = img.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise BadImageError(
-                    path,
-                    f"{width} x {height} pixels is more than --data.max_image_pixels "
-                    f"({max_pixels})",
-                )
-            img.load()
+        img = Image.open(stream)
+        width, height = img.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise BadImageError(
+                name,
+                f"{width} x {height} pixels is more than --data.max_image_pixels ({max_pixels})",
+            )
+        img.load()
     except BadImageError:
         raise
     except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, EOFError...
-        raise BadImageError(path, _describe_decode_error(error)) from None
+        raise BadImageError(name, _describe_decode_error(error)) from None
     finally:
         Image.MAX_IMAGE_PIXELS = limit
     return to_grey_or_rgb(img)
@@ -421,6 +434,13 @@ def build_dataset(
         return _file_list(path, [path.with_suffix(""), path.parent], max_pixels)
     if not path.is_dir():
         raise ValueError(f"data source {source!r} does not exist: {_SOURCE_HELP}")
+    if any(path.glob("*.tar")):  # WebDataset-style shards (droppos write-shards)
+        from droppos.data.shards import ShardDataset, shard_paths
+
+        shards = shard_paths(path, split)
+        if not shards:
+            raise ValueError(f"data source {source!r} has no {split}-*.tar shards")
+        return ShardDataset(shards, max_pixels)
     split_names = [*_SPLITS, "test"]
     has_layout = any((path / s).is_dir() or (path / f"{s}.txt").is_file() for s in split_names)
     if not has_layout:

@@ -322,6 +322,22 @@ class VisualizeConfig:
 
 
 @dataclass
+class WriteShardsConfig:
+    """Write a data source as WebDataset-style tar shards (fewer, larger files)."""
+
+    source: str = "demo"
+    """Any data source droppos reads (image folder, file list, fashion-mnist, demo)."""
+    output: str = "shards"
+    """Folder for {split}-NNNNNN.tar, their indexes and classes.txt."""
+    shard_size: int = 1000
+    """Images per shard."""
+
+    def validate(self) -> None:
+        if self.shard_size < 1:
+            raise ValueError(f"--shard_size must be >= 1, got {self.shard_size}")
+
+
+@dataclass
 class ExportConfig:
     """Export a checkpoint's encoder (or fine-tuned classifier) for timm, Detectron2, MMSeg."""
 
