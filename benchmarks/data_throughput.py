@@ -1,12 +1,15 @@
 """Data loading throughput of pre-training: decode, augment, and the full loader, apart.
 
 The training step can only run as fast as batches arrive. This measures, on JPEG files of
-ImageNet's typical size written here (no dataset can be downloaded), images/s of
+ImageNet's typical size written here (no dataset can be downloaded), images/s per core of both
+decode paths (`--data.decode pil`, today's, and `tensor`):
 
-* decode: `load_image` (PIL, the loader every folder/list dataset uses);
-* decode + augment: the pre-training transform (RandomResizedCrop 224 bicubic, flip, to tensor,
-  normalise) on top, plus the per-sample mask noise;
-* loader: `build_loader` over that dataset with 0..W worker processes, batches of B.
+* decode: Pillow (`load_image`) or torchvision (`decode_tensor`, file read included);
+* decode + augment: the pre-training transform on top (RandomResizedCrop 224 bicubic, flip; the
+  pil path also converts to float and normalises, the tensor path leaves that to the device),
+  plus the per-sample mask noise;
+* loader: `build_loader` over that dataset with 0..W worker processes, batches of B;
+* how far the tensor path's pixels are from the pil path's, for the same crop.
 
 Divide a training run's images/s by the per-worker figure to know how many workers it needs.
 
@@ -27,9 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F2
 
 from droppos.data import AugmentedDataset, build_loader
-from droppos.data.datasets import ImageFolderDataset, load_image
+from droppos.data.datasets import ImageFolderDataset, decode_tensor, load_image
 from droppos.data.mask_noise import MaskNoiseDataset
 from droppos.data.transforms import pretrain_transform
 
@@ -55,48 +61,116 @@ def images_per_second(count: int, work) -> float:
     return count / (time.perf_counter() - start)
 
 
-def measure(root: Path, img_size: int, batch: int, workers: list[int]) -> list[dict[str, Any]]:
-    dataset = ImageFolderDataset(root)
-    paths = [path for path, _ in dataset.samples]
-    transform = pretrain_transform(img_size)
+def pipeline(root: Path, img_size: int, decode: str) -> MaskNoiseDataset:
+    """What pre-training reads with `--data.decode decode`."""
+    dataset = ImageFolderDataset(root, decode=decode)
+    transform = pretrain_transform(img_size, output="uint8" if decode == "tensor" else "float")
     num_patches = (img_size // 16) ** 2
-    noisy = MaskNoiseDataset(
+    return MaskNoiseDataset(
         AugmentedDataset(dataset, transform, seed=0),
         num_patches=num_patches,
         num_visible=num_patches // 4,
     )
+
+
+def pixel_difference(paths: list[str], img_size: int) -> dict[str, float]:
+    """Mean absolute difference (0-255 levels) between the two paths, for the same crops:
+    of the decoded images, and of the augmented crops."""
+    generator = torch.Generator().manual_seed(0)
+    decoded, cropped = [], []
+    for path in paths:
+        pil = load_image(path)
+        tensor = decode_tensor(Path(path).read_bytes(), path)
+        reference = T.functional.pil_to_tensor(pil)
+        decoded.append((reference.float() - tensor.float()).abs().mean().item())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+            top, left, h, w = T.RandomResizedCrop.get_params(pil, (0.2, 1.0), (3 / 4, 4 / 3))
+        crop_pil = T.functional.pil_to_tensor(
+            pil.resize((img_size, img_size), Image.BICUBIC, box=(left, top, left + w, top + h))
+        )
+        crop_tensor = F2.resized_crop(
+            tensor, top, left, h, w, [img_size, img_size],
+            interpolation=InterpolationMode.BICUBIC, antialias=True,
+        )  # fmt: skip
+        cropped.append((crop_pil.float() - crop_tensor.float()).abs().mean().item())
+    return {"decode": float(np.mean(decoded)), "decode_and_crop": float(np.mean(cropped))}
+
+
+def measure(root: Path, img_size: int, batch: int, workers: list[int]) -> list[dict[str, Any]]:
+    paths = [path for path, _ in ImageFolderDataset(root).samples]
     rows = [
         {
-            "stage": "decode (PIL)",
+            "stage": "decode",
+            "path": "pil",
             "workers": 0,
             "images_per_second": images_per_second(
                 len(paths), lambda: [load_image(p) for p in paths]
             ),
         },
         {
-            "stage": "decode + augment + mask noise",
+            "stage": "decode",
+            "path": "tensor",
             "workers": 0,
             "images_per_second": images_per_second(
-                len(noisy), lambda: [noisy[i] for i in range(len(noisy))]
+                len(paths), lambda: [decode_tensor(Path(p).read_bytes(), p) for p in paths]
             ),
         },
     ]
-    for count in workers:
-        loader = build_loader(noisy, batch, num_workers=count, drop_last=True)
-        iterator = iter(loader)
-        next(iterator)  # start-up (forking workers) is not throughput
-        remaining = len(loader) - 1
-        rate = images_per_second(remaining * batch, lambda it=iterator: [b for b in it])
+    for decode in ("pil", "tensor"):
+        noisy = pipeline(root, img_size, decode)
         rows.append(
-            {"stage": f"loader, batch {batch}", "workers": count, "images_per_second": rate}
+            {
+                "stage": "decode + augment + mask noise",
+                "path": decode,
+                "workers": 0,
+                "images_per_second": images_per_second(
+                    len(noisy), lambda noisy=noisy: [noisy[i] for i in range(len(noisy))]
+                ),
+            }
         )
-        del iterator, loader
+    for decode in ("pil", "tensor"):
+        noisy = pipeline(root, img_size, decode)
+        for count in workers:
+            loader = build_loader(noisy, batch, num_workers=count, drop_last=True)
+            iterator = iter(loader)
+            next(iterator)  # start-up (forking workers) is not throughput
+            remaining = len(loader) - 1
+            rate = images_per_second(remaining * batch, lambda it=iterator: [b for b in it])
+            rows.append(
+                {
+                    "stage": f"loader, batch {batch}",
+                    "path": decode,
+                    "workers": count,
+                    "images_per_second": rate,
+                }
+            )
+            del iterator, loader
     return rows
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| stage | workers | images/s |", "|---|---|---|"]
-    lines += [f"| {r['stage']} | {r['workers']} | {r['images_per_second']:.0f} |" for r in rows]
+def table(rows: list[dict[str, Any]], gpu_rate: float | None) -> str:
+    per_core = {
+        r["path"]: r["images_per_second"] for r in rows if r["stage"].startswith("decode +")
+    }
+    header = "| stage | path | workers | images/s | x pil |"
+    lines = [header, "|---|---|---|---|---|"]
+    for r in rows:
+        same = [
+            x
+            for x in rows
+            if (x["stage"], x["workers"], x["path"]) == (r["stage"], r["workers"], "pil")
+        ]
+        ratio = r["images_per_second"] / same[0]["images_per_second"] if same else float("nan")
+        lines.append(
+            f"| {r['stage']} | {r['path']} | {r['workers']} | {r['images_per_second']:.0f} "
+            f"| {ratio:.2f} |"
+        )
+    if gpu_rate:
+        for path, rate in per_core.items():
+            lines.append(
+                f"\ncores per GPU at {gpu_rate:.0f} images/s, {path} path: {gpu_rate / rate:.1f}"
+            )
     return "\n".join(lines)
 
 
@@ -108,15 +182,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--gpu-images-per-second",
+        type=float,
+        default=None,
+        help="a GPU's training rate: prints the cores of decode+augment it needs per path",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # a loader worker is one thread; measure per core
     with tempfile.TemporaryDirectory() as tmp:
         write_jpegs(Path(tmp), args.images, tuple(args.source_size))
         rows = measure(Path(tmp), args.img_size, args.batch, args.workers)
-    print(table(rows))
+        paths = [p for p, _ in ImageFolderDataset(Path(tmp)).samples][:64]
+        difference = pixel_difference(paths, args.img_size)
+    print(table(rows, args.gpu_images_per_second))
+    print(
+        f"tensor vs pil path, mean absolute difference (0-255): decode "
+        f"{difference['decode']:.3f}, decode + crop {difference['decode_and_crop']:.3f}"
+    )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        record = {"cpus": os.cpu_count(), "source_size": args.source_size, "rows": rows}
+        record = {
+            "cpus": os.cpu_count(),
+            "source_size": args.source_size,
+            "rows": rows,
+            "pixel_difference": difference,
+        }
         args.json.write_text(json.dumps({**record, "args": vars(args) | {"json": None}}, indent=2))
 
 

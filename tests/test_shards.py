@@ -114,3 +114,65 @@ def test_the_demo_set_writes_to_shards_with_both_splits(tmp_path):
     demo = build_dataset("demo", "val")
     image, label = val[7]
     assert label == demo[7][1] and np.array_equal(np.asarray(image), np.asarray(demo[7][0]))
+
+
+def ks_statistic(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between empirical CDFs."""
+    a, b = np.sort(a), np.sort(b)
+    values = np.concatenate([a, b])
+    cdf_a = np.searchsorted(a, values, side="right") / len(a)
+    cdf_b = np.searchsorted(b, values, side="right") / len(b)
+    return np.abs(cdf_a - cdf_b).max()
+
+
+def test_the_tensor_path_crops_with_the_same_law_as_the_pil_path():
+    from torchvision import transforms as T
+    from torchvision.transforms import v2
+
+    image = Image.new("RGB", (500, 375))
+    tensor = torch.zeros(3, 375, 500, dtype=torch.uint8)
+    sampler = v2.RandomResizedCrop(224, scale=(0.2, 1.0))
+    torch.manual_seed(0)
+    pil = [T.RandomResizedCrop.get_params(image, (0.2, 1.0), (3 / 4, 4 / 3)) for _ in range(4000)]
+    torch.manual_seed(1)
+    ours = [tuple(sampler.make_params([tensor]).values())[:4] for _ in range(4000)]
+    for sample in (pil, ours):
+        assert all(top >= 0 and left >= 0 and top + h <= 375 and left + w <= 500
+                   for top, left, h, w in sample)  # fmt: skip
+    area = 500 * 375
+
+    def scales_and_ratios(sample):
+        params = np.array(sample, dtype=np.float64)
+        return params[:, 2] * params[:, 3] / area, np.log(params[:, 3] / params[:, 2])
+
+    (pil_scale, pil_ratio), (our_scale, our_ratio) = map(scales_and_ratios, (pil, ours))
+    critical = 1.95 * np.sqrt(2 / 4000)  # KS at alpha = 0.001
+    assert ks_statistic(pil_scale, our_scale) < critical
+    assert ks_statistic(pil_ratio, our_ratio) < critical
+    assert our_scale.min() >= 0.2 and our_scale.max() <= 1.0 + 1e-9
+
+
+def test_pretraining_reads_the_tensor_path_with_bad_images_and_16_bit_files(tmp_path, capfd):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for i in range(8):
+        pixels = (torch.rand(20, 20, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.jpg")
+    ramp = np.linspace(0, 65535, 400).reshape(20, 20).astype(np.uint16)
+    Image.fromarray(ramp).save(folder / "8-deep.png")
+    (folder / "9-broken.jpg").write_bytes(b"not a jpeg")
+    from droppos.data.datasets import BadImageError, decode_tensor
+
+    grey = decode_tensor((folder / "8-deep.png").read_bytes(), "deep")
+    assert grey.dtype == torch.uint8 and grey.shape == (1, 20, 20) and int(grey.max()) == 255
+    with pytest.raises(BadImageError, match="broken"):
+        decode_tensor((folder / "9-broken.jpg").read_bytes(), "9-broken.jpg")
+
+    out = tmp_path / "run"
+    args = tiny_args(out, folder, "--data.decode", "tensor", "--data.max_bad_fraction", "0.2")
+    args[args.index("--optim.batch_size") + 1] = "5"
+    assert main(args) == 0
+    assert "9-broken.jpg" in capfd.readouterr().err
+    saved = load_training_checkpoint(out / "last.pth")["model"]
+    assert all(v.isfinite().all() for v in saved.values() if v.is_floating_point())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import io
 import os
 from collections.abc import Iterator, Sequence
 from importlib import resources
@@ -17,9 +18,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+from torchvision.io import decode_image as torchvision_decode
 
 __all__ = [
     "DEFAULT_FASHION_MNIST_ROOT",
@@ -141,6 +144,55 @@ def decode_image(
     return to_grey_or_rgb(img)
 
 
+def decode_tensor(
+    data: bytes, name: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> torch.Tensor:
+    """Encoded image bytes -> uint8 tensor [C, H, W] in the file's own channels (1 or 3),
+    decoded by torchvision (libjpeg-turbo / libpng) without a trip through Pillow's image.
+    (torchvision 0.29 announces that TorchCodec will take over its image decoders; this is the
+    one place to change when it does.)
+
+    The size is read from the header first (Pillow opens it without decoding), so an oversized
+    file is refused before any pixel is decoded; 16-bit images are scaled to 8 bits, alpha is
+    dropped. Any failure raises `BadImageError`.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            width, height = header.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise BadImageError(
+                name,
+                f"{width} x {height} pixels is more than --data.max_image_pixels ({max_pixels})",
+            )
+        image = torchvision_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    except BadImageError:
+        raise
+    except Exception as error:
+        raise BadImageError(name, _describe_decode_error(error)) from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    if image.dtype == torch.uint16:
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)
+    if image.shape[0] in (2, 4):  # greyscale or RGB with alpha
+        image = image[:-1]
+    return image
+
+
+def read_image(
+    path: str | os.PathLike[str], max_pixels: int | None, decode: str
+) -> Image.Image | torch.Tensor:
+    """A file as a PIL image ("pil") or as a uint8 tensor ("tensor", see `decode_tensor`)."""
+    if decode == "pil":
+        return load_image(path, max_pixels)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise BadImageError(path, error.strerror or str(error)) from None
+    return decode_tensor(data, path, max_pixels)
+
+
 def _describe_decode_error(error: Exception) -> str:
     text = str(error)
     if isinstance(error, UnidentifiedImageError):
@@ -189,10 +241,14 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(
-        self, root: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+        self,
+        root: str | os.PathLike[str],
+        max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        decode: str = "pil",
     ) -> None:
         self.root = Path(root).expanduser()
         self.max_pixels = max_pixels
+        self.decode = decode
         if not self.root.is_dir():
             raise ValueError(f"image folder {str(self.root)!r} is not a directory")
         self.classes: list[str] | None = None
@@ -220,7 +276,7 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
-        return load_image(path, self.max_pixels), label
+        return read_image(path, self.max_pixels, self.decode), label
 
 
 class FileListDataset(Dataset):
@@ -236,9 +292,11 @@ class FileListDataset(Dataset):
         root: str | os.PathLike[str],
         list_file: str | os.PathLike[str],
         max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        decode: str = "pil",
     ) -> None:
         self.root = Path(root).expanduser()
         self.max_pixels = max_pixels
+        self.decode = decode
         self.list_file = Path(list_file).expanduser()
         if not self.list_file.is_file():
             raise ValueError(f"file list {str(self.list_file)!r} not found")
@@ -261,7 +319,7 @@ class FileListDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
-        return load_image(path, self.max_pixels), label
+        return read_image(path, self.max_pixels, self.decode), label
 
 
 def _split_line(line: str) -> tuple[str, int | None]:
@@ -409,7 +467,10 @@ class DemoDataset(_ArrayImageDataset):
 
 
 def build_dataset(
-    source: str, split: str = "train", max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    source: str,
+    split: str = "train",
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    decode: str = "pil",
 ) -> Dataset:
     """One entry point from a config string to a dataset of ``(PIL.Image, label)``.
 
@@ -431,7 +492,7 @@ def build_dataset(
     if path.is_file():
         if path.suffix.lower() != ".txt":
             raise ValueError(f"data source {source!r} is not a .txt file list: {_SOURCE_HELP}")
-        return _file_list(path, [path.with_suffix(""), path.parent], max_pixels)
+        return _file_list(path, [path.with_suffix(""), path.parent], max_pixels, decode)
     if not path.is_dir():
         raise ValueError(f"data source {source!r} does not exist: {_SOURCE_HELP}")
     if any(path.glob("*.tar")):  # WebDataset-style shards (droppos write-shards)
@@ -440,17 +501,17 @@ def build_dataset(
         shards = shard_paths(path, split)
         if not shards:
             raise ValueError(f"data source {source!r} has no {split}-*.tar shards")
-        return ShardDataset(shards, max_pixels)
+        return ShardDataset(shards, max_pixels, decode)
     split_names = [*_SPLITS, "test"]
     has_layout = any((path / s).is_dir() or (path / f"{s}.txt").is_file() for s in split_names)
     if not has_layout:
-        return ImageFolderDataset(path, max_pixels)
+        return ImageFolderDataset(path, max_pixels, decode)
     if (path / f"{split}.txt").is_file():
-        return _file_list(path / f"{split}.txt", [path / split, path], max_pixels)
+        return _file_list(path / f"{split}.txt", [path / split, path], max_pixels, decode)
     if (path / split).is_dir():
-        return ImageFolderDataset(path / split, max_pixels)
+        return ImageFolderDataset(path / split, max_pixels, decode)
     if split == "val" and (path / "test").is_dir():
-        return ImageFolderDataset(path / "test", max_pixels)
+        return ImageFolderDataset(path / "test", max_pixels, decode)
     raise ValueError(
         f"data source {source!r} is split into train/val but has no '{split}/' folder "
         f"or '{split}.txt' list"
@@ -458,7 +519,10 @@ def build_dataset(
 
 
 def _file_list(
-    list_file: Path, candidate_roots: list[Path], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    list_file: Path,
+    candidate_roots: list[Path],
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    decode: str = "pil",
 ) -> FileListDataset:
     """The original code reads ``DATA/train.txt`` relative to ``DATA/train``; fall back to the
     list's own folder when the listed paths resolve there instead."""
@@ -466,9 +530,9 @@ def _file_list(
     if first is not None:
         for root in candidate_roots:
             if (root / first).is_file():
-                return FileListDataset(root, list_file, max_pixels)
+                return FileListDataset(root, list_file, max_pixels, decode)
     # raises a message naming the path
-    return FileListDataset(candidate_roots[-1], list_file, max_pixels)
+    return FileListDataset(candidate_roots[-1], list_file, max_pixels, decode)
 
 
 def _first_entry(list_file: Path) -> str | None:

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -31,6 +32,7 @@ from droppos.data.datasets import (
     IMG_EXTENSIONS,
     build_dataset,
     decode_image,
+    decode_tensor,
 )
 
 INDEX_SUFFIX = ".idx.json"
@@ -81,12 +83,16 @@ class ShardDataset(Dataset):
     """
 
     def __init__(
-        self, shards: Sequence[str | Path], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+        self,
+        shards: Sequence[str | Path],
+        max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        decode: str = "pil",
     ) -> None:
         if not shards:
             raise ValueError("no tar shards found")
         self.shards = [Path(s) for s in shards]
         self.max_pixels = max_pixels
+        self.decode = decode
         self.samples: list[tuple[int, int, int, int, str]] = []
         for number, path in enumerate(self.shards):
             for entry in index_shard(path):
@@ -115,13 +121,26 @@ class ShardDataset(Dataset):
             self._handles[number] = self.shards[number].open("rb")
         return self._handles[number]
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+    def __getitem__(self, index: int) -> tuple[Image.Image | torch.Tensor, int]:
         number, offset, size, label, key = self.samples[index]
         handle = self._handle(number)
         handle.seek(offset)
         data = handle.read(size)
         name = f"{self.shards[number]}:{key}"
+        if self.decode == "tensor":
+            return decode_tensor(data, name, self.max_pixels), label
         return decode_image(io.BytesIO(data), name, self.max_pixels), label
+
+    def close(self) -> None:
+        """Close this process's shard files (they reopen on the next read)."""
+        if self._pid == os.getpid():
+            for handle in self._handles.values():
+                handle.close()
+        self._handles = {}
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

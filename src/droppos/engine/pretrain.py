@@ -18,7 +18,7 @@ from torch import nn
 
 from droppos.data import AugmentedDataset, ReplaceBadImages, build_dataset
 from droppos.data.mask_noise import MaskNoiseDataset
-from droppos.data.transforms import pretrain_transform
+from droppos.data.transforms import default_mean_std, normalise_on_device, pretrain_transform
 from droppos.engine.config import PretrainConfig
 from droppos.engine.distributed import DistEnv, init_distributed
 from droppos.engine.loop import StepResult, TrainLoop, build_loop
@@ -30,10 +30,18 @@ from droppos.objective.smoothing import PositionTargets
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def to_device(batch: Batch, device: torch.device) -> Batch:
+def to_device(batch: Batch, config: PretrainConfig, device: torch.device) -> Batch:
+    """The batch on the device, images normalised there when they arrive as uint8."""
     images, labels, patch_noise, position_noise = batch
-    return (
+    in_chans = config.model.encoder.in_chans
+    default_mean, default_std = default_mean_std(in_chans)
+    images = normalise_on_device(
         images.to(device, non_blocking=True),
+        config.data.mean or default_mean,
+        config.data.std or default_std,
+    )
+    return (
+        images,
         labels,
         patch_noise.to(device, non_blocking=True),
         position_noise.to(device, non_blocking=True),
@@ -83,7 +91,7 @@ class DropPosMethod(PretrainMethod):
         self.target_map = self.targets.at_epoch(epoch, self.device)
 
     def ahead(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        images, _, patch_noise, position_noise = to_device(batch, self.device)
+        images, _, patch_noise, position_noise = to_device(batch, self.config, self.device)
         weights = self.loss_weights(images, patch_noise, position_noise)
         normalisers = {"position": weights.float().sum()}
         if self.model.droppos_config.pixel_branch is not None:
@@ -96,7 +104,7 @@ class DropPosMethod(PretrainMethod):
     def forward(
         self, engine_model: nn.Module, batch: Batch, cache: torch.Tensor | None
     ) -> StepResult:
-        images, _, patch_noise, position_noise = to_device(batch, self.device)
+        images, _, patch_noise, position_noise = to_device(batch, self.config, self.device)
         output = engine_model(
             images,
             target_map=self.target_map,
@@ -164,7 +172,7 @@ class MAEMethod(PretrainMethod):
         return None, {"pixel": torch.tensor(float(images.shape[0] * masked), device=self.device)}
 
     def forward(self, engine_model: nn.Module, batch: Batch, cache: None) -> StepResult:
-        images, _, patch_noise, _ = to_device(batch, self.device)
+        images, _, patch_noise, _ = to_device(batch, self.config, self.device)
         output = engine_model(images, patch_noise=patch_noise)
         return StepResult(
             normalisers={"pixel": output.masked.sum().float()},
@@ -207,9 +215,10 @@ def setup(config: PretrainConfig) -> TrainLoop:
     torch.manual_seed(config.run.seed + env.rank)
     method = build_method(config, env)
     model = method.model
+    data = config.data
     dataset = ReplaceBadImages(
-        build_dataset(config.data.source, "train", config.data.max_image_pixels),
-        config.data.on_bad_image,
+        build_dataset(data.source, "train", data.max_image_pixels, data.decode),
+        data.on_bad_image,
     )
     encoder = config.model.encoder
     transform = pretrain_transform(
@@ -218,6 +227,7 @@ def setup(config: PretrainConfig) -> TrainLoop:
         config.data.mean,
         config.data.std,
         crop_scale=config.data.crop_scale,
+        output="uint8" if config.data.decode == "tensor" else "float",
     )
     noisy = MaskNoiseDataset(
         AugmentedDataset(dataset, transform, seed=config.run.seed),
