@@ -149,7 +149,7 @@ def test_the_tensor_path_crops_with_the_same_law_as_the_pil_path():
     critical = 1.95 * np.sqrt(2 / 4000)  # KS at alpha = 0.001
     assert ks_statistic(pil_scale, our_scale) < critical
     assert ks_statistic(pil_ratio, our_ratio) < critical
-    assert our_scale.min() >= 0.2 and our_scale.max() <= 1.0 + 1e-9
+    assert our_scale.min() >= 0.19 and our_scale.max() <= 1.0 + 1e-9  # sides are rounded
 
 
 def test_pretraining_reads_the_tensor_path_with_bad_images_and_16_bit_files(tmp_path, capfd):
