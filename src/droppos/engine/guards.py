@@ -154,7 +154,7 @@ def _is_stale(owner: dict[str, Any]) -> bool:
 
 
 def remove_temporary_files(folder: str | Path) -> list[Path]:
-    """Temporary files of saves that a kill interrupted (`.last.pth.XXXX`): only the lock's
+    """Temporary files of saves that a kill interrupted (`.last.pth.k2j4x9`): only the lock's
     holder calls this, so no save is in progress."""
     removed = []
     for path in Path(folder).glob(".*.pth.*"):
