@@ -67,7 +67,7 @@ def pipeline(root: Path, img_size: int, decode: str) -> MaskNoiseDataset:
     transform = pretrain_transform(img_size, output="uint8" if decode == "tensor" else "float")
     num_patches = (img_size // 16) ** 2
     return MaskNoiseDataset(
-        AugmentedDataset(dataset, transform, seed=0),
+        AugmentedDataset(dataset, transform, seed=0, torch_rng_only=decode == "tensor"),
         num_patches=num_patches,
         num_visible=num_patches // 4,
     )

@@ -230,7 +230,9 @@ def setup(config: PretrainConfig) -> TrainLoop:
         output="uint8" if config.data.decode == "tensor" else "float",
     )
     noisy = MaskNoiseDataset(
-        AugmentedDataset(dataset, transform, seed=config.run.seed),
+        AugmentedDataset(
+            dataset, transform, seed=config.run.seed, torch_rng_only=config.data.decode == "tensor"
+        ),
         num_patches=model.num_patches,
         num_visible=config.model.num_visible,
     )
