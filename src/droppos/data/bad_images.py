@@ -1,11 +1,13 @@
 """Unreadable images in a training set: replaced by a readable neighbour, warned about and counted.
 
 A days-long pre-training run must not die at one truncated JPEG, yet a folder of mostly broken
-files must not train silently either. `ReplaceBadImages` gives index i the next readable image
-(i+1, i+2, ...) in place of a bad one, so batches keep their size and a resumed run sees exactly
-the same replacement. Workers count what they replaced in a shared-memory tensor (one slot per
-worker, so no two processes write the same memory), which the training loop reads to report
-the count and to stop a run whose bad fraction passes `--data.max_bad_fraction`.
+files must not train silently either. `ReplaceBadImages` wraps the augmented dataset (so an
+image that fails while decoding inside the transform is caught too) and gives index i the next
+readable sample (i+1, i+2, ..., augmented as that index always is) in place of a bad one, so
+batches keep their size and a resumed run sees exactly the same replacement. Workers count what
+they replaced in a shared-memory tensor (one slot per worker, so no two processes write the same
+memory), which the training loop reads to report the count and to stop a run whose bad fraction
+passes `--data.max_bad_fraction`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,18 @@ class ReplaceBadImages(DatasetWrapper):
         self.policy = policy
         self._counts = torch.zeros(MAX_SLOTS + 1, dtype=torch.int64).share_memory_()
         self._warned: set[str] = set()
+
+    # The epoch API of an AugmentedDataset inside, for MaskNoiseDataset and set_epoch above.
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
+
+    @property
+    def seed(self) -> int:
+        return self.dataset.seed  # type: ignore[attr-defined]
+
+    @property
+    def epoch(self) -> int:
+        return self.dataset.epoch  # type: ignore[attr-defined]
 
     @property
     def replaced(self) -> int:

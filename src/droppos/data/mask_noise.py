@@ -12,16 +12,16 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from droppos.data.transforms import AugmentedDataset, sample_seed
+from droppos.data.transforms import sample_seed
 
 NOISE_STREAM = 0x6D61736B  # keeps mask noise independent of the augmentation stream
 
 
 class MaskNoiseDataset(Dataset):
-    """Items of an AugmentedDataset plus their mask noise:
+    """Items of an AugmentedDataset (or a wrapper with its seed and epoch) plus their mask noise:
     `(image, label, patch_noise [L], position_noise [V])`."""
 
-    def __init__(self, dataset: AugmentedDataset, num_patches: int, num_visible: int) -> None:
+    def __init__(self, dataset: Dataset, num_patches: int, num_visible: int) -> None:
         self.dataset = dataset
         self.num_patches = num_patches
         self.num_visible = num_visible

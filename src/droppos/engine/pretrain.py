@@ -216,10 +216,7 @@ def setup(config: PretrainConfig) -> TrainLoop:
     method = build_method(config, env)
     model = method.model
     data = config.data
-    dataset = ReplaceBadImages(
-        build_dataset(data.source, "train", data.max_image_pixels, data.decode),
-        data.on_bad_image,
-    )
+    dataset = build_dataset(data.source, "train", data.max_image_pixels, data.decode)
     encoder = config.model.encoder
     transform = pretrain_transform(
         encoder.img_size,
@@ -229,10 +226,11 @@ def setup(config: PretrainConfig) -> TrainLoop:
         crop_scale=config.data.crop_scale,
         output="uint8" if config.data.decode == "tensor" else "float",
     )
+    augmented = AugmentedDataset(
+        dataset, transform, seed=config.run.seed, torch_rng_only=data.decode == "tensor"
+    )
     noisy = MaskNoiseDataset(
-        AugmentedDataset(
-            dataset, transform, seed=config.run.seed, torch_rng_only=config.data.decode == "tensor"
-        ),
+        ReplaceBadImages(augmented, data.on_bad_image),
         num_patches=model.num_patches,
         num_visible=config.model.num_visible,
     )

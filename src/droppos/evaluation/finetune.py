@@ -249,8 +249,8 @@ def setup(config: FinetuneConfig) -> TrainLoop:
         ema=ModelEmaV3(model, decay=config.model.ema_decay) if config.model.ema else None,
         precision=precision,
     )
-    train = ReplaceBadImages(splits.train, config.data.on_bad_image)
-    train_set = AugmentedDataset(train, transform, seed=config.run.seed)
+    augmented = AugmentedDataset(splits.train, transform, seed=config.run.seed)
+    train_set = ReplaceBadImages(augmented, config.data.on_bad_image)
     return build_loop(method, env, config, train_set, precision)
 
 
