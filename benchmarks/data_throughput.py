@@ -61,10 +61,13 @@ def images_per_second(count: int, work) -> float:
     return count / (time.perf_counter() - start)
 
 
+PATHS = ("pil", "draft", "tensor")
+
+
 def pipeline(root: Path, img_size: int, decode: str) -> MaskNoiseDataset:
     """What pre-training reads with `--data.decode decode`."""
     dataset = ImageFolderDataset(root, decode=decode)
-    transform = pretrain_transform(img_size, output="uint8" if decode == "tensor" else "float")
+    transform = pretrain_transform(img_size, decode=decode)
     num_patches = (img_size // 16) ** 2
     return MaskNoiseDataset(
         AugmentedDataset(dataset, transform, seed=0, torch_rng_only=decode == "tensor"),
@@ -94,7 +97,19 @@ def pixel_difference(paths: list[str], img_size: int) -> dict[str, float]:
             interpolation=InterpolationMode.BICUBIC, antialias=True,
         )  # fmt: skip
         cropped.append((crop_pil.float() - crop_tensor.float()).abs().mean().item())
-    return {"decode": float(np.mean(decoded)), "decode_and_crop": float(np.mean(cropped))}
+    # draft vs pil: the same crops (same seeds), compared after the whole transform
+    pil_items, draft_items = (
+        pipeline(Path(paths[0]).parents[1], img_size, d) for d in ("pil", "draft")
+    )
+    std = 255 * float(np.mean([0.229, 0.224, 0.225]))
+    drafted = [
+        float((pil_items[i][0] - draft_items[i][0]).abs().mean()) * std for i in range(len(paths))
+    ]
+    return {
+        "decode": float(np.mean(decoded)),
+        "decode_and_crop": float(np.mean(cropped)),
+        "draft_vs_pil": float(np.mean(drafted)),
+    }
 
 
 def measure(root: Path, img_size: int, batch: int, workers: list[int]) -> list[dict[str, Any]]:
@@ -117,7 +132,7 @@ def measure(root: Path, img_size: int, batch: int, workers: list[int]) -> list[d
             ),
         },
     ]
-    for decode in ("pil", "tensor"):
+    for decode in PATHS:
         noisy = pipeline(root, img_size, decode)
         rows.append(
             {
@@ -129,7 +144,7 @@ def measure(root: Path, img_size: int, batch: int, workers: list[int]) -> list[d
                 ),
             }
         )
-    for decode in ("pil", "tensor"):
+    for decode in PATHS:
         noisy = pipeline(root, img_size, decode)
         for count in workers:
             loader = build_loader(noisy, batch, num_workers=count, drop_last=True)
@@ -197,8 +212,9 @@ def main(argv: list[str] | None = None) -> None:
         difference = pixel_difference(paths, args.img_size)
     print(table(rows, args.gpu_images_per_second))
     print(
-        f"tensor vs pil path, mean absolute difference (0-255): decode "
-        f"{difference['decode']:.3f}, decode + crop {difference['decode_and_crop']:.3f}"
+        f"mean absolute difference from the pil path (0-255 levels): tensor decode "
+        f"{difference['decode']:.3f}, tensor decode + crop {difference['decode_and_crop']:.3f}, "
+        f"draft after the whole augmentation {difference['draft_vs_pil']:.3f}"
     )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

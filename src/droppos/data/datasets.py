@@ -35,6 +35,7 @@ __all__ = [
     "FashionMNISTDataset",
     "FileListDataset",
     "ImageFolderDataset",
+    "LazyImage",
     "build_dataset",
     "load_image",
     "read_idx",
@@ -180,12 +181,65 @@ def decode_tensor(
     return image
 
 
+class LazyImage:
+    """An image file whose header has been read but not its pixels.
+
+    The transform picks the crop first and then decodes (`decode`), a JPEG at a reduced scale
+    when the crop allows it (Pillow's draft mode: the DCT skips the detail that the resize would
+    throw away). Holds the path, or the bytes of a shard member.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] | bytes,
+        name: str | os.PathLike[str],
+        max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> None:
+        self.source, self.name = source, str(name)
+        try:
+            with self._open() as header:
+                self.size: tuple[int, int] = header.size
+                self.format = header.format
+        except Exception as error:
+            raise BadImageError(name, _describe_decode_error(error)) from None
+        width, height = self.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise BadImageError(
+                name,
+                f"{width} x {height} pixels is more than --data.max_image_pixels ({max_pixels})",
+            )
+
+    def _open(self) -> Image.Image:
+        if isinstance(self.source, bytes):
+            return Image.open(io.BytesIO(self.source))
+        return Image.open(self.source)
+
+    def decode(self, reduce: int = 1) -> Image.Image:
+        """The pixels ("L" or "RGB"); a JPEG at 1/`reduce` scale (2, 4 or 8) when asked."""
+        limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None  # the size was checked from the header
+        try:
+            with self._open() as image:
+                if reduce > 1 and image.format == "JPEG":
+                    width, height = image.size
+                    image.draft(image.mode, (-(-width // reduce), -(-height // reduce)))
+                image.load()
+                return to_grey_or_rgb(image.copy() if image.mode in ("L", "RGB") else image)
+        except Exception as error:
+            raise BadImageError(self.name, _describe_decode_error(error)) from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
 def read_image(
     path: str | os.PathLike[str], max_pixels: int | None, decode: str
-) -> Image.Image | torch.Tensor:
-    """A file as a PIL image ("pil") or as a uint8 tensor ("tensor", see `decode_tensor`)."""
+) -> Image.Image | torch.Tensor | LazyImage:
+    """A file as a PIL image ("pil"), a uint8 tensor ("tensor", see `decode_tensor`) or a
+    `LazyImage` ("draft")."""
     if decode == "pil":
         return load_image(path, max_pixels)
+    if decode == "draft":
+        return LazyImage(path, path, max_pixels)
     try:
         data = Path(path).read_bytes()
     except OSError as error:

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from droppos.data.datasets import (
     DEFAULT_MAX_IMAGE_PIXELS,
     IMG_EXTENSIONS,
+    LazyImage,
     build_dataset,
     decode_image,
     decode_tensor,
@@ -121,7 +122,7 @@ class ShardDataset(Dataset):
             self._handles[number] = self.shards[number].open("rb")
         return self._handles[number]
 
-    def __getitem__(self, index: int) -> tuple[Image.Image | torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[Image.Image | torch.Tensor | LazyImage, int]:
         number, offset, size, label, key = self.samples[index]
         handle = self._handle(number)
         handle.seek(offset)
@@ -129,6 +130,8 @@ class ShardDataset(Dataset):
         name = f"{self.shards[number]}:{key}"
         if self.decode == "tensor":
             return decode_tensor(data, name, self.max_pixels), label
+        if self.decode == "draft":
+            return LazyImage(data, name, self.max_pixels), label
         return decode_image(io.BytesIO(data), name, self.max_pixels), label
 
     def close(self) -> None:

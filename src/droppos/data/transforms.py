@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode, v2
 
-from droppos.data.datasets import DatasetWrapper
+from droppos.data.datasets import DatasetWrapper, LazyImage
 
 __all__ = [
     "FASHION_MNIST_MEAN",
@@ -113,6 +113,40 @@ class ToChannels:
         return f"ToChannels({self.channels})"
 
 
+class DraftRandomResizedCrop(T.RandomResizedCrop):
+    """RandomResizedCrop that chooses the crop before decoding.
+
+    Given a `LazyImage`, it draws the crop exactly as RandomResizedCrop does (same calls, same
+    random numbers), then decodes a JPEG at the smallest scale (1/2, 1/4, 1/8) that still leaves
+    the crop at least the output size, so the shortcut never upsamples; without a reduction the
+    result is bit-identical to RandomResizedCrop's. PIL images pass through RandomResizedCrop.
+    """
+
+    def __init__(self, size: Size, mode: str, **kwargs: Any) -> None:
+        super().__init__(size, **kwargs)
+        self.mode = mode
+
+    def forward(self, img: Any) -> Image.Image:
+        if not isinstance(img, LazyImage):
+            return super().forward(img.convert(self.mode) if img.mode != self.mode else img)
+        width, height = img.size
+        top, left, h, w = self.get_params(
+            torch.empty(1, 1, 1).expand(1, height, width), self.scale, self.ratio
+        )
+        out_h, out_w = self.size
+        reduce = next((r for r in (8, 4, 2) if w / r >= out_w and h / r >= out_h), 1)
+        image = img.decode(reduce)
+        if image.mode != self.mode:
+            image = image.convert(self.mode)
+        if reduce == 1:
+            return T.functional.resized_crop(
+                image, top, left, h, w, self.size, self.interpolation, antialias=self.antialias
+            )
+        sx, sy = image.width / width, image.height / height
+        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+        return image.resize((out_w, out_h), Image.BICUBIC, box=box)
+
+
 def normalise_on_device(
     images: torch.Tensor, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
@@ -131,16 +165,18 @@ def pretrain_transform(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     crop_scale: tuple[float, float] = (0.2, 1.0),
-    output: str = "float",
+    decode: str = "pil",
 ) -> Callable[[Any], torch.Tensor]:
     """DropPos / MAE pre-training augmentation: RandomResizedCrop(scale 0.2-1, bicubic) + flip.
 
     PIL image (any size, "L" or "RGB") -> float tensor [in_chans, H, W], normalised.
-    `crop_scale` is the paper's (0.2, 1) unless a preset says otherwise. With `output="uint8"`
-    the same augmentation runs on uint8 tensors (torchvision.transforms.v2; input a PIL image or
-    a decoded uint8 tensor) and stops before normalisation, which `normalise_on_device` does.
+    `crop_scale` is the paper's (0.2, 1) unless a preset says otherwise. `decode` follows
+    `--data.decode`: "draft" takes `LazyImage`s and decodes inside the crop
+    (`DraftRandomResizedCrop`); "tensor" runs the same augmentation on uint8 tensors
+    (torchvision.transforms.v2; input a PIL image or a decoded uint8 tensor) and stops before
+    normalisation, which `normalise_on_device` does.
     """
-    if output == "uint8":
+    if decode == "tensor":
         _prologue_epilogue(in_chans, mean, std)  # the same checks of mean and std
         return v2.Compose(
             [
@@ -155,6 +191,11 @@ def pretrain_transform(
             ]
         )
     convert, to_tensor = _prologue_epilogue(in_chans, mean, std)
+    if decode == "draft":  # decode inside the crop: JPEGs at a reduced scale when it allows
+        crop = DraftRandomResizedCrop(
+            _hw(img_size), convert.mode, scale=crop_scale, interpolation=InterpolationMode.BICUBIC
+        )
+        return T.Compose([crop, T.RandomHorizontalFlip(), *to_tensor])
     return T.Compose(
         [
             convert,

@@ -224,7 +224,7 @@ def setup(config: PretrainConfig) -> TrainLoop:
         config.data.mean,
         config.data.std,
         crop_scale=config.data.crop_scale,
-        output="uint8" if config.data.decode == "tensor" else "float",
+        decode=data.decode,
     )
     augmented = AugmentedDataset(
         dataset, transform, seed=config.run.seed, torch_rng_only=data.decode == "tensor"

@@ -1,4 +1,4 @@
-"""Tar shards: written from any source, read by random access, trained on like the folder."""
+"""The input pipeline: tar shards, the draft and tensor decode paths, and what they change."""
 
 import tarfile
 from pathlib import Path
@@ -176,3 +176,55 @@ def test_pretraining_reads_the_tensor_path_with_bad_images_and_16_bit_files(tmp_
     assert "9-broken.jpg" in capfd.readouterr().err
     saved = load_training_checkpoint(out / "last.pth")["model"]
     assert all(v.isfinite().all() for v in saved.values() if v.is_floating_point())
+
+
+def jpeg(path, width, height, seed=0):
+    """A photo-like JPEG: smooth colour fields plus noise."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (height // 32 + 1, width // 32 + 1, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC))
+    noisy = np.clip(smooth + rng.normal(0, 8, smooth.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(noisy).save(path, quality=90)
+
+
+def augmented(folder, decode, size=64, seed=0):
+    from droppos.data import AugmentedDataset
+    from droppos.data.transforms import pretrain_transform
+
+    dataset = build_dataset(str(folder), "train", decode=decode)
+    return AugmentedDataset(dataset, pretrain_transform(size, decode=decode), seed=seed)
+
+
+def test_draft_decoding_equals_the_pil_path_when_no_crop_can_shrink(tmp_path):
+    for i in range(6):  # 100 x 80: no crop has both sides of 2 x 64
+        jpeg(tmp_path / f"{i}.jpg", 100, 80, seed=i)
+    pil, draft = augmented(tmp_path, "pil"), augmented(tmp_path, "draft")
+    for i in range(len(pil)):
+        assert torch.equal(pil[i][0], draft[i][0])
+
+
+def test_draft_decoding_shrinks_large_jpegs_and_stays_close(tmp_path):
+    from droppos.data.datasets import LazyImage
+
+    for i in range(6):
+        jpeg(tmp_path / f"{i}.jpg", 1200, 900, seed=i)
+    lazy = LazyImage(tmp_path / "0.jpg", "0.jpg")
+    assert lazy.size == (1200, 900) and lazy.decode(4).size == (300, 225)  # 1/4 scale
+    pil, draft = augmented(tmp_path, "pil"), augmented(tmp_path, "draft")
+    levels = [float((pil[i][0] - draft[i][0]).abs().mean()) * 255 * 0.226 for i in range(6)]
+    assert np.mean(levels) < 2.0  # a fraction of one level of 255 on average
+    assert max(levels) > 0  # the shortcut was taken
+
+
+def test_an_image_that_fails_inside_the_draft_crop_is_still_skipped(tmp_path, capfd):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(9):
+        jpeg(folder / f"{i}.jpg", 40, 40, seed=i)
+    whole = (folder / "4.jpg").read_bytes()
+    (folder / "4.jpg").write_bytes(whole[: len(whole) // 2])  # the header reads, the data ends
+    args = tiny_args(tmp_path / "run", folder, "--data.decode", "draft")
+    args += ["--data.max_bad_fraction", "0.2"]
+    args[args.index("--optim.batch_size") + 1] = "3"
+    assert main(args) == 0
+    assert "4.jpg" in capfd.readouterr().err
