@@ -9,6 +9,8 @@ decode paths (`--data.decode pil`, today's, and `tensor`):
   pil path also converts to float and normalises, the tensor path leaves that to the device),
   plus the per-sample mask noise;
 * loader: `build_loader` over that dataset with 0..W worker processes, batches of B;
+* the device path (`--data.decode device`): the workers' share (read the file, choose the
+  crop) and the decode + augment it moves to the device, here measured on this CPU;
 * how far the tensor path's pixels are from the pil path's, for the same crop.
 
 Divide a training run's images/s by the per-worker figure to know how many workers it needs.
@@ -36,6 +38,7 @@ from torchvision.transforms.v2 import functional as F2
 
 from droppos.data import AugmentedDataset, build_loader
 from droppos.data.datasets import ImageFolderDataset, decode_tensor, load_image
+from droppos.data.device_decode import decode_batch
 from droppos.data.mask_noise import MaskNoiseDataset
 from droppos.data.transforms import pretrain_transform
 
@@ -144,6 +147,33 @@ def measure(root: Path, img_size: int, batch: int, workers: list[int]) -> list[d
                 ),
             }
         )
+    # device: the workers' share only; the decode moves to the device (here: this CPU)
+    noisy = pipeline(root, img_size, "device")
+    items = [noisy[i][0] for i in range(len(noisy))]
+    rows.append(
+        {
+            "stage": "choose crop + mask noise (workers' share)",
+            "path": "device",
+            "workers": 0,
+            "images_per_second": images_per_second(
+                len(noisy), lambda: [noisy[i] for i in range(len(noisy))]
+            ),
+        }
+    )
+    rows.append(
+        {
+            "stage": "decode + augment on the device (here the CPU)",
+            "path": "device",
+            "workers": 0,
+            "images_per_second": images_per_second(
+                len(items),
+                lambda: [
+                    decode_batch(items[i : i + batch], (img_size, img_size), 3, torch.device("cpu"))
+                    for i in range(0, len(items), batch)
+                ],
+            ),
+        }
+    )
     for decode in PATHS:
         noisy = pipeline(root, img_size, decode)
         for count in workers:

@@ -228,3 +228,45 @@ def test_an_image_that_fails_inside_the_draft_crop_is_still_skipped(tmp_path, ca
     args[args.index("--optim.batch_size") + 1] = "3"
     assert main(args) == 0
     assert "4.jpg" in capfd.readouterr().err
+
+
+def test_the_device_path_draws_the_pil_paths_crops_and_decodes_them_alike(tmp_path):
+    from droppos.data.device_decode import ChooseCrop, decode_batch
+    from droppos.data.transforms import pretrain_transform, seeded_cpu_rngs
+
+    for i in range(4):
+        jpeg(tmp_path / f"{i}.jpg", 300, 200, seed=i)
+    lazy = build_dataset(str(tmp_path), "train", decode="device")
+    plain = build_dataset(str(tmp_path), "train")
+    choose = ChooseCrop((0.2, 1.0))
+    unnormalised = pretrain_transform(64, mean=(0, 0, 0), std=(1, 1, 1))
+    for i in range(len(plain)):
+        with seeded_cpu_rngs(100 + i):
+            encoded = choose(lazy[i][0])
+        with seeded_cpu_rngs(100 + i):
+            reference = unnormalised(plain[i][0]) * 255  # the pil path, same random numbers
+        decoded = decode_batch([encoded], (64, 64), 3, torch.device("cpu"))[0]
+        assert (decoded.float() - reference).abs().mean() < 0.1  # same crop, same flip
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_decoding_matches_cpu_decoding(tmp_path):
+    from droppos.data.device_decode import ChooseCrop, decode_batch
+
+    for i in range(4):
+        jpeg(tmp_path / f"{i}.jpg", 300, 200, seed=i)
+    lazy = build_dataset(str(tmp_path), "train", decode="device")
+    torch.manual_seed(0)
+    items = [ChooseCrop((0.2, 1.0))(lazy[i][0]) for i in range(len(lazy))]
+    on_gpu = decode_batch(items, (64, 64), 3, torch.device("cuda")).cpu().float()
+    on_cpu = decode_batch(items, (64, 64), 3, torch.device("cpu")).float()
+    assert (on_gpu - on_cpu).abs().mean() < 2.0  # nvJPEG and libjpeg-turbo round differently
+
+
+def test_pretraining_decodes_on_the_device(tmp_path, class_folder, capsys):
+    out = tmp_path / "run"
+    args = tiny_args(out, class_folder, "--data.decode", "device", "--data.num_workers", "2")
+    assert main(args) == 0
+    assert load_training_checkpoint(out / "last.pth")["position"]["step"] == 6
+    assert main(tiny_args(tmp_path / "demo", "demo", "--data.decode", "device")) == 2
+    assert "holds none" in capsys.readouterr().err

@@ -235,10 +235,10 @@ def read_image(
     path: str | os.PathLike[str], max_pixels: int | None, decode: str
 ) -> Image.Image | torch.Tensor | LazyImage:
     """A file as a PIL image ("pil"), a uint8 tensor ("tensor", see `decode_tensor`) or a
-    `LazyImage` ("draft")."""
+    `LazyImage` ("draft", "device": decoded later, in the transform or on the device)."""
     if decode == "pil":
         return load_image(path, max_pixels)
-    if decode == "draft":
+    if decode in ("draft", "device"):
         return LazyImage(path, path, max_pixels)
     try:
         data = Path(path).read_bytes()

@@ -130,7 +130,7 @@ class ShardDataset(Dataset):
         name = f"{self.shards[number]}:{key}"
         if self.decode == "tensor":
             return decode_tensor(data, name, self.max_pixels), label
-        if self.decode == "draft":
+        if self.decode in ("draft", "device"):
             return LazyImage(data, name, self.max_pixels), label
         return decode_image(io.BytesIO(data), name, self.max_pixels), label
 

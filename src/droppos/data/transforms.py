@@ -105,7 +105,9 @@ class ToChannels:
             return image
         if self.channels == 3:
             return image.expand(3, -1, -1).contiguous()
-        weights = torch.tensor([299, 587, 114], dtype=torch.int32)[:, None, None]
+        weights = torch.tensor([299, 587, 114], dtype=torch.int32, device=image.device)[
+            :, None, None
+        ]
         grey = (image.to(torch.int32) * weights).sum(dim=0, keepdim=True) + 500
         return (grey // 1000).to(torch.uint8)
 
@@ -176,6 +178,11 @@ def pretrain_transform(
     (torchvision.transforms.v2; input a PIL image or a decoded uint8 tensor) and stops before
     normalisation, which `normalise_on_device` does.
     """
+    if decode == "device":  # the workers only choose the crop; see droppos.data.device_decode
+        from droppos.data.device_decode import ChooseCrop
+
+        _prologue_epilogue(in_chans, mean, std)
+        return ChooseCrop(crop_scale)
     if decode == "tensor":
         _prologue_epilogue(in_chans, mean, std)  # the same checks of mean and std
         return v2.Compose(

@@ -82,9 +82,10 @@ class PretrainDataSection(DataSection):
 
     crop_scale: tuple[float, float] = (0.5, 1.0)
     """RandomResizedCrop area range (the paper and the ImageNet presets: 0.2-1)."""
-    decode: Literal["pil", "draft", "tensor"] = "pil"
-    """pil (Pillow), draft (Pillow, a JPEG decoded at 1/2-1/8 scale when its crop allows), or
-    tensor (torchvision decode, uint8 augmentation, normalised on the device: ~2x per core)."""
+    decode: Literal["pil", "draft", "tensor", "device"] = "pil"
+    """pil (Pillow), draft (Pillow, a JPEG decoded at 1/2-1/8 scale when its crop allows),
+    tensor (torchvision decode, uint8 augmentation, normalised on the device: ~2x per core) or
+    device (workers only choose the crop; decode and augmentation on the GPU, nvJPEG)."""
 
     def validate(self) -> None:
         super().validate()

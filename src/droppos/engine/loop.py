@@ -502,7 +502,7 @@ class MetricSums:
 
 def batch_size(batch: Any) -> int:
     first = batch[0] if isinstance(batch, list | tuple) else batch
-    return int(first.shape[0])
+    return len(first) if isinstance(first, list) else int(first.shape[0])
 
 
 def build_loop(
@@ -511,6 +511,7 @@ def build_loop(
     config: Any,
     train_set: Dataset,
     precision: str,
+    collate_fn: Any = None,
 ) -> TrainLoop:
     """The training loader (this rank's shard, in an order that is a function of seed and
     epoch), optimizer, scaler and engine model for `method`; restores a checkpoint if due.
@@ -531,6 +532,7 @@ def build_loop(
         distributed=env.distributed,
         device_type=env.device.type,
         timeout=data.timeout,
+        collate_fn=collate_fn,
     )
     steps_per_epoch = optimizer_steps_per_epoch(len(loader), optim.batch_size, optim.accum_steps)
     layer_decay = optim.layer_decay if optim.layer_decay < 1 else None

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from droppos.data import AugmentedDataset, ReplaceBadImages, build_dataset
+from droppos.data.device_decode import collate_encoded, decode_batch
 from droppos.data.mask_noise import MaskNoiseDataset
 from droppos.data.transforms import default_mean_std, normalise_on_device, pretrain_transform
 from droppos.engine.config import PretrainConfig
@@ -24,6 +25,7 @@ from droppos.engine.distributed import DistEnv, init_distributed
 from droppos.engine.loop import StepResult, TrainLoop, build_loop
 from droppos.engine.precision import resolve_precision
 from droppos.models.droppos import DropPosConfig, DropPosModel
+from droppos.models.encoder import pair
 from droppos.models.mae import MAEConfig, MAEModel
 from droppos.objective.smoothing import PositionTargets
 
@@ -33,12 +35,14 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 def to_device(batch: Batch, config: PretrainConfig, device: torch.device) -> Batch:
     """The batch on the device, images normalised there when they arrive as uint8."""
     images, labels, patch_noise, position_noise = batch
-    in_chans = config.model.encoder.in_chans
-    default_mean, default_std = default_mean_std(in_chans)
+    encoder = config.model.encoder
+    if isinstance(images, list):  # --data.decode device: still encoded
+        images = decode_batch(images, pair(encoder.img_size), encoder.in_chans, device)
+    else:
+        images = images.to(device, non_blocking=True)
+    default_mean, default_std = default_mean_std(encoder.in_chans)
     images = normalise_on_device(
-        images.to(device, non_blocking=True),
-        config.data.mean or default_mean,
-        config.data.std or default_std,
+        images, config.data.mean or default_mean, config.data.std or default_std
     )
     return (
         images,
@@ -217,6 +221,11 @@ def setup(config: PretrainConfig) -> TrainLoop:
     model = method.model
     data = config.data
     dataset = build_dataset(data.source, "train", data.max_image_pixels, data.decode)
+    if data.decode == "device" and getattr(dataset, "decode", None) != "device":
+        raise ValueError(
+            f"--data.decode device decodes files on the device, and {data.source!r} holds none; "
+            "use an image folder, a file list or tar shards (or another --data.decode)"
+        )
     encoder = config.model.encoder
     transform = pretrain_transform(
         encoder.img_size,
@@ -234,7 +243,8 @@ def setup(config: PretrainConfig) -> TrainLoop:
         num_patches=model.num_patches,
         num_visible=config.model.num_visible,
     )
-    return build_loop(method, env, config, noisy, precision)
+    collate = collate_encoded if data.decode == "device" else None
+    return build_loop(method, env, config, noisy, precision, collate_fn=collate)
 
 
 def pretrain(config: PretrainConfig) -> dict[str, Any]:
