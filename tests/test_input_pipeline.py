@@ -270,3 +270,21 @@ def test_pretraining_decodes_on_the_device(tmp_path, class_folder, capsys):
     assert load_training_checkpoint(out / "last.pth")["position"]["step"] == 6
     assert main(tiny_args(tmp_path / "demo", "demo", "--data.decode", "device")) == 2
     assert "holds none" in capsys.readouterr().err
+
+
+def test_the_tensor_path_takes_the_pil_paths_crops_for_the_same_seed(tmp_path):
+    from droppos.data.transforms import pretrain_transform, seeded_cpu_rngs
+
+    for i in range(6):
+        jpeg(tmp_path / f"{i}.jpg", 300, 200, seed=i)
+    tensors = build_dataset(str(tmp_path), "train", decode="tensor")
+    plain = build_dataset(str(tmp_path), "train")
+    ours = pretrain_transform(64, decode="tensor")
+    unnormalised = pretrain_transform(64, mean=(0, 0, 0), std=(1, 1, 1))
+    for i in range(len(plain)):
+        with seeded_cpu_rngs(7 + i):
+            crop = ours(tensors[i][0])
+        with seeded_cpu_rngs(7 + i):
+            reference = unnormalised(plain[i][0]) * 255
+        assert crop.dtype == torch.uint8
+        assert (crop.float() - reference).abs().mean() < 0.1  # bicubic rounding only

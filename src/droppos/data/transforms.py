@@ -23,7 +23,8 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import Dataset
 from torchvision import transforms as T
-from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F2
 
 from droppos.data.datasets import DatasetWrapper, LazyImage
 
@@ -115,6 +116,31 @@ class ToChannels:
         return f"ToChannels({self.channels})"
 
 
+class TensorCropFlip:
+    """RandomResizedCrop (bicubic, antialiased) and a horizontal flip on uint8 tensors, drawing
+    the crop and the flip with the very calls of the Pillow path's RandomResizedCrop and
+    RandomHorizontalFlip: for the same seed, the same crops. Resampling is
+    `transforms.v2.functional.resized_crop`; the output stays uint8 [C, H, W]."""
+
+    def __init__(
+        self, size: tuple[int, int], channels: int, scale: tuple[float, float] = (0.2, 1.0)
+    ) -> None:
+        self.size, self.scale, self.ratio = list(size), list(scale), [3 / 4, 4 / 3]
+        self.to_channels = ToChannels(channels)
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        image = self.to_channels(image)
+        top, left, h, w = T.RandomResizedCrop.get_params(image, self.scale, self.ratio)
+        crop = F2.resized_crop(
+            image, top, left, h, w, self.size,
+            interpolation=InterpolationMode.BICUBIC, antialias=True,
+        )  # fmt: skip
+        return crop.flip(-1) if torch.rand(1) < 0.5 else crop
+
+    def __repr__(self) -> str:
+        return f"TensorCropFlip(size={self.size}, scale={self.scale}, {self.to_channels})"
+
+
 class DraftRandomResizedCrop(T.RandomResizedCrop):
     """RandomResizedCrop that chooses the crop before decoding.
 
@@ -185,18 +211,7 @@ def pretrain_transform(
         return ChooseCrop(crop_scale)
     if decode == "tensor":
         _prologue_epilogue(in_chans, mean, std)  # the same checks of mean and std
-        return v2.Compose(
-            [
-                ToChannels(in_chans),
-                v2.RandomResizedCrop(
-                    _hw(img_size),
-                    scale=crop_scale,
-                    interpolation=InterpolationMode.BICUBIC,
-                    antialias=True,
-                ),
-                v2.RandomHorizontalFlip(),
-            ]
-        )
+        return TensorCropFlip(_hw(img_size), in_chans, crop_scale)
     convert, to_tensor = _prologue_epilogue(in_chans, mean, std)
     if decode == "draft":  # decode inside the crop: JPEGs at a reduced scale when it allows
         crop = DraftRandomResizedCrop(
