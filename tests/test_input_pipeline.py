@@ -230,23 +230,34 @@ def test_an_image_that_fails_inside_the_draft_crop_is_still_skipped(tmp_path, ca
     assert "4.jpg" in capfd.readouterr().err
 
 
-def test_the_device_path_draws_the_pil_paths_crops_and_decodes_them_alike(tmp_path):
-    from droppos.data.device_decode import ChooseCrop, decode_batch
+def assert_same_crops_as_the_pil_path(folder, decode, crop):
+    """`crop(image)` -> uint8 [3, 64, 64] for each image of `folder` read with `decode`, against
+    the Pillow path under the same random numbers: only bicubic rounding may differ."""
     from droppos.data.transforms import pretrain_transform, seeded_cpu_rngs
 
-    for i in range(4):
-        jpeg(tmp_path / f"{i}.jpg", 300, 200, seed=i)
-    lazy = build_dataset(str(tmp_path), "train", decode="device")
-    plain = build_dataset(str(tmp_path), "train")
-    choose = ChooseCrop((0.2, 1.0))
+    ours = build_dataset(str(folder), "train", decode=decode)
+    plain = build_dataset(str(folder), "train")
     unnormalised = pretrain_transform(64, mean=(0, 0, 0), std=(1, 1, 1))
     for i in range(len(plain)):
         with seeded_cpu_rngs(100 + i):
-            encoded = choose(lazy[i][0])
+            cropped = crop(ours[i][0])
         with seeded_cpu_rngs(100 + i):
-            reference = unnormalised(plain[i][0]) * 255  # the pil path, same random numbers
-        decoded = decode_batch([encoded], (64, 64), 3, torch.device("cpu"))[0]
-        assert (decoded.float() - reference).abs().mean() < 0.1  # same crop, same flip
+            reference = unnormalised(plain[i][0]) * 255
+        assert cropped.dtype == torch.uint8
+        assert (cropped.float() - reference).abs().mean() < 0.1  # same crop, same flip
+
+
+def test_the_device_path_draws_the_pil_paths_crops_and_decodes_them_alike(tmp_path):
+    from droppos.data.device_decode import ChooseCrop, decode_batch
+
+    for i in range(4):
+        jpeg(tmp_path / f"{i}.jpg", 300, 200, seed=i)
+    choose = ChooseCrop((0.2, 1.0))
+    assert_same_crops_as_the_pil_path(
+        tmp_path,
+        "device",
+        lambda image: decode_batch([choose(image)], (64, 64), 3, torch.device("cpu"))[0],
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -273,18 +284,8 @@ def test_pretraining_decodes_on_the_device(tmp_path, class_folder, capsys):
 
 
 def test_the_tensor_path_takes_the_pil_paths_crops_for_the_same_seed(tmp_path):
-    from droppos.data.transforms import pretrain_transform, seeded_cpu_rngs
+    from droppos.data.transforms import pretrain_transform
 
     for i in range(6):
         jpeg(tmp_path / f"{i}.jpg", 300, 200, seed=i)
-    tensors = build_dataset(str(tmp_path), "train", decode="tensor")
-    plain = build_dataset(str(tmp_path), "train")
-    ours = pretrain_transform(64, decode="tensor")
-    unnormalised = pretrain_transform(64, mean=(0, 0, 0), std=(1, 1, 1))
-    for i in range(len(plain)):
-        with seeded_cpu_rngs(7 + i):
-            crop = ours(tensors[i][0])
-        with seeded_cpu_rngs(7 + i):
-            reference = unnormalised(plain[i][0]) * 255
-        assert crop.dtype == torch.uint8
-        assert (crop.float() - reference).abs().mean() < 0.1  # bicubic rounding only
+    assert_same_crops_as_the_pil_path(tmp_path, "tensor", pretrain_transform(64, decode="tensor"))
