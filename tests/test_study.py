@@ -1,0 +1,72 @@
+"""The DropPos vs MAE study: its smoke version runs end to end, resumes, and its dense proxy
+measures what it claims (the figures themselves live in benchmarks/STUDY.md)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "study.py"
+
+
+def load_study():
+    spec = importlib.util.spec_from_file_location("study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["study"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_foreground_fraction_counts_bright_pixels_per_patch():
+    study = load_study()
+    image = torch.zeros(1, 1, 4, 4)
+    image[0, 0, :2, :2] = 1.0  # top-left patch all foreground
+    image[0, 0, 2, 2] = 1.0  # one pixel of the bottom-right patch
+    image[0, 0, 0, 2] = 0.1  # below the level: background
+    normalised = (image - 0.5) / 0.25
+    fractions = study.foreground_fraction(normalised, mean=0.5, std=0.25, patch=2)
+    assert fractions.tolist() == [[1.0, 0.0, 0.0, 0.25]]
+
+
+def test_dense_proxy_scores_informative_features_above_noise():
+    study = load_study()
+    generator = torch.Generator().manual_seed(0)
+    target = torch.rand(4000, generator=generator)
+    noise = torch.randn(4000, 8, generator=generator)
+    informative = torch.cat([target[:, None], noise[:, 1:]], 1)
+    good = study.dense_proxy(informative[:3000], target[:3000], informative[3000:], target[3000:])
+    bad = study.dense_proxy(noise[:3000], target[:3000], noise[3000:], target[3000:])
+    assert good["dense_mae"] < 0.5 and good["dense_miou"] > 99
+    assert bad["dense_mae"] > 20 and bad["dense_miou"] < 60
+
+
+def test_smoke_study_writes_table_json_and_plots_then_resumes(tmp_path):
+    """One pre-trained row and the raw-pixel floor, a few steps on the demo set; a second run
+    skips every finished step and reports the same numbers."""
+    command = [
+        sys.executable, str(SCRIPT), "--smoke", "--output-dir", str(tmp_path / "runs"),
+        "--report-dir", str(tmp_path / "report"), "--seeds", "1",
+        "--rows", "raw pixels", "DropPos (paper defaults)",
+    ]  # fmt: skip
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = tmp_path / "report"
+    rows = json.loads((report / "study.json").read_text())
+    assert [r["row"] for r in rows] == ["raw pixels", "DropPos (paper defaults)"]
+    droppos = rows[1]
+    for key in ("knn_cls", "linprobe_avg", "finetune", "position_probe", "dense_mae"):
+        assert 0 <= droppos[key] <= 100, key
+    assert droppos["position_accuracy"] > 0 and droppos["pretrain_seconds"] > 0
+    assert "| DropPos (paper defaults) | 1 |" in (report / "table.md").read_text()
+    for picture in ("position_accuracy.png", "downstream.png"):
+        assert (report / picture).read_bytes()[:4] == b"\x89PNG"
+
+    checkpoint = tmp_path / "runs" / "droppos-paper-defaults" / "seed0" / "pretrain" / "last.pth"
+    stamp = checkpoint.stat().st_mtime_ns
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert checkpoint.stat().st_mtime_ns == stamp  # nothing re-trained
+    assert json.loads((report / "study.json").read_text()) == rows
