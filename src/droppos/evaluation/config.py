@@ -45,8 +45,10 @@ class BackboneSection:
 class FeatureBackboneSection(BackboneSection):
     """Which weights, and which of their outputs the frozen-feature evaluations read."""
 
-    feature: Literal["cls", "avg"] = "cls"
-    """cls: the final-norm [CLS] token (MAE's linear probe); avg: the mean of the patch tokens."""
+    feature: Literal["cls", "avg"] = "avg"
+    """avg: the mean of the patch tokens (the default: DropPos trains the patch tokens, and
+    benchmarks/STUDY.md finds it ahead of [CLS]); cls: the final-norm [CLS] token (MAE's
+    linear probe, which the ImageNet presets keep)."""
 
 
 @dataclass
