@@ -396,7 +396,8 @@ def summarise(row: Row, seeds: list[dict[str, Any]]) -> dict[str, Any]:
     """Per column: mean and std over the row's seeds (std 0 for one seed)."""
     if row.kind == "raw":
         only = seeds[0]
-        seeds = [{"knn_cls": only["knn"], "linprobe_cls": only["linprobe"], **only}]
+        pixels = {"knn": only["knn"], "linprobe": only["linprobe"]}  # one image vector for both
+        seeds = [{f"{k}_{f}": v for k, v in pixels.items() for f in ("cls", "avg")} | only]
     summary: dict[str, Any] = {"row": row.name, "group": row.group, "seeds": len(seeds)}
     for key, _ in COLUMNS:
         found = mean_std([s.get(key) for s in seeds])
@@ -449,7 +450,8 @@ def plot(summaries: list[dict[str, Any]], rows: list[Row], root: Path, report: P
     figure.savefig(report / "position_accuracy.png", dpi=120)
     plt.close(figure)
 
-    keys = [("knn_cls", "kNN"), ("linprobe_cls", "linear probe"), ("finetune", "fine-tune")]
+    keys = [("knn_avg", "kNN (mean token)"), ("linprobe_avg", "linear probe (mean token)"),
+            ("finetune", "fine-tune, 1 epoch")]  # fmt: skip
     figure, axis = plt.subplots(figsize=(10, 5.5))
     width = 0.27
     names = [s["row"] for s in summaries]
