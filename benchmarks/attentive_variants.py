@@ -27,7 +27,8 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def droppos(*args: str) -> None:
-    command = [sys.executable, "-c", "from droppos.cli.main import main; main()", *args]
+    entry = "import sys; from droppos.cli.main import main; sys.exit(main())"  # keep its exit code
+    command = [sys.executable, "-c", entry, *args]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"failed: droppos {' '.join(args)}\n{done.stderr[-3000:]}")

@@ -150,7 +150,8 @@ def slug(name: str) -> str:
 
 def droppos(*args: str) -> None:
     """One droppos command in its own process (as a user runs it); its stderr on failure."""
-    command = [sys.executable, "-c", "from droppos.cli.main import main; main()", *args]
+    entry = "import sys; from droppos.cli.main import main; sys.exit(main())"  # keep its exit code
+    command = [sys.executable, "-c", entry, *args]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"failed: droppos {' '.join(args)}\n{done.stderr[-3000:]}")

@@ -70,3 +70,13 @@ def test_smoke_study_writes_table_json_and_plots_then_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert checkpoint.stat().st_mtime_ns == stamp  # nothing re-trained
     assert json.loads((report / "study.json").read_text()) == rows
+
+
+def test_a_refused_droppos_command_stops_the_study_with_its_message():
+    study = load_study()
+    try:
+        study.droppos("pretrain", "--optim.epochs", "abc")
+    except SystemExit as stopped:
+        assert "--optim.epochs: expected int" in str(stopped)
+    else:
+        raise AssertionError("a refused command must stop the study")
