@@ -510,10 +510,14 @@ def main(argv: list[str] | None = None) -> None:
     for seed in range(max(row.seeds for row in rows)):  # every row's seed 0 first, then more
         for row in rows:
             if seed < min(row.seeds, args.seeds or row.seeds):
-                found[row.name].append(run_seed(row, seed, args.output_dir, views, args.smoke))
+                try:
+                    found[row.name].append(run_seed(row, seed, args.output_dir, views, args.smoke))
+                except SystemExit as refused:  # e.g. an option droppos refuses: say so, go on
+                    print(f"{row.name}, seed {seed}: not run: {refused}", flush=True)
+                    continue
                 print(f"{row.name}, seed {seed}: done ({time.perf_counter() - started:.0f} s "
                       "in this sitting)", flush=True)  # fmt: skip
-    summaries = [summarise(row, found[row.name]) for row in rows]
+    summaries = [summarise(row, found[row.name]) for row in rows if found[row.name]]
     table = markdown_table(summaries)
     print(table)
     if args.report_dir is not None:
