@@ -14,24 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
+
+from study import droppos  # one way to run a droppos command, shared by the benchmarks
 
 VARIANTS: dict[str, list[str]] = {
     "full_image (paper, default)": [],
     "visible (deviation)": ["--model.attentive_source", "visible"],
     "off (paper's ablation)": ["--model.attentive", "false"],
 }
-
-
-def droppos(*args: str) -> None:
-    entry = "import sys; from droppos.cli.main import main; sys.exit(main())"  # keep its exit code
-    command = [sys.executable, "-c", entry, *args]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"failed: droppos {' '.join(args)}\n{done.stderr[-3000:]}")
 
 
 def run_variant(name: str, options: list[str], root: Path, extra: list[str]) -> dict[str, Any]:
