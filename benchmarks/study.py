@@ -502,7 +502,6 @@ def main(argv: list[str] | None = None) -> None:
     WHERE.source, WHERE.device, WHERE.workers = args.source, torch.device(args.device), args.workers
     if not args.smoke and args.source == "fashion-mnist":
         ensure_fashion_mnist()
-    torch.set_num_threads(torch.get_num_threads())
     rows = [ROWS_BY_SLUG[name] for name in args.rows]
     views = EvalViews(args.smoke)
     started = time.perf_counter()
