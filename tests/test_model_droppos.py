@@ -179,6 +179,17 @@ def test_every_mask_token_kind_trains(images, kind):
         assert torch.count_nonzero(model.mask_pos_token) == 0
 
 
+@pytest.mark.parametrize("kind", ["learnable", "zeros", "wrong_pos"])
+def test_dropping_every_position_leaves_no_true_position_in_the_encoder(images, kind):
+    model = tiny_droppos(position_drop_ratio=1.0, mask_token_kind=kind)
+    patch_noise, position_noise = fixed_noise(images.shape[0])
+    _, drop = model.masks(images, patch_noise, position_noise)
+    assert drop.dropped.all()
+    out = model(images)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.position_dropped.all()
+
+
 def test_mae_branch_loss_is_normalised_pixel_mse_on_masked_patches(images):
     model = tiny_droppos(pixel_branch=True)
     patch_noise, position_noise = fixed_noise(len(images))

@@ -79,10 +79,13 @@ class DropPosConfig:
     """The MAE pixel-reconstruction branch (multi-task) and its decoder; null = off."""
 
     def __post_init__(self) -> None:
-        for name in ("patch_mask_ratio", "position_drop_ratio"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        if not 0.0 <= self.patch_mask_ratio < 1.0:
+            raise ValueError(f"patch_mask_ratio must be in [0, 1), got {self.patch_mask_ratio}")
+        # 1.0 is allowed: no visible patch keeps its position (the far end of the paper's sweep).
+        if not 0.0 <= self.position_drop_ratio <= 1.0:
+            raise ValueError(
+                f"position_drop_ratio must be in [0, 1], got {self.position_drop_ratio}"
+            )
         if self.mask_token_kind not in ("learnable", "zeros", "wrong_pos"):
             raise ValueError(
                 f"mask_token_kind must be learnable, zeros or wrong_pos, "
