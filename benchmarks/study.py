@@ -14,7 +14,7 @@ numbers (JSON) and the plots (PNG).
 
     python benchmarks/study.py --output-dir runs/study --report-dir benchmarks/study
 
-`--smoke` shrinks every budget to a few steps on a 1,000-image slice (what CI runs).
+`--smoke` runs every step for one epoch on the embedded demo set (what CI runs).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -67,6 +68,7 @@ class Where:
 
 WHERE = Where()
 FOREGROUND_LEVEL = 0.2  # a pixel is foreground above 20% of full brightness (background is 0)
+DENSE_TRAIN_IMAGES = 10_000  # the dense proxy's ridge is fitted on the patches of these
 
 # The fixed pre-training budget of every row (the demo's encoder: 4-block ViT-Tiny width,
 # 28x28 greyscale, 7x7 patches -> a 4x4 grid). Decoders are 2 blocks x 256 for every method.
@@ -152,7 +154,7 @@ ROWS = [
     Row("DropPos + MAE branch, 4x384 encoder, 4 epochs, lr 1e-3", "budget", "pretrain",
         [*DROPPOS, *PIXEL_BRANCH, *WIDTH_384, *WIDER_SCHEDULE]),
 ]  # fmt: skip
-ROWS_BY_SLUG = {r.name: r for r in ROWS}
+ROWS_BY_NAME = {r.name: r for r in ROWS}
 
 
 def slug(name: str) -> str:
@@ -244,6 +246,21 @@ def dense_proxy(
     }
 
 
+def dense_score(
+    train_features: torch.Tensor, val_features: torch.Tensor,
+    train_images: torch.Tensor, val_images: torch.Tensor, views: EvalViews, patch: int,
+) -> dict[str, float]:  # fmt: skip
+    """The dense proxy of per-patch features [N, L, F] against each patch's foreground share."""
+    fitted = min(DENSE_TRAIN_IMAGES, len(train_images))
+    mean, std = views.mean[0], views.std[0]
+    return dense_proxy(
+        train_features[:fitted].flatten(0, 1),
+        foreground_fraction(train_images[:fitted], mean, std, patch).flatten(),
+        val_features.flatten(0, 1),
+        foreground_fraction(val_images, mean, std, patch).flatten(),
+    )
+
+
 def probe_section(smoke: bool) -> ProbeSection:
     """The linear probe of `droppos linprobe` (LARS, BatchNorm, lr sweep), 30 epochs."""
     return ProbeSection(epochs=2 if smoke else 30, warmup_epochs=1 if smoke else 5)
@@ -275,17 +292,9 @@ def frozen_evaluation(backbone: Backbone, views: EvalViews, smoke: bool) -> dict
         result |= frozen_scores(
             name, pick(tokens["train"]), pick(tokens["val"]), splits, backbone, smoke
         )
-    dense_train = min(10_000, len(tokens["train"]))
-    fractions = {
-        split: foreground_fraction(images, views.mean[0], views.std[0], patch)
-        for split, (images, _) in splits.items()
-    }
-    result |= dense_proxy(
-        tokens["train"][:dense_train, 1:].flatten(0, 1),
-        fractions["train"][:dense_train].flatten(),
-        tokens["val"][:, 1:].flatten(0, 1),
-        fractions["val"].flatten(),
-    )
+    images = {split: images for split, (images, _) in splits.items()}
+    result |= dense_score(tokens["train"][:, 1:], tokens["val"][:, 1:], images["train"],
+                          images["val"], views, patch)  # fmt: skip
     return result
 
 
@@ -299,22 +308,11 @@ def raw_pixel_evaluation(views: EvalViews, smoke: bool) -> dict[str, Any]:
     result = frozen_scores("cls", train_x, val_x, splits, probe_backbone, smoke)
     result = {"knn": result["knn_cls"], "linprobe": result["linprobe_cls"]}
     patch = probe_backbone.encoder.patch_size
-    unfold = torch.nn.functional.unfold
-    dense_train = min(10_000, len(train_images))
-    patches = {
-        split: unfold(images, patch, stride=patch).transpose(1, 2)
-        for split, images in (("train", train_images[:dense_train]), ("val", val_images))
-    }
-    fractions = {
-        split: foreground_fraction(images, views.mean[0], views.std[0], patch)
-        for split, images in (("train", train_images[:dense_train]), ("val", val_images))
-    }
-    result |= dense_proxy(
-        patches["train"].flatten(0, 1),
-        fractions["train"].flatten(),
-        patches["val"].flatten(0, 1),
-        fractions["val"].flatten(),
-    )
+    train_patches, val_patches = [
+        torch.nn.functional.unfold(images, patch, stride=patch).transpose(1, 2)  # [N, L, p*p]
+        for images in (train_images[:DENSE_TRAIN_IMAGES], val_images)
+    ]
+    result |= dense_score(train_patches, val_patches, train_images, val_images, views, patch)
     return result
 
 
@@ -495,7 +493,7 @@ def ensure_fashion_mnist() -> None:
     """Install Debian's dataset-fashion-mnist when it is missing (the study's data)."""
     if Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
         return
-    sudo = [] if hasattr(sys, "getuid") and __import__("os").getuid() == 0 else ["sudo"]
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
     print("installing the Debian package dataset-fashion-mnist", flush=True)
     for command in (["apt-get", "update"], ["apt-get", "install", "-y", "dataset-fashion-mnist"]):
         subprocess.run([*sudo, *command], check=True, capture_output=True)
@@ -521,7 +519,7 @@ def main(argv: list[str] | None = None) -> None:
     WHERE.source, WHERE.device, WHERE.workers = args.source, torch.device(args.device), args.workers
     if not args.smoke and args.source == "fashion-mnist":
         ensure_fashion_mnist()
-    rows = [ROWS_BY_SLUG[name] for name in args.rows]
+    rows = [ROWS_BY_NAME[name] for name in args.rows]
     views = EvalViews(args.smoke)
     started = time.perf_counter()
     found: dict[str, list[dict[str, Any]]] = {row.name: [] for row in rows}
