@@ -36,11 +36,13 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F2
 
-from droppos.data import AugmentedDataset, build_loader
-from droppos.data.datasets import ImageFolderDataset, decode_tensor, load_image
+from droppos.data import AugmentedDataset, ImageFolderDataset, build_loader
+from droppos.data.decode import decode_tensor, load_image
 from droppos.data.device_decode import decode_batch
-from droppos.data.mask_noise import MaskNoiseDataset
+from droppos.data.mask_noise import MaskNoise
 from droppos.data.transforms import pretrain_transform
+from droppos.methods import DEFAULT_METHOD, method_named
+from droppos.models.encoder import EncoderConfig
 
 
 def write_jpegs(root: Path, count: int, size: tuple[int, int], seed: int = 0) -> None:
@@ -71,15 +73,16 @@ def images_per_second(count: int, work, repeats: int = 3) -> float:
 PATHS = ("pil", "draft", "tensor")
 
 
-def pipeline(root: Path, img_size: int, decode: str) -> MaskNoiseDataset:
-    """What pre-training reads with `--data.decode decode`."""
-    dataset = ImageFolderDataset(root, decode=decode)
-    transform = pretrain_transform(img_size, decode=decode)
-    num_patches = (img_size // 16) ** 2
-    return MaskNoiseDataset(
-        AugmentedDataset(dataset, transform, seed=0, torch_rng_only=decode == "tensor"),
-        num_patches=num_patches,
-        num_visible=num_patches // 4,
+def pipeline(root: Path, img_size: int, decode: str) -> AugmentedDataset:
+    """What pre-training the default method at ViT-B/16 reads with `--data.decode decode`."""
+    method = method_named(DEFAULT_METHOD)
+    config = method.config_from_options(EncoderConfig(img_size=img_size), {})
+    return AugmentedDataset(
+        ImageFolderDataset(root, decode=decode),
+        pretrain_transform(img_size, decode=decode),
+        seed=0,
+        torch_rng_only=decode == "tensor",
+        extras=[MaskNoise(method.noise_lengths(config))],
     )
 
 

@@ -33,22 +33,21 @@ from typing import Any
 
 import torch
 
-from droppos.data import build_dataset
+from droppos.data import build_source
+from droppos.engine.context import RunContext
 from droppos.engine.precision import autocast
-from droppos.evaluation.backbone import backbone_from
-from droppos.evaluation.config import (
-    BackboneSection,
-    EvalDataSection,
-    PositionProbeConfig,
-    PositionProbeSection,
-    ProbeSection,
-)
-from droppos.evaluation.datasets import eval_view
+from droppos.evaluation.backbone import BackboneSection, backbone_from
+from droppos.evaluation.datasets import EvalDataSection, eval_view
 from droppos.evaluation.features import FrozenFeatures
 from droppos.evaluation.knn import knn_accuracy
-from droppos.evaluation.linprobe import train_probes
-from droppos.evaluation.position_probe import position_probe, vit_patch_tokens
-from droppos.interop.checkpoints import Backbone, build_vit
+from droppos.evaluation.linprobe import ProbeSection, train_probes
+from droppos.evaluation.position_probe import (
+    PositionProbeConfig,
+    PositionProbeSection,
+    position_probe,
+    vit_patch_tokens,
+)
+from droppos.interop.backbone import Backbone, build_vit
 
 SMOKE_SOURCE = "demo"  # the embedded 4,000 + 1,000 Fashion-MNIST subset: CI has no Debian data
 
@@ -195,7 +194,7 @@ class EvalViews:
     def get(self, backbone: Backbone) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         if not self.splits:
             for split in ("train", "val"):
-                dataset = eval_view(build_dataset(self.source, split), self.data, backbone)
+                dataset = eval_view(build_source(self.source, split), self.data, backbone)
                 images, labels = zip(*(dataset[i] for i in range(len(dataset))))
                 self.splits[split] = (torch.stack(images), torch.as_tensor(labels))
             self.mean, self.std = backbone.mean or (0.5,), backbone.std or (0.5,)
@@ -368,7 +367,7 @@ def position_scores(checkpoint: str, seed: int, folder: Path, smoke: bool) -> di
     )
     config.run.output_dir = str(folder / "probe-position")
     config.run.progress = False
-    found = position_probe(config, WHERE.device, "bf16")
+    found = position_probe(config, RunContext.local(WHERE.device, "bf16"))
     return {"position_probe": found["top1"], "position_probe_within_one": found["within_one_cell"]}
 
 

@@ -1,7 +1,8 @@
 """Pre-training step throughput: DropPos vs a supervised timm ViT step of the same size.
 
 Prints a table and writes JSON. For each (precision, batch) it reports images/s, ms/step split
-into the attentive pass / encoder / decoder+loss / backward+optimizer, peak memory (CUDA
+into the attentive pass / the forward reusing it (encoder, decoder and loss) / backward and
+optimizer, each through the model's own forward, peak memory (CUDA
 allocator, or the process's peak RSS on CPU: every measurement runs in a fresh subprocess so
 peaks do not leak between rows), achieved FLOP/s, and that as a fraction of the dense-matmul peak
 measured in the same run and dtype.
@@ -28,13 +29,10 @@ import torch.nn.functional as F
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils.flop_counter import FlopCounterMode
 
-from droppos import create_model
 from droppos.engine.optim import build_adamw
 from droppos.engine.precision import autocast, resolve_precision
-from droppos.models.registry import parse_name
-from droppos.objective.losses import position_accuracy, position_loss
-from droppos.objective.masking import random_patch_mask, random_position_drop
-from droppos.objective.smoothing import smoothing_map
+from droppos.methods import create_model, method_named
+from droppos.models.sizes import encoder_shape
 
 
 def synchronize(device: torch.device) -> None:
@@ -104,31 +102,22 @@ def live_tensor_peaks(model, optimizer, forward_backward, device: torch.device) 
     return peaks
 
 
-def droppos_phases(model, optimizer, images, noise, precision, device) -> dict[str, float]:
-    """One optimizer step of DropPos, timed phase by phase through the model's own methods."""
-    cfg = model.droppos_config
-    mask = random_patch_mask(noise[0], cfg.num_visible)
-    drop = random_position_drop(noise[1], cfg.num_position_kept)
+def forward_phases(model, optimizer, images, noise, precision, device) -> dict[str, float]:
+    """One optimizer step of a DropPos model, timed phase by phase through its own forward: the
+    attentive weights (`weights_only`), the forward that reuses them (encoder, decoder, loss),
+    and backward with the optimizer step."""
     times = {}
+    masks = {"patch_noise": noise[0], "position_noise": noise[1]}
     with autocast(device, precision):
         weights, times["attentive_ms"] = timed(
-            device, lambda: model.token_weights(images, mask, drop)
+            device, lambda: model(images, **masks, weights_only=True)
         )
-        latent, times["encoder_ms"] = timed(
-            device, lambda: model.forward_encoder(images, mask, drop)
+        output, times["forward_ms"] = timed(
+            device, lambda: model(images, **masks, token_weights=weights)
         )
-
-        def decode_and_score():
-            logits = model.forward_decoder(latent)
-            smoothing = smoothing_map(model.config.grid_size, cfg.smoothing_sigma, device)
-            loss = position_loss(logits, mask.ids_keep, weights, smoothing)
-            position_accuracy(logits.detach(), mask.ids_keep, drop.dropped)
-            return loss
-
-        loss, times["decoder_loss_ms"] = timed(device, decode_and_score)
 
     def backward_and_step():
-        loss.backward()
+        output.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -141,7 +130,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     device = torch.device(args.device)
     precision = resolve_precision(args.precision, device)
-    _, size, shape = parse_name(args.model)
+    method_name, _, encoder_name = args.model.rpartition("_vit_")
+    shape = encoder_shape(f"vit_{encoder_name}")
+    size = encoder_name.split("_")[0]
     in_chans, img = 3, args.img_size
     if args.yardstick:
         import timm
@@ -158,12 +149,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     optimizer = build_adamw(model, 1e-4, 0.05)
     images = torch.randn(args.batch, in_chans, img, img, device=device)
     labels = torch.randint(0, 1000, (args.batch,), device=device)
-    if not args.yardstick:
-        cfg = model.droppos_config
-        noise = (
-            torch.rand(args.batch, model.num_patches, device=device),
-            torch.rand(args.batch, cfg.num_visible, device=device),
-        )
+    if not args.yardstick:  # the method's own mask geometry
+        lengths = method_named(method_name).noise_lengths(model.config)
+        noise = tuple(torch.rand(args.batch, n, device=device) for n in lengths)
     step_model = torch.compile(model) if args.compile else model
 
     def forward_backward():
@@ -203,8 +191,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     row["step_ms"] = step_seconds * 1000
     row["images_per_second"] = args.batch / step_seconds
     row["peak_memory_mib"] = peak_memory_bytes(device) / 2**20
-    if not args.yardstick and not args.compile and args.attentive == "full_image":
-        phases = [droppos_phases(model, optimizer, images, noise, precision, device)]
+    if not args.yardstick and not args.compile and args.attentive == "full_image":  # DropPos
+        phases = [forward_phases(model, optimizer, images, noise, precision, device)]
         row.update({k: v for k, v in phases[0].items()})
     with FlopCounterMode(display=False) as counter:
         full_step()
@@ -249,8 +237,7 @@ COLUMNS = [
     ("images_per_second", "img/s", "{:.1f}"),
     ("step_ms", "step ms", "{:.0f}"),
     ("attentive_ms", "attentive", "{:.0f}"),
-    ("encoder_ms", "encoder", "{:.0f}"),
-    ("decoder_loss_ms", "dec+loss", "{:.0f}"),
+    ("forward_ms", "enc+dec+loss", "{:.0f}"),
     ("backward_optimizer_ms", "bwd+opt", "{:.0f}"),
     ("peak_memory_mib", "peak MiB", "{:.0f}"),
     ("live_peak_forward_backward_mib", "live fwd+bwd MiB", "{:.0f}"),

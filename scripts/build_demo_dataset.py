@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from droppos.data.datasets import DEMO_FILE, FASHION_MNIST_CLASSES, read_idx
+from droppos.data.sources import DEMO_FILE, FASHION_MNIST_CLASSES, read_idx
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "src" / "droppos" / "data" / "demo"

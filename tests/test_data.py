@@ -18,8 +18,8 @@ from droppos.data import (
     FileListDataset,
     ImageFolderDataset,
     ResumableSampler,
-    build_dataset,
     build_loader,
+    build_source,
     default_mean_std,
     eval_transform,
     pretrain_transform,
@@ -115,7 +115,7 @@ def test_fashion_mnist_idx_reader(tmp_path: Path, gz: bool) -> None:
         read_idx(tmp_path / f"train-images-idx3-ubyte{suffix}"), train_images
     )
     train = FashionMNISTDataset(tmp_path, "train")
-    val = build_dataset(f"fashion-mnist:{tmp_path}", "val")
+    val = build_source(f"fashion-mnist:{tmp_path}", "val")
     assert len(train) == 6 and len(val) == 4 and train.num_classes == 10
     img, label = train[3]
     assert img.mode == "L" and img.size == (28, 28) and label == 3
@@ -130,7 +130,7 @@ def test_idx_reader_rejects_truncated_file(tmp_path: Path) -> None:
 
 
 def test_embedded_demo_dataset() -> None:
-    train, val = DemoDataset("train"), build_dataset("demo", "val")
+    train, val = DemoDataset("train"), build_source("demo", "val")
     assert (len(train), len(val)) == (4000, 1000)
     assert train.num_classes == val.num_classes == 10 and train.classes[0] == "T-shirt/top"
     assert np.bincount(train.labels).tolist() == [400] * 10
@@ -139,24 +139,24 @@ def test_embedded_demo_dataset() -> None:
     assert img.mode == "L" and img.size == (28, 28) and 0 <= label < 10
 
 
-# ---------------------------------------------------------------- build_dataset
+# ---------------------------------------------------------------- build_source
 
 
-def test_build_dataset_layouts(tmp_path: Path, class_folder: Path) -> None:
-    assert len(build_dataset(str(class_folder))) == 6  # a plain class folder, any split
+def test_build_source_layouts(tmp_path: Path, class_folder: Path) -> None:
+    assert len(build_source(str(class_folder))) == 6  # a plain class folder, any split
     split_root = tmp_path / "split"
     for split, n in (("train", 3), ("val", 2)):
         for i in range(n):
             _save(split_root / split / "a" / f"{i}.png")
-    assert len(build_dataset(str(split_root), "train")) == 3
-    assert len(build_dataset(str(split_root), "val")) == 2
+    assert len(build_source(str(split_root), "train")) == 3
+    assert len(build_source(str(split_root), "val")) == 2
 
     # The original ImageNet layout: DATA/train.txt relative to DATA/train.
     _save(tmp_path / "inet" / "train" / "n1" / "x.png")
     (tmp_path / "inet" / "train.txt").write_text("n1/x.png 7\n")
-    ds = build_dataset(str(tmp_path / "inet"))
+    ds = build_source(str(tmp_path / "inet"))
     assert isinstance(ds, FileListDataset) and ds.num_classes == 8
-    assert len(build_dataset(str(tmp_path / "inet" / "train.txt"))) == 1
+    assert len(build_source(str(tmp_path / "inet" / "train.txt"))) == 1
 
 
 @pytest.mark.parametrize(
@@ -170,13 +170,13 @@ def test_build_dataset_layouts(tmp_path: Path, class_folder: Path) -> None:
         ("", "train", "empty data source"),
     ],
 )
-def test_build_dataset_errors_are_one_line(
+def test_build_source_errors_are_one_line(
     tmp_path: Path, source: str, split: str, message: str
 ) -> None:
     _save(tmp_path / "file.png")
     _save(tmp_path / "split" / "train" / "a" / "0.png")
     with pytest.raises(ValueError, match=message) as err:
-        build_dataset(source.format(tmp=tmp_path), split)
+        build_source(source.format(tmp=tmp_path), split)
     assert "\n" not in str(err.value)
 
 

@@ -1,6 +1,7 @@
 """The documentation says what the code does: options exist, numbers match the presets, modules
 named in the architecture page exist, nothing points at files users do not have."""
 
+import ast
 import re
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 import yaml
 
 from droppos.cli.main import COMMANDS, build_parser
+from droppos.methods import method_names
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
@@ -17,8 +19,8 @@ DOCS = ROOT / "docs"
 def every_option() -> set[str]:
     """Every `--section.option` any command accepts (pretrain with either model)."""
     options: set[str] = set()
-    for model_name in ("droppos", "mae"):
-        parser = build_parser(model_name)
+    for model_name in method_names():
+        parser = build_parser({"model": model_name})
         for command in COMMANDS:
             sub = parser._subcommands_action._name_parser_map[command]
             for action in sub._actions:
@@ -70,8 +72,86 @@ def test_nothing_points_at_a_spec_users_do_not_have():
         assert "SPEC" not in path.read_text(), path
 
 
-def test_the_lower_packages_never_import_evaluation_or_cli():
-    for package in ("engine", "interop", "models", "objective", "data", "visual"):
-        for path in sorted((ROOT / "src" / "droppos" / package).glob("*.py")):
-            imports = re.findall(r"^\s*(?:from|import) (droppos\.\w+)", path.read_text(), re.M)
-            assert not {"droppos.evaluation", "droppos.cli"} & set(imports), path
+PACKAGE = ROOT / "src" / "droppos"
+# Bottom to top: a package imports only packages below it (the root `droppos` is the public API).
+LAYERS = ["_version", "objective", "models", "data", "visual", "interop", "engine", "evaluation",
+          "methods", "cli", ""]  # fmt: skip
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every droppos module -> the droppos modules it imports, anywhere in its body (an import
+    inside a function is still an import; `from package import module` names the module)."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                for alias in node.names:
+                    child = f"{node.module}.{alias.name}"
+                    found.add(child if child in modules else node.module)
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of `graph` (the modules on it, in order), or [] when there is none."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = 2
+        path.pop()
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return []
+
+
+def test_find_cycle_finds_a_cycle_and_only_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_no_module_imports_itself_through_others():
+    assert find_cycle(import_graph()) == []
+
+
+def test_each_package_imports_only_the_layers_below_it():
+    def layer(module: str) -> int:
+        return LAYERS.index(module.split(".")[1] if "." in module else "")
+
+    upward = sorted(
+        f"{module} -> {target}"
+        for module, targets in import_graph().items()
+        for target in targets
+        if layer(target) >= layer(module) and target.split(".")[:2] != module.split(".")[:2]
+    )
+    assert not upward, upward
+
+
+def test_method_names_are_spelled_only_in_the_methods_package():
+    """Everything else looks a method up in the registry (`methods/registry.py`)."""
+    spelled = sorted(
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and node.value in method_names()
+    )
+    assert spelled and all(path.startswith("methods/") for path in spelled), spelled

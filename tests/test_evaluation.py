@@ -8,14 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
+from droppos import create_model
 from droppos.cli.main import main, parser_for, resolve_presets, to_config
-from droppos.engine.checkpoint import LAST, load_training_checkpoint
+from droppos.engine.checkpointing import LAST
 from droppos.engine.logging import read_metrics
 from droppos.engine.optim import build_adamw
 from droppos.evaluation.knn import knn_accuracy, knn_scores
 from droppos.evaluation.metrics import topk_correct
-from droppos.interop.checkpoints import build_vit, load_backbone
-from droppos.models.registry import create_model
+from droppos.interop.backbone import build_vit, load_backbone
+from droppos.interop.schema import load_object
 from tests.helpers import tiny_droppos
 
 TINY_ENCODER = [
@@ -265,7 +266,7 @@ def test_an_interrupted_finetuning_resumes_to_the_same_weights(
 
     def save_then_crash(loop, *args, **kwargs):
         original(loop, *args, **kwargs)
-        saves.append(loop.position.step)
+        saves.append(loop.progress.step)
         if len(saves) == crash_at:  # 4 steps per epoch: saves at steps 3, 4, 6, 8
             raise KeyboardInterrupt
 
@@ -274,12 +275,12 @@ def test_an_interrupted_finetuning_resumes_to_the_same_weights(
         patch.setattr(TrainLoop, "save", save_then_crash)
         with pytest.raises(KeyboardInterrupt):
             main(finetune_args(interrupted, image_folder, *extra))
-    stopped = load_training_checkpoint(interrupted / "last.pth")["position"]
+    stopped = load_object(interrupted / "last.pth")["position"]
     assert (stopped["epoch"], stopped["batch"]) == ((0, 3) if crash_at == 1 else (1, 0))
     assert main(finetune_args(interrupted, image_folder, *extra)) == 0
 
-    straight = load_training_checkpoint(tmp_path / "straight" / "last.pth")
-    resumed = load_training_checkpoint(interrupted / "last.pth")
+    straight = load_object(tmp_path / "straight" / "last.pth")
+    resumed = load_object(interrupted / "last.pth")
     for name, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][name]), name
     ema = straight["method_state"]["model_ema"]
@@ -372,7 +373,4 @@ def test_torchrun_two_processes_give_the_single_process_results(tmp_path, image_
 
     out = tmp_path / "finetune-2"
     launch(finetune_args(out, image_folder, "--optim.epochs", "1"), 2)
-    assert (
-        results(out)["val_size"] == 8
-        and load_training_checkpoint(out / "last.pth")["position"]["step"] == 2
-    )
+    assert results(out)["val_size"] == 8 and load_object(out / "last.pth")["position"]["step"] == 2

@@ -9,14 +9,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from droppos import create_model
 from droppos.cli.main import main
-from droppos.interop.checkpoints import (
-    build_vit,
-    load_backbone,
-    load_pretraining_model,
-    mmseg_state,
-)
-from droppos.models.registry import create_model
+from droppos.interop.backbone import build_vit, load_backbone
+from droppos.interop.formats import mmseg_state
+from droppos.methods import pretrained_model
 
 TOLERANCE = dict(rtol=0, atol=1e-5)  # fp32, as the issue asks
 BLOCK_PARTS = ["norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"]
@@ -81,7 +78,7 @@ def export(checkpoint, folder, *extra):
 
 def droppos_encoder(checkpoint):
     """The pre-training model as droppos itself builds it, with the checkpoint's weights."""
-    return load_pretraining_model(checkpoint).eval()
+    return pretrained_model(checkpoint)[1].eval()
 
 
 def test_timm_loads_the_export_with_no_missing_keys_but_the_head(tmp_path, pretrained):

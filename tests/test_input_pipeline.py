@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from droppos.cli.main import main
-from droppos.data import build_dataset, build_loader
+from droppos.data import build_loader, build_source
 from droppos.data.shards import ShardDataset, shard_paths
-from droppos.engine.checkpoint import load_training_checkpoint
 from droppos.engine.loop import TrainLoop
+from droppos.interop.schema import load_object
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_shards_hold_the_folders_files_unchanged_in_order(class_folder, shards):
     assert [p.name for p in shard_paths(shards, "train")] == [
         "train-000000.tar", "train-000001.tar", "train-000002.tar",
     ]  # fmt: skip
-    folder, sharded = build_dataset(str(class_folder)), build_dataset(str(shards))
+    folder, sharded = build_source(str(class_folder)), build_source(str(shards))
     with tarfile.open(shards / "train-000000.tar") as tar:
         names = tar.getnames()
         first = tar.extractfile(names[0]).read()
@@ -52,13 +52,13 @@ def test_shards_hold_the_folders_files_unchanged_in_order(class_folder, shards):
     for i in range(len(folder)):
         (a, label_a), (b, label_b) = folder[i], sharded[i]
         assert label_a == label_b and np.array_equal(np.asarray(a), np.asarray(b))
-    assert len(build_dataset(str(shards), "val")) == 2
+    assert len(build_source(str(shards), "val")) == 2
 
 
 def test_loader_workers_read_shards_with_their_own_handles(shards):
     from droppos.data import AugmentedDataset, eval_transform
 
-    dataset = AugmentedDataset(build_dataset(str(shards)), eval_transform(16, 3))
+    dataset = AugmentedDataset(build_source(str(shards)), eval_transform(16, 3))
     single = [b[0] for b in build_loader(dataset, 4, shuffle=False, num_workers=0)]
     workers = [b[0] for b in build_loader(dataset, 4, shuffle=False, num_workers=2)]
     assert all(torch.equal(a, b) for a, b in zip(single, workers))
@@ -88,7 +88,7 @@ def test_pretraining_on_shards_resumes_mid_epoch_and_equals_the_folder_run(
 
     def save_then_crash(loop, *args, **kwargs):
         original(loop, *args, **kwargs)
-        saves.append(loop.position.step)
+        saves.append(loop.progress.step)
         if len(saves) == 2:
             raise KeyboardInterrupt
 
@@ -96,11 +96,11 @@ def test_pretraining_on_shards_resumes_mid_epoch_and_equals_the_folder_run(
         patch.setattr(TrainLoop, "save", save_then_crash)
         with pytest.raises(KeyboardInterrupt):
             main(tiny_args(on_shards, shards, "--run.save_every_steps", "2"))
-    assert load_training_checkpoint(on_shards / "last.pth")["position"]["batch"] == 4
+    assert load_object(on_shards / "last.pth")["position"]["batch"] == 4
     assert main(tiny_args(on_shards, shards, "--run.save_every_steps", "2")) == 0
 
-    folder = load_training_checkpoint(on_folder / "last.pth")["model"]
-    sharded = load_training_checkpoint(on_shards / "last.pth")["model"]
+    folder = load_object(on_folder / "last.pth")["model"]
+    sharded = load_object(on_shards / "last.pth")["model"]
     for name, value in folder.items():
         assert torch.equal(value, sharded[name]), name
 
@@ -110,8 +110,8 @@ def test_the_demo_set_writes_to_shards_with_both_splits(tmp_path):
     assert [p.name for p in sorted(tmp_path.glob("*.tar"))] == [
         "train-000000.tar", "val-000000.tar",
     ]  # fmt: skip
-    val = build_dataset(str(tmp_path), "val")
-    demo = build_dataset("demo", "val")
+    val = build_source(str(tmp_path), "val")
+    demo = build_source("demo", "val")
     image, label = val[7]
     assert label == demo[7][1] and np.array_equal(np.asarray(image), np.asarray(demo[7][0]))
 
@@ -162,7 +162,7 @@ def test_pretraining_reads_the_tensor_path_with_bad_images_and_16_bit_files(tmp_
     ramp = np.linspace(0, 65535, 400).reshape(20, 20).astype(np.uint16)
     Image.fromarray(ramp).save(folder / "8-deep.png")
     (folder / "9-broken.jpg").write_bytes(b"not a jpeg")
-    from droppos.data.datasets import BadImageError, decode_tensor
+    from droppos.data.decode import BadImageError, decode_tensor
 
     grey = decode_tensor((folder / "8-deep.png").read_bytes(), "deep")
     assert grey.dtype == torch.uint8 and grey.shape == (1, 20, 20) and int(grey.max()) == 255
@@ -174,7 +174,7 @@ def test_pretraining_reads_the_tensor_path_with_bad_images_and_16_bit_files(tmp_
     args[args.index("--optim.batch_size") + 1] = "5"
     assert main(args) == 0
     assert "9-broken.jpg" in capfd.readouterr().err
-    saved = load_training_checkpoint(out / "last.pth")["model"]
+    saved = load_object(out / "last.pth")["model"]
     assert all(v.isfinite().all() for v in saved.values() if v.is_floating_point())
 
 
@@ -191,7 +191,7 @@ def augmented(folder, decode, size=64, seed=0):
     from droppos.data import AugmentedDataset
     from droppos.data.transforms import pretrain_transform
 
-    dataset = build_dataset(str(folder), "train", decode=decode)
+    dataset = build_source(str(folder), "train", decode=decode)
     return AugmentedDataset(dataset, pretrain_transform(size, decode=decode), seed=seed)
 
 
@@ -204,7 +204,7 @@ def test_draft_decoding_equals_the_pil_path_when_no_crop_can_shrink(tmp_path):
 
 
 def test_draft_decoding_shrinks_large_jpegs_and_stays_close(tmp_path):
-    from droppos.data.datasets import LazyImage
+    from droppos.data.decode import LazyImage
 
     for i in range(6):
         jpeg(tmp_path / f"{i}.jpg", 1200, 900, seed=i)
@@ -233,10 +233,11 @@ def test_an_image_that_fails_inside_the_draft_crop_is_still_skipped(tmp_path, ca
 def assert_same_crops_as_the_pil_path(folder, decode, crop):
     """`crop(image)` -> uint8 [3, 64, 64] for each image of `folder` read with `decode`, against
     the Pillow path under the same random numbers: only bicubic rounding may differ."""
-    from droppos.data.transforms import pretrain_transform, seeded_cpu_rngs
+    from droppos.data.pipeline import seeded_cpu_rngs
+    from droppos.data.transforms import pretrain_transform
 
-    ours = build_dataset(str(folder), "train", decode=decode)
-    plain = build_dataset(str(folder), "train")
+    ours = build_source(str(folder), "train", decode=decode)
+    plain = build_source(str(folder), "train")
     unnormalised = pretrain_transform(64, mean=(0, 0, 0), std=(1, 1, 1))
     for i in range(len(plain)):
         with seeded_cpu_rngs(100 + i):
@@ -266,7 +267,7 @@ def test_gpu_decoding_matches_cpu_decoding(tmp_path):
 
     for i in range(4):
         jpeg(tmp_path / f"{i}.jpg", 300, 200, seed=i)
-    lazy = build_dataset(str(tmp_path), "train", decode="device")
+    lazy = build_source(str(tmp_path), "train", decode="device")
     torch.manual_seed(0)
     items = [ChooseCrop((0.2, 1.0))(lazy[i][0]) for i in range(len(lazy))]
     on_gpu = decode_batch(items, (64, 64), 3, torch.device("cuda")).cpu().float()
@@ -278,7 +279,7 @@ def test_pretraining_decodes_on_the_device(tmp_path, class_folder, capsys):
     out = tmp_path / "run"
     args = tiny_args(out, class_folder, "--data.decode", "device", "--data.num_workers", "2")
     assert main(args) == 0
-    assert load_training_checkpoint(out / "last.pth")["position"]["step"] == 6
+    assert load_object(out / "last.pth")["position"]["step"] == 6
     assert main(tiny_args(tmp_path / "demo", "demo", "--data.decode", "device")) == 2
     assert "holds none" in capsys.readouterr().err
 

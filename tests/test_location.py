@@ -10,10 +10,12 @@ import torch
 from PIL import Image
 
 from droppos.cli.main import main
-from droppos.evaluation.config import PositionProbeSection
+from droppos.engine.context import RunContext
+from droppos.evaluation.datasets import EvalDataSection
 from droppos.evaluation.order_sensitivity import condition_logits
 from droppos.evaluation.position_probe import (
     PatchFeatures,
+    PositionProbeSection,
     position_scores,
     probed_patch_features,
     train_position_probe,
@@ -46,8 +48,9 @@ def test_an_oracle_feature_scores_100_and_a_random_backbone_scores_chance():
     vit = tiny_vit()
     images = torch.randn(120, 3, 32, 32, generator=generator)
     dataset = list(zip(images, torch.zeros(120, dtype=torch.long)))
-    train = probed_patch_features(vit, dataset[:90], 1.0, 0, 30, torch.device("cpu"))
-    val = probed_patch_features(vit, dataset[90:], 1.0, 1, 30, torch.device("cpu"))
+    data = EvalDataSection(batch_size=30, num_workers=0)
+    train = probed_patch_features(vit, dataset[:90], 1.0, 0, data, RunContext.local())
+    val = probed_patch_features(vit, dataset[90:], 1.0, 1, data, RunContext.local())
     assert len(train.positions) == 90 * L  # ratio 1: every patch probed
     scores = train_position_probe(train, val, L, GRID, section, seed=0)
     assert scores["top1"] < 2 * 100 / L  # chance is 6.25%

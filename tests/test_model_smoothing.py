@@ -53,7 +53,7 @@ def test_a_compiled_model_does_not_recompile_when_sigma_changes(images):
     model = tiny_droppos()
     counter = CompileCounter()
     compiled = torch.compile(model, backend=counter)
-    targets = PositionTargets(model.config.grid_size, 1.0, decay=True, total_epochs=12)
+    targets = PositionTargets(model.encoder_config.grid_size, 1.0, decay=True, total_epochs=12)
     noise = torch.rand(len(images), model.num_patches), torch.rand(len(images), 16)
     for epoch in range(12):  # 12 different sigmas, more than Dynamo's recompile limit of 8
         target_map = targets.at_epoch(epoch)

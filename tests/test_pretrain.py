@@ -13,11 +13,11 @@ from PIL import Image
 
 from droppos.cli.main import main, parser_for, resolve_presets, to_config
 from droppos.data import set_epoch
-from droppos.engine import pretrain as pretrain_module
-from droppos.engine.checkpoint import load_training_checkpoint
 from droppos.engine.distributed import shutdown_distributed
 from droppos.engine.logging import read_metrics
 from droppos.engine.loop import TrainLoop
+from droppos.interop.schema import load_object
+from droppos.methods import pretrain as pretrain_module
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_one_tiny_pretraining_through_the_cli(tmp_path, image_folder):
     for key in ("loss", "position_accuracy", "lr", "images_per_second"):
         assert key in steps[0]
     assert epochs[0]["chance_position_accuracy"] == pytest.approx(1 / 16)
-    checkpoint = load_training_checkpoint(out / "last.pth")
+    checkpoint = load_object(out / "last.pth")
     assert checkpoint["position"] == {"epoch": 1, "batch": 0, "step": 6}
     assert [r["step"] for r in steps] == [2, 4, 6]  # the global optimiser step
     assert (epochs[0]["step"], epochs[0]["epoch"]) == (6, 1)  # epochs count from 1
@@ -77,7 +77,7 @@ def test_one_tiny_pretraining_through_the_cli(tmp_path, image_folder):
 
 
 def final_weights(output_dir):
-    return load_training_checkpoint(output_dir / "last.pth")["model"]
+    return load_object(output_dir / "last.pth")["model"]
 
 
 def crash_after_saves(monkeypatch, count):
@@ -87,7 +87,7 @@ def crash_after_saves(monkeypatch, count):
 
     def save_then_crash(loop, *args, **kwargs):
         original(loop, *args, **kwargs)
-        saves.append(loop.position.step)
+        saves.append(loop.progress.step)
         if len(saves) == count:
             raise KeyboardInterrupt
 
@@ -109,7 +109,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(
         crash_after_saves(patch, crash_at)
         with pytest.raises(KeyboardInterrupt):
             main(tiny_args(interrupted, image_folder, *extra))
-    stopped = load_training_checkpoint(interrupted / "last.pth")
+    stopped = load_object(interrupted / "last.pth")
     assert stopped["position"]["epoch"] < 2
     assert main(tiny_args(interrupted, image_folder, *extra)) == 0  # resumes automatically
 
@@ -132,7 +132,7 @@ def _first_step_gradients(rank, world_size, port, args, result_path):
     )
     torch.set_num_threads(1)
     parser = parser_for(args)
-    loop = pretrain_module.setup(to_config(parser, parser.parse_args(args), "pretrain"))
+    loop = pretrain_module.pretraining_loop(to_config(parser, parser.parse_args(args), "pretrain"))
     set_epoch(loop.loader, 0)
     loop.method.start_epoch(0, 0)
     loss, _, _ = loop.accumulate(next(loop.optimizer_steps()))
@@ -198,7 +198,7 @@ def test_torchrun_two_processes_complete(tmp_path, image_folder):
     assert done.returncode == 0, done.stderr[-2000:]
     epochs = read_metrics(out / "metrics.jsonl", "epoch")
     assert len(epochs) == 1  # rank 0 alone writes
-    assert load_training_checkpoint(out / "last.pth")["position"]["step"] == 3  # 24 / (2 x 4)
+    assert load_object(out / "last.pth")["position"]["step"] == 3  # 24 / (2 x 4)
 
 
 def parse(args):
@@ -304,7 +304,7 @@ def test_resume_converts_the_same_global_batch_split_differently(
         crash_after_saves(patch, 2)  # mid-epoch 1, after step 2 of 3
         with pytest.raises(KeyboardInterrupt):
             main(tiny_args(split, image_folder, *accumulated))
-    assert load_training_checkpoint(split / "last.pth")["position"]["batch"] == 4
+    assert load_object(split / "last.pth")["position"]["batch"] == 4
     assert main(tiny_args(split, image_folder, "--optim.batch_size", "8")) == 0
     for name, value in final_weights(straight).items():
         torch.testing.assert_close(final_weights(split)[name], value, rtol=1e-3, atol=5e-4)
@@ -370,7 +370,7 @@ def test_a_planted_payload_in_last_pth_is_refused_and_never_runs(tmp_path, image
     out = tmp_path / "run"
     assert main(tiny_args(out, image_folder, "--optim.epochs", "1")) == 0
     marker = tmp_path / "payload-ran"
-    state = load_training_checkpoint(out / "last.pth")
+    state = load_object(out / "last.pth")
     state["position"]["epoch"] = 0
     state["hook"] = Payload(str(marker))
     torch.save(state, out / "last.pth")

@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 
 from droppos.cli.main import main
-from droppos.data.datasets import BadImageError, load_image
-from droppos.engine import checkpoint as checkpoint_module
-from droppos.engine.checkpoint import load_training_checkpoint
+from droppos.data.decode import BadImageError, load_image
 from droppos.engine.logging import read_metrics
-from droppos.engine.pretrain import DropPosMethod
+from droppos.interop import schema as checkpoint_module
+from droppos.interop.schema import load_object
+from droppos.methods.droppos import DropPos as DropPosMethod
 
 BAD = {3: "truncated.jpg", 7: "empty.png", 11: "text.png", 15: "huge.png"}
 
@@ -164,7 +164,7 @@ def test_a_non_finite_step_stops_before_anything_is_saved(
     assert main([*args, "--run.save_every_steps", "1", "--run.log_every", "100"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "NaN or infinite at step 4" in err and "step 3" in err  # the last good checkpoint
-    saved = load_training_checkpoint(out / "last.pth")
+    saved = load_object(out / "last.pth")
     assert saved["position"]["step"] == 3
     assert all(v.isfinite().all() for v in saved["model"].values() if v.is_floating_point())
     strict_json_lines(out / "metrics.jsonl")
@@ -179,7 +179,7 @@ def test_skip_mode_skips_and_counts_non_finite_steps(
     assert main(tiny_args(out, folder_with_bad_images, *extra)) == 0
     epochs = read_metrics(out / "metrics.jsonl", "epoch")
     assert epochs[0]["skipped_steps"] == 1 and "skipped_steps" not in epochs[1]
-    weights = load_training_checkpoint(out / "last.pth")["model"]
+    weights = load_object(out / "last.pth")["model"]
     assert all(v.isfinite().all() for v in weights.values() if v.is_floating_point())
     for record in strict_json_lines(out / "metrics.jsonl"):
         assert record.get("loss") is None or np.isfinite(record["loss"])
@@ -223,14 +223,14 @@ def test_sigterm_mid_epoch_saves_that_step_and_resumes_exactly(
         patch.setattr(DropPosMethod, "after_step", after_step)
         assert main(tiny_args(stopped, folder_with_bad_images, *extra)) == 0
     assert "stopped by SIGTERM at epoch 1, step 3" in capsys.readouterr().out
-    assert load_training_checkpoint(stopped / "last.pth")["position"] == {
+    assert load_object(stopped / "last.pth")["position"] == {
         "epoch": 0,
         "batch": 3,
         "step": 3,
     }
     assert main(tiny_args(stopped, folder_with_bad_images, *extra)) == 0
-    final = load_training_checkpoint(stopped / "last.pth")["model"]
-    for name, value in load_training_checkpoint(straight / "last.pth")["model"].items():
+    final = load_object(stopped / "last.pth")["model"]
+    for name, value in load_object(straight / "last.pth")["model"].items():
         assert torch.equal(value, final[name]), name
 
 
@@ -252,7 +252,7 @@ def test_a_real_sigterm_to_the_command_exits_0_with_a_checkpoint(tmp_path, folde
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-2000:]
     assert "stopped by SIGTERM" in stdout and "Traceback" not in stderr
-    assert load_training_checkpoint(out / "last.pth")["position"]["step"] >= 3
+    assert load_object(out / "last.pth")["position"]["step"] >= 3
     assert not (out / ".droppos.lock").exists()
 
 
@@ -281,7 +281,7 @@ def test_disk_full_keeps_the_previous_checkpoint_and_says_so(
     assert main(args) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if "warning:" not in line]
     assert len(err) == 1 and "No space left on device" in err[0], err
-    assert load_training_checkpoint(out / "last.pth")["position"]["epoch"] == 1
+    assert load_object(out / "last.pth")["position"]["epoch"] == 1
     assert not list(out.glob(".*.pth.*"))
 
 

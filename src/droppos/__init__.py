@@ -1,24 +1,25 @@
 """DropPos: pre-train Vision Transformers by reconstructing dropped positions (NeurIPS 2023)."""
 
-from droppos.interop.checkpoints import load_original_checkpoint
-from droppos.models import (
-    DropPosConfig,
-    DropPosModel,
-    DropPosOutput,
-    EncoderConfig,
-    MAEModel,
-    ViTEncoder,
-    create_model,
-)
+from droppos._version import __version__
+from droppos.interop.backbone import load_original_checkpoint
+from droppos.methods import create_model, method_named, method_names, register_method
+from droppos.methods.droppos import DropPosConfig, DropPosModel, DropPosOutput
+from droppos.methods.mae import MAEConfig, MAEModel, MAEOutput
+from droppos.models import EncoderConfig, ViTEncoder
 
-__version__ = "0.1.0"
 __all__ = [
     "DropPosConfig",
     "DropPosModel",
     "DropPosOutput",
     "EncoderConfig",
+    "MAEConfig",
     "MAEModel",
+    "MAEOutput",
     "ViTEncoder",
+    "__version__",
     "create_model",
     "load_original_checkpoint",
+    "method_named",
+    "method_names",
+    "register_method",
 ]

@@ -1,26 +1,23 @@
-"""Data: datasets of ``(PIL.Image, label)``, the transforms, and resumable loaders."""
+"""Data: sources of `(image, label)`, decoding, augmentation and per-sample draws, loaders."""
 
-from droppos.data.bad_images import ReplaceBadImages, replaced_images
-from droppos.data.datasets import (
+from droppos.data.catalog import build_source, source_splits
+from droppos.data.decode import BadImageError, LazyImage, load_image
+from droppos.data.loader import ResumableSampler, build_loader, set_epoch
+from droppos.data.pipeline import AugmentedDataset, SampleContext, sample_seed, seeded_cpu_rngs
+from droppos.data.sources import (
     FASHION_MNIST_CLASSES,
-    BadImageError,
     DemoDataset,
     FashionMNISTDataset,
     FileListDataset,
     ImageFolderDataset,
-    build_dataset,
-    load_image,
+    ImageSource,
     read_idx,
 )
-from droppos.data.loader import ResumableSampler, build_loader, dist_world, set_epoch
 from droppos.data.transforms import (
-    AugmentedDataset,
     default_mean_std,
     eval_transform,
     finetune_transform,
     pretrain_transform,
-    sample_seed,
-    seeded_cpu_rngs,
 )
 
 __all__ = [
@@ -31,19 +28,20 @@ __all__ = [
     "FashionMNISTDataset",
     "FileListDataset",
     "ImageFolderDataset",
-    "ReplaceBadImages",
+    "ImageSource",
+    "LazyImage",
     "ResumableSampler",
-    "build_dataset",
+    "SampleContext",
     "build_loader",
+    "build_source",
     "default_mean_std",
-    "dist_world",
     "eval_transform",
     "finetune_transform",
     "load_image",
     "pretrain_transform",
     "read_idx",
-    "replaced_images",
     "sample_seed",
     "seeded_cpu_rngs",
     "set_epoch",
+    "source_splits",
 ]

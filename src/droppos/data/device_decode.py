@@ -1,28 +1,26 @@
 """Decoding on the training device (`--data.decode device`): the workers only choose the crop.
 
-A worker reads the file's bytes and its header, draws the crop and the flip exactly as the
-Pillow path does (same calls, same random numbers, so the same crops), and sends the still
-encoded bytes with those five numbers. On the device, `decode_batch` decodes the whole batch
-(on a GPU with nvJPEG through `torchvision.io.decode_jpeg(device="cuda")`), crops, resizes and
-flips each image there. The CPU work per image shrinks to reading a file, so a GPU is fed by
-far fewer cores. On a CPU device the same code decodes in the training process.
+A worker reads the file's bytes and its header, draws the crop and the flip exactly as every
+other path does (`draw_crop_and_flip`, so the same crops), and sends the still encoded bytes with
+those five numbers. On the device, `decode_batch` decodes the whole batch (on a GPU with nvJPEG
+through `torchvision.io.decode_jpeg(device="cuda")`), crops, resizes and flips each image there.
+The CPU work per image shrinks to reading a file, so a GPU is fed by far fewer cores. On a CPU
+device the same code decodes in the training process.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data._utils.collate import collate, default_collate_fn_map
-from torchvision import transforms as T
-from torchvision.io import decode_image, decode_jpeg
+from torchvision.io import decode_image as torchvision_decode_image
+from torchvision.io import decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F2
 
-from droppos.data.datasets import BadImageError, LazyImage
-from droppos.data.transforms import ToChannels
+from droppos.data.decode import BadImageError, LazyImage, ToChannels, draw_crop_and_flip, eight_bit
 
 
 @dataclass
@@ -36,22 +34,17 @@ class EncodedCrop:
 
 
 class ChooseCrop:
-    """Worker side of the device path: LazyImage -> EncodedCrop, drawing the crop and the flip
-    with RandomResizedCrop's and RandomHorizontalFlip's own calls."""
+    """Worker side of the device path: LazyImage -> EncodedCrop."""
 
-    def __init__(self, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)):
-        self.scale, self.ratio = scale, ratio
+    def __init__(self, scale: tuple[float, float]) -> None:
+        self.scale = scale
 
     def __call__(self, image: LazyImage) -> EncodedCrop:
         width, height = image.size
-        top, left, h, w = T.RandomResizedCrop.get_params(
-            torch.empty(1, 1, 1).expand(1, height, width), list(self.scale), list(self.ratio)
-        )
-        flip = int(torch.rand(1) < 0.5)
-        source = image.source
-        data = source if isinstance(source, bytes) else Path(source).read_bytes()
-        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return EncodedCrop(encoded, torch.tensor([top, left, h, w, flip]), image.name)
+        crop = draw_crop_and_flip(height, width, self.scale)
+        encoded = torch.frombuffer(bytearray(image.read_bytes()), dtype=torch.uint8)
+        params = torch.tensor([crop.top, crop.left, crop.height, crop.width, int(crop.flip)])
+        return EncodedCrop(encoded, params, image.name)
 
 
 def collate_encoded(batch: list[Any]) -> Any:
@@ -77,14 +70,10 @@ def decode_batch(
     for item, image in zip(items, images):
         if image is None:
             try:
-                image = decode_image(item.data).to(device, non_blocking=True)
+                image = torchvision_decode_image(item.data).to(device, non_blocking=True)
             except RuntimeError as error:
                 raise BadImageError(item.name, str(error).splitlines()[0]) from None
-        if image.dtype == torch.uint16:
-            image = (image.to(torch.int32) >> 8).to(torch.uint8)
-        if image.shape[0] in (2, 4):
-            image = image[:-1]
-        image = to_channels(image)
+        image = to_channels(eight_bit(image))
         top, left, h, w, flip = item.params.tolist()
         crop = F2.resized_crop(
             image, top, left, h, w, list(size),

@@ -10,17 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-
-__all__ = ["ResumableSampler", "build_loader", "dist_world", "set_epoch"]
-
-
-def dist_world() -> tuple[int, int]:
-    """``(world size, rank)`` of the initialised process group, else ``(1, 0)``."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 class ResumableSampler(DistributedSampler):
@@ -28,29 +18,21 @@ class ResumableSampler(DistributedSampler):
 
     ``set_epoch(epoch, start_batch)`` skips the first ``start_batch * batch_size`` indices of
     this rank's share of the epoch: the batches a resumed run already trained on. The skip is
-    one-shot per ``set_epoch`` call, so the next epoch starts from its beginning again. Without
-    a process group it defaults to a single replica, so the same code serves one-GPU runs.
+    one-shot per ``set_epoch`` call, so the next epoch starts from its beginning again. The
+    replicas are given, never read from a process group: one replica serves one-GPU runs.
     """
 
     def __init__(
         self,
         dataset: Dataset,
-        num_replicas: int | None = None,
-        rank: int | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
         batch_size: int = 1,
     ) -> None:
-        world, this_rank = dist_world()
-        super().__init__(
-            dataset,
-            num_replicas=world if num_replicas is None else num_replicas,
-            rank=this_rank if rank is None else rank,
-            shuffle=shuffle,
-            seed=seed,
-            drop_last=drop_last,
-        )
+        super().__init__(dataset, num_replicas, rank, shuffle, seed, drop_last)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
@@ -83,7 +65,7 @@ def build_loader(
     seed: int = 0,
     num_workers: int = 0,
     drop_last: bool = False,
-    distributed: bool = False,
+    replicas: tuple[int, int] = (1, 0),
     device_type: str = "cpu",
     prefetch_factor: int = 2,
     collate_fn: Any = None,
@@ -91,7 +73,7 @@ def build_loader(
 ) -> DataLoader:
     """A DataLoader over a ``ResumableSampler``; ``batch_size`` is per process.
 
-    ``distributed`` shards over the initialised process group (one replica if none). Pinned
+    ``replicas`` = (number of shards, this rank's shard): each rank reads its own. Pinned
     memory only pays off for CUDA copies; persistent workers avoid re-forking every epoch.
     ``drop_last`` drops both the ragged tail across ranks and the last incomplete batch.
     Without it, evaluation under DDP pads with a few repeated samples, as DistributedSampler does.
@@ -100,16 +82,7 @@ def build_loader(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    num_replicas, rank = dist_world() if distributed else (1, 0)
-    sampler = ResumableSampler(
-        dataset,
-        num_replicas=num_replicas,
-        rank=rank,
-        shuffle=shuffle,
-        seed=seed,
-        drop_last=drop_last,
-        batch_size=batch_size,
-    )
+    sampler = ResumableSampler(dataset, *replicas, shuffle, seed, drop_last, batch_size)
     workers = num_workers > 0
     return DataLoader(
         dataset,

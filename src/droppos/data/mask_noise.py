@@ -1,41 +1,33 @@
-"""Mask noise drawn in the data loader, per sample, from (seed, epoch, index).
+"""Mask noise drawn in the data loader, per sample, from its SampleContext (seed, epoch, index).
 
 Building the masks' randomness here rather than in the training step takes it off the hot path,
 and makes it independent of batch composition: one process on a global batch and N DDP ranks on
-its shards mask each image identically, and a resumed run masks exactly as an unbroken one.
+its shards mask each image identically, and a resumed run masks exactly as an unbroken one. A
+method says how many noise vectors it needs and how long each is (its `noise_shapes`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
 
 import torch
-from torch.utils.data import Dataset
 
-from droppos.data.transforms import sample_seed
+from droppos.data.pipeline import SampleContext, sample_seed
 
 NOISE_STREAM = 0x6D61736B  # keeps mask noise independent of the augmentation stream
 
 
-class MaskNoiseDataset(Dataset):
-    """Items of an AugmentedDataset (or a wrapper with its seed and epoch) plus their mask noise:
-    `(image, label, patch_noise [L], position_noise [V])`."""
+class MaskNoise:
+    """A sample's noise vectors, uniform in [0, 1), one per entry of `lengths`, drawn in order
+    from one generator (a per-sample extra of `AugmentedDataset`)."""
 
-    def __init__(self, dataset: Dataset, num_patches: int, num_visible: int) -> None:
-        self.dataset = dataset
-        self.num_patches = num_patches
-        self.num_visible = num_visible
+    def __init__(self, lengths: Sequence[int]) -> None:
+        self.lengths = tuple(int(n) for n in lengths)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[Any, int, torch.Tensor, torch.Tensor]:
-        image, label = self.dataset[index]
-        seed = sample_seed(self.dataset.seed ^ NOISE_STREAM, self.dataset.epoch, index)
+    def __call__(self, context: SampleContext) -> tuple[torch.Tensor, ...]:
+        seed = sample_seed(context.seed ^ NOISE_STREAM, context.epoch, context.index)
         generator = torch.Generator().manual_seed(seed)
-        patch_noise = torch.rand(self.num_patches, generator=generator)
-        position_noise = torch.rand(self.num_visible, generator=generator)
-        return image, label, patch_noise, position_noise
+        return tuple(torch.rand(n, generator=generator) for n in self.lengths)
+
+    def __repr__(self) -> str:
+        return f"MaskNoise({list(self.lengths)})"

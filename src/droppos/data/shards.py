@@ -3,13 +3,11 @@
 The files follow the WebDataset convention (`train-000000.tar`, ...; each sample is members
 `KEY.jpg` or `.png` and `KEY.cls` holding the label), so tools that stream WebDataset read them
 too. droppos reads them by random access instead of streaming: each shard's member offsets are
-listed once (cached beside it as `SHARD.tar.idx.json`), and `ShardDataset` is a map-style dataset.
+listed once (cached beside it as `SHARD.tar.idx.json`), and `ShardDataset` is a map-style source.
 The sampler, the per-rank sharding and the exact mid-epoch resume are then the same as for an
 image folder: a run on shards sees exactly the batches a run on the folder they came from sees.
 That needs a file system that can seek (local disks, NFS, Lustre, GPFS); a store that can only
 stream objects is not supported.
-
-`write_shards` writes them from any data source droppos reads.
 """
 
 from __future__ import annotations
@@ -19,24 +17,24 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from droppos.data.datasets import (
+from droppos.data.decode import (
     DEFAULT_MAX_IMAGE_PIXELS,
-    IMG_EXTENSIONS,
-    LazyImage,
-    build_dataset,
-    decode_image,
-    decode_tensor,
+    BadImageError,
+    DecodedImage,
+    describe_decode_error,
+    read_image,
 )
+from droppos.data.sources import ImageSource
 
 INDEX_SUFFIX = ".idx.json"
+CLASSES_FILE = "classes.txt"
 IMAGE_SUFFIXES = tuple(e.lstrip(".") for e in IMG_EXTENSIONS)
 
 
@@ -77,7 +75,7 @@ def index_shard(path: Path) -> list[dict[str, Any]]:
     return entries
 
 
-class ShardDataset(Dataset):
+class ShardDataset(ImageSource):
     """The samples of WebDataset-style tar shards, in shard then member order, by random access.
 
     File handles are opened lazily per process (loader workers each get their own).
@@ -94,26 +92,26 @@ class ShardDataset(Dataset):
         self.shards = [Path(s) for s in shards]
         self.max_pixels = max_pixels
         self.decode = decode
-        self.samples: list[tuple[int, int, int, int, str]] = []
+        self.origin = " ".join(str(s.resolve()) for s in self.shards)
+        # (shard number, offset, size, label, key) of every sample
+        self.members: list[tuple[int, int, int, int, str]] = []
         for number, path in enumerate(self.shards):
             for entry in index_shard(path):
-                self.samples.append(
+                self.members.append(
                     (number, entry["offset"], entry["size"], entry["label"], entry["key"])
                 )
-        if not self.samples:
+        if not self.members:
             raise ValueError(f"no images in the shards {self.shards[0]} ...")
-        labels = [sample[3] for sample in self.samples]
+        labels = [member[3] for member in self.members]
         labelled = min(labels) >= 0
         self.num_classes = max(labels) + 1 if labelled else 0
-        names = self.shards[0].parent / "classes.txt"
-        self.classes: list[str] | None = (
-            names.read_text().splitlines() if labelled and names.is_file() else None
-        )
+        names = self.shards[0].parent / CLASSES_FILE
+        self.classes = names.read_text().splitlines() if labelled and names.is_file() else None
         self._handles: dict[int, Any] = {}
         self._pid = os.getpid()
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.members)
 
     def _handle(self, number: int) -> Any:
         if self._pid != os.getpid():  # a forked worker: never share the parent's file offsets
@@ -122,17 +120,25 @@ class ShardDataset(Dataset):
             self._handles[number] = self.shards[number].open("rb")
         return self._handles[number]
 
-    def __getitem__(self, index: int) -> tuple[Image.Image | torch.Tensor | LazyImage, int]:
-        number, offset, size, label, key = self.samples[index]
+    def _read(self, index: int) -> tuple[bytes, str, int]:
+        number, offset, size, label, key = self.members[index]
         handle = self._handle(number)
         handle.seek(offset)
-        data = handle.read(size)
-        name = f"{self.shards[number]}:{key}"
-        if self.decode == "tensor":
-            return decode_tensor(data, name, self.max_pixels), label
-        if self.decode in ("draft", "device"):
-            return LazyImage(data, name, self.max_pixels), label
-        return decode_image(io.BytesIO(data), name, self.max_pixels), label
+        return handle.read(size), f"{self.shards[number]}:{key}", label
+
+    def __getitem__(self, index: int) -> tuple[DecodedImage, int]:
+        data, name, label = self._read(index)
+        return read_image(data, name, self.max_pixels, self.decode), label
+
+    def encoded(self, index: int) -> tuple[bytes, str, int]:
+        """The member's bytes as they are, named by the format its header shows."""
+        data, name, label = self._read(index)
+        try:
+            with Image.open(io.BytesIO(data)) as header:
+                kind = header.format or ""
+        except Exception as error:
+            raise BadImageError(name, describe_decode_error(error)) from None
+        return data, {"JPEG": "jpg", "TIFF": "tif"}.get(kind, kind.lower()), label
 
     def close(self) -> None:
         """Close this process's shard files (they reopen on the next read)."""
@@ -151,59 +157,13 @@ class ShardDataset(Dataset):
         return state
 
 
-def encoded_sample(dataset: Dataset, index: int) -> tuple[bytes, str, int]:
-    """(file bytes, suffix, label) of one sample: the original file where there is one (no
-    re-encoding), else the decoded image as PNG (lossless)."""
-    samples = getattr(dataset, "samples", None)
-    if samples is not None and isinstance(samples[index][0], str):
-        path, label = samples[index][0], samples[index][1]
-        return Path(path).read_bytes(), Path(path).suffix.lstrip(".").lower(), int(label)
-    image, label = dataset[index]
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue(), "png", int(label)
-
-
-def write_shards(
-    source: str,
-    output: str | Path,
-    shard_size: int = 1000,
-    splits: Sequence[str] = ("train", "val"),
-) -> dict[str, list[Path]]:
-    """Write each split of `source` as `output/{split}-NNNNNN.tar`; returns the files written.
-
-    A split the source does not have is skipped; a source without splits is written as train.
-    """
-    if shard_size < 1:
-        raise ValueError(f"--shard_size must be >= 1, got {shard_size}")
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    written: dict[str, list[Path]] = {}
-    seen: list[Any] = []
-    for split in splits:
-        dataset = build_dataset(source, split)
-        samples = getattr(dataset, "samples", None)
-        if samples is not None and samples in seen:
-            continue  # a source without splits gives the same files for every split
-        if samples is not None:
-            seen.append(samples)
-        count = len(dataset)  # type: ignore[arg-type]
-        paths = []
-        for start in range(0, count, shard_size):
-            path = output / f"{split}-{start // shard_size:06d}.tar"
-            with tarfile.open(path, "w") as tar:
-                for index in range(start, min(start + shard_size, count)):
-                    data, suffix, label = encoded_sample(dataset, index)
-                    key = f"{index:09d}"
-                    _add(tar, f"{key}.{suffix}", data)
-                    _add(tar, f"{key}.cls", str(label).encode())
-            index_shard(path)
-            paths.append(path)
-        written[split] = paths
-        classes = getattr(dataset, "classes", None)
-        if classes and not (output / "classes.txt").exists():
-            (output / "classes.txt").write_text("\n".join(classes) + "\n")
-    return written
+def write_shard(path: Path, samples: Iterable[tuple[str, bytes, str, int]]) -> None:
+    """One tar of (key, file bytes, suffix, label) samples, then its index beside it."""
+    with tarfile.open(path, "w") as tar:
+        for key, data, suffix, label in samples:
+            _add(tar, f"{key}.{suffix}", data)
+            _add(tar, f"{key}.cls", str(label).encode())
+    index_shard(path)
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

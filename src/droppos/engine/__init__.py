@@ -1,1 +1,1 @@
-"""The training engine: distributed setup, optimisation, precision, checkpoints and logging."""
+"""The training engine: one loop, its strategies, checkpoints, guards, logging and setup."""

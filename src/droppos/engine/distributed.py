@@ -63,6 +63,13 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def world_and_rank() -> tuple[int, int]:
+    """(world size, rank) of the initialised process group, else (1, 0)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
 def sum_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each tensor summed over ranks, in one collective; the identity for one process."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
@@ -73,3 +80,13 @@ def sum_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     parts = flat.split([t.numel() for t in tensors])
     return {n: p.reshape(t.shape).to(t.dtype) for n, p, t in zip(names, parts, tensors)}
+
+
+def gather_interleaved(shard: torch.Tensor, total: int, world: int) -> torch.Tensor:
+    """Rank r's row i is sample i * world + r: all-gather padded shards, re-interleave, trim."""
+    rows = -(-total // world)
+    padded = shard.new_zeros((rows, *shard.shape[1:]))
+    padded[: len(shard)] = shard
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.stack(parts, dim=1).flatten(0, 1)[:total]

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from droppos.engine.distributed import DistEnv, sum_over_ranks
+
 LOCK = ".droppos.lock"
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 
@@ -81,6 +83,31 @@ def finite_step(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Ten
     if grad_norm is not None:
         finite = finite & torch.isfinite(grad_norm)
     return finite
+
+
+class BadImageBudget:
+    """Stops a run whose epoch holds more unreadable images than `--data.max_bad_fraction`."""
+
+    def __init__(self, max_fraction: float, epoch_images: int) -> None:
+        self.max_fraction = max_fraction
+        self.epoch_images = epoch_images  # over every rank
+
+    def check(self, bad: float) -> None:
+        if bad > self.max_fraction * self.epoch_images:
+            raise RunStopped(
+                f"{int(bad)} unreadable images this epoch, more than --data.max_bad_fraction "
+                f"{self.max_fraction} of {self.epoch_images}; the warnings above name them. Fix "
+                "or remove them (or raise the fraction), then run the same command to resume"
+            )
+
+
+def agreed_flags(flags: dict[str, float], env: DistEnv) -> dict[str, float]:
+    """Host-side flags summed over ranks (one collective, on the device), so every rank decides
+    the same; the flags themselves for one process."""
+    if not env.distributed:
+        return flags
+    on_device = {k: torch.tensor(v, device=env.device) for k, v in flags.items()}
+    return {k: float(v) for k, v in sum_over_ranks(on_device).items()}
 
 
 class RunLock:

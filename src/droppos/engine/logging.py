@@ -1,13 +1,21 @@
-"""What the user sees: JSON lines and TensorBoard scalars, written by rank 0 only."""
+"""What the user sees: JSON lines, TensorBoard scalars, the resolved config; rank 0 writes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
+import yaml
+
+from droppos.engine.distributed import DistEnv, sum_over_ranks
+
+Sums = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def finite_json(value: Any) -> Any:
@@ -25,6 +33,24 @@ def finite_json(value: Any) -> Any:
 def write_json(path: str | Path, value: Any) -> None:
     """Strict JSON (non-finite floats as null), indented, with a final newline."""
     Path(path).write_text(json.dumps(finite_json(value), indent=2, allow_nan=False) + "\n")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def write_config(config: Any, folder: str | Path) -> Path:
+    """`folder/config.yaml`: every option of a command's configuration as resolved, to pass back
+    with `--config` and repeat the run."""
+    path = Path(folder) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(_plain(dataclasses.asdict(config)), sort_keys=False)
+    path.write_text(text)
+    return path
 
 
 def show_progress(requested: bool, is_main: bool = True) -> bool:
@@ -83,3 +109,34 @@ def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, An
     """The records of a `metrics.jsonl`, optionally of one kind (`step`, `epoch`, ...)."""
     records = [json.loads(line) for line in Path(path).read_text().splitlines() if line]
     return [r for r in records if kind is None or r["kind"] == kind]
+
+
+class MetricSums:
+    """Running (numerator, denominator) sums on the device, and the loss summed per step."""
+
+    def __init__(self, env: DistEnv) -> None:
+        self.env = env
+        self.loss = torch.zeros((), device=env.device)
+        self.steps = 0
+        self.skipped = 0
+        self.sums: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, loss: torch.Tensor, metrics: Sums) -> None:
+        self.loss = self.loss + loss
+        self.steps += 1
+        for name, (num, den) in metrics.items():
+            found = self.sums.setdefault(name, [torch.zeros((), device=num.device)] * 2)
+            found[0], found[1] = found[0] + num.float(), found[1] + den.float()
+
+    def means(self) -> dict[str, float]:
+        """One collective and one host read for everything: exact global-batch averages."""
+        if not self.steps:
+            return {}
+        names = list(self.sums)
+        flat = [self.loss] + [t for n in names for t in self.sums[n]]
+        values = sum_over_ranks({"all": torch.stack(flat)})["all"].tolist()
+        result = {"loss": values[0] / self.steps}
+        for i, name in enumerate(names):
+            num, den = values[1 + 2 * i], values[2 + 2 * i]
+            result[name] = num / den if den else math.nan
+        return result

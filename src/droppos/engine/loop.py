@@ -1,9 +1,11 @@
 """The one training loop: each command supplies a `TrainingMethod`, the loop does the rest.
 
-What the loop owns: gradient accumulation (`no_sync` on all but the last micro-batch), autocast
-and the fp16 scaler, clipping, the per-iteration lr schedule, metrics (JSON lines, TensorBoard,
-progress), periodic and final checkpoints, and exact resume. What a method owns: its model, how
-a batch reaches the device, and its forward (`StepResult`).
+What the loop owns: the epoch and its optimiser steps, gradient accumulation, autocast and the
+fp16 scaler, the per-iteration lr schedule, metrics, and when to save. What it delegates: how the
+model is distributed (`engine/strategy.py`: wrapping, no_sync, clipping, state), how checkpoints
+are written and resumed (`engine/checkpointing.py`), what stops a run (`engine/guards.py`). What a
+method owns: its model, how a batch reaches the device, and its forward (`StepResult`); it calls
+the model only through the wrapped module the loop hands it.
 
 Global loss normalisation: each loss term is a sum divided by a denominator (the attentive
 weights of the dropped tokens, the masked patches, the images). The denominators are summed
@@ -20,48 +22,41 @@ read once every `log_every` steps.
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from droppos.data import build_loader, replaced_images, set_epoch
-from droppos.engine.checkpoint import (
-    LAST,
-    check_resume,
-    find_resume,
-    load_training_checkpoint,
-    save_atomic,
-)
-from droppos.engine.config import DataSection, OptimSection, TrainRunSection
+from droppos._version import PACKAGE
+from droppos.data.loader import build_loader, set_epoch
+from droppos.engine.checkpointing import LAST, Checkpointer, check_resume, find_resume
+from droppos.engine.context import RunContext
 from droppos.engine.distributed import DistEnv, sum_over_ranks
 from droppos.engine.guards import (
+    BadImageBudget,
     NonFiniteWatch,
     RunLock,
     RunStopped,
     StopSignals,
+    agreed_flags,
     finite_step,
     remove_temporary_files,
 )
-from droppos.engine.logging import MetricWriter, show_progress, write_json
-from droppos.engine.optim import lr_at_step, set_lr
+from droppos.engine.logging import MetricSums, MetricWriter, Sums, write_config, write_json
+from droppos.engine.optim import adamw_for_run, lr_at_step, set_lr
 from droppos.engine.precision import autocast, grad_scaler
-from droppos.engine.training import (
-    adamw_for_run,
-    optimizer_steps_per_epoch,
-    prepare_for_training,
-)
+from droppos.engine.sections import DataSection, OptimSection, TrainRunSection
+from droppos.engine.strategy import Strategy, strategy_for
+from droppos.interop.schema import Header, Progress, TrainingCheckpoint
 
-Sums = dict[str, tuple[torch.Tensor, torch.Tensor]]
+Result = TypeVar("Result")
 
 
 @dataclass
@@ -79,10 +74,10 @@ class StepResult:
 
 
 class TrainingMethod(Protocol):
-    """What pre-training (DropPos, MAE) and fine-tuning supply to the loop."""
+    """What pre-training methods and fine-tuning supply to the loop."""
 
     model: nn.Module
-    """The bare model: optimised, clipped and saved."""
+    """The bare model: what the strategy wraps, optimises, clips and saves."""
     split_invariant: bool
     """True when a step depends only on its global batch, not on how it is split over ranks
     and micro-batches: a resume may then change that split."""
@@ -91,7 +86,7 @@ class TrainingMethod(Protocol):
         """Called before an epoch's first step (`batch` > 0 after a mid-epoch resume)."""
         ...
 
-    def ahead(self, batch: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    def ahead(self, engine_model: nn.Module, batch: Any) -> tuple[Any, dict[str, torch.Tensor]]:
         """No-grad work computed before the step: (cache for `forward`, local normalisers)."""
         ...
 
@@ -99,8 +94,11 @@ class TrainingMethod(Protocol):
 
     def after_step(self, step: int) -> None: ...
 
-    def end_epoch(self, epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
-        """Extra epoch metrics (evaluation) and files to write: {"metrics", "files"}."""
+    def end_epoch(
+        self, engine_model: nn.Module, epoch: int, metrics: dict[str, float]
+    ) -> dict[str, Any]:
+        """Extra epoch metrics (evaluation), pictures and files to write:
+        {"metrics", "images", "files"}."""
         ...
 
     def epoch_line(self, metrics: dict[str, float]) -> str: ...
@@ -109,18 +107,24 @@ class TrainingMethod(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> Header:
         """What a checkpoint of this method says about itself (read back by every command)."""
         ...
 
 
-@dataclass
-class Position:
-    """Where a run is: the next epoch, the next per-rank batch within it, optimiser steps."""
+def optimizer_steps_per_epoch(batches: int, batch_size: int, accum_steps: int) -> int:
+    """Full accumulation cycles per epoch; a user error when not even one fits."""
+    if batches < accum_steps:
+        raise ValueError(
+            f"the dataset gives {batches} batch(es) of {batch_size} per rank, fewer "
+            f"than --optim.accum_steps {accum_steps}; lower the batch size"
+        )
+    return batches // accum_steps
 
-    epoch: int = 0
-    batch: int = 0
-    step: int = 0
+
+def replaced_images(dataset: Dataset) -> int:
+    """Unreadable images the training set has replaced so far (0 for one that replaces none)."""
+    return int(getattr(dataset, "replaced", 0))
 
 
 @dataclass
@@ -128,40 +132,50 @@ class TrainLoop:
     """A run of one method: built by `build_loop`, driven by `run`."""
 
     method: TrainingMethod
-    env: DistEnv
+    context: RunContext
+    strategy: Strategy
     optim: OptimSection
     run_options: TrainRunSection
+    data: DataSection
     config: dict[str, Any]
     loader: DataLoader
-    precision: str
     engine_model: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     peak_lr: float
     steps_per_epoch: int
-    data: DataSection = field(default_factory=DataSection)
-    position: Position = field(default_factory=Position)
-    resumed_from: Path | None = None
+    checkpointer: Checkpointer
+    progress: Progress = field(default_factory=Progress)
     notes: list[str] = field(default_factory=list)
     lock: RunLock | None = None
     signals: StopSignals = field(default_factory=StopSignals)
-    nonfinite: NonFiniteWatch | None = None
     skipped_in_a_row: int = 0
-    last_saved_step: int | None = None
     bad_images_at_epoch_start: int = 0
 
     def close(self) -> None:
-        """Release the output folder (the CLI calls it however the run ended)."""
+        """Release the output folder (every command calls it however the run ended)."""
         if self.lock is not None:
             self.lock.release()
 
     @property
+    def env(self) -> DistEnv:
+        return self.context.env
+
+    @property
+    def precision(self) -> str:
+        return self.context.precision
+
+    @property
     def finished(self) -> bool:
-        return self.position.epoch >= self.optim.epochs
+        return self.progress.epoch >= self.optim.epochs
 
     @property
     def output_dir(self) -> Path:
         return Path(self.run_options.output_dir)
+
+    @property
+    def resumed_from(self) -> Path | None:
+        return self.checkpointer.resumed_from
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -174,79 +188,42 @@ class TrainLoop:
             "steps_per_epoch": self.steps_per_epoch,
         }
 
-    def state(self) -> dict[str, Any]:
-        return {
-            **self.method.describe(),
-            "model": self.method.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "position": asdict(self.position),
-            "geometry": self.geometry(),
-            "config": self.config,
-            "method_state": self.method.state_dict(),
-        }
+    def checkpoint(self) -> TrainingCheckpoint:
+        model = self.method.model
+        return TrainingCheckpoint(
+            header=self.method.describe(),
+            model=self.strategy.model_state(model),
+            optimizer=self.strategy.optimizer_state(model, self.optimizer),
+            scaler=self.scaler.state_dict(),
+            progress=Progress(**asdict(self.progress)),
+            geometry=self.geometry(),
+            config=self.config,
+            method_state=self.method.state_dict(),
+        )
 
     def save(self, extra: dict[str, dict[str, Any]] | None = None, keep: bool = False) -> None:
-        """Write last.pth (and kept or extra files), never with a non-finite weight in it."""
-        self.check_finite()
-        if self.env.is_main:
-            state = self.state()
-            targets = [(LAST, state)]
-            if keep:
-                targets.append((f"checkpoint-{self.position.epoch:04d}.pth", state))
-            targets += list((extra or {}).items())
-            for name, content in targets:
-                try:
-                    save_atomic(content, self.output_dir / name)
-                except OSError as error:
-                    raise RunStopped(
-                        f"could not write {self.output_dir / name} ({error.strerror or error}); "
-                        f"{self.last_checkpoint_note()}; free space and run the same command "
-                        "to resume"
-                    ) from None
-        self.last_saved_step = self.position.step
-
-    def last_checkpoint_note(self) -> str:
-        if self.last_saved_step is not None:
-            where = self.output_dir / LAST
-            return f"the last good checkpoint is {where} (step {self.last_saved_step})"
-        if self.resumed_from is not None:
-            return f"the last good checkpoint is {self.resumed_from}"
-        return "no checkpoint was written yet"
-
-    def check_finite(self) -> None:
-        """Stop, saying where, if any step since the start was non-finite (one device read)."""
-        if self.nonfinite is None:
-            return
-        step = self.nonfinite.bad_step()
-        if step is not None:
-            raise RunStopped(
-                f"the loss or gradient norm became NaN or infinite at step {step}; nothing "
-                f"after it was saved and {self.last_checkpoint_note()}. Lower --optim.lr or "
-                "raise --optim.warmup_epochs (or --run.on_nonfinite skip to skip such steps)"
-            )
+        """Write last.pth (and a kept copy or extra files), never with a non-finite weight."""
+        keep_as = f"checkpoint-{self.progress.epoch:04d}.pth" if keep else None
+        self.checkpointer.save(self.checkpoint(), keep_as, extra)
 
     def restore(self, path: Path) -> None:
-        state = load_training_checkpoint(path)
-        position, notes = check_resume(
-            path,
-            state,
-            self.config,
-            self.geometry(),
-            self.method.split_invariant,
+        saved = TrainingCheckpoint.read(path)
+        progress, notes = check_resume(
+            path, saved, self.config, self.geometry(), self.method.split_invariant
         )
+        model = self.method.model
         try:
-            self.method.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scaler.load_state_dict(state["scaler"])
-            self.method.load_state_dict(state.get("method_state") or {})
+            self.strategy.load_model_state(model, saved.model)
+            self.strategy.load_optimizer_state(model, self.optimizer, saved.optimizer)
+            self.scaler.load_state_dict(saved.scaler)
+            self.method.load_state_dict(saved.method_state)
         except (KeyError, RuntimeError, ValueError) as error:
             raise ValueError(
                 f"--run.resume: {path} does not fit this run ({str(error).splitlines()[0][:200]}); "
                 "pick another --run.output_dir or set --run.resume null"
             ) from None
-        self.position = Position(**position)
-        self.resumed_from = path
+        self.progress = progress
+        self.checkpointer.resumed_from = path
         self.notes.extend(notes)
 
     # -- the loop ----------------------------------------------------------------------------
@@ -258,7 +235,8 @@ class TrainLoop:
         )
         summary: dict[str, Any] = {}
         started = time.perf_counter()
-        self.last_saved_step = self.position.step if self.resumed_from is not None else None
+        resumed = self.checkpointer.resumed_from is not None
+        self.checkpointer.last_saved_step = self.progress.step if resumed else None
         try:
             with self.signals:
                 while not self.finished:
@@ -278,32 +256,25 @@ class TrainLoop:
             return
         bad = replaced_images(self.loader.dataset) - self.bad_images_at_epoch_start
         flags = {"signal": float(self.signals.received is not None), "bad": float(bad)}
-        if self.env.distributed:
-            on_device = {k: torch.tensor(v, device=self.env.device) for k, v in flags.items()}
-            flags = {k: float(v) for k, v in sum_over_ranks(on_device).items()}
+        flags = agreed_flags(flags, self.env)
         if full:
-            self.check_finite()
+            self.checkpointer.check_finite()
         epoch_images = self.steps_per_epoch * self.optim.accum_steps * self.optim.batch_size
-        allowed = self.data.max_bad_fraction * epoch_images * self.env.world_size
-        if flags["bad"] > allowed:
-            raise RunStopped(
-                f"{int(flags['bad'])} unreadable images this epoch, more than "
-                f"--data.max_bad_fraction {self.data.max_bad_fraction} of "
-                f"{epoch_images * self.env.world_size}; the warnings above name them. Fix or "
-                "remove them (or raise the fraction), then run the same command to resume"
-            )
+        BadImageBudget(self.data.max_bad_fraction, epoch_images * self.env.world_size).check(
+            flags["bad"]
+        )
         if flags["signal"]:
             self.save()
             name = self.signals.received or "a stop signal"
             raise RunStopped(
-                f"stopped by {name} at epoch {self.position.epoch + 1}, step "
-                f"{self.position.step}; saved {self.output_dir / LAST}: run the same command "
+                f"stopped by {name} at epoch {self.progress.epoch + 1}, step "
+                f"{self.progress.step}; saved {self.output_dir / LAST}: run the same command "
                 "to resume exactly there",
                 exit_code=0,
             )
 
     def run_epoch(self, writer: MetricWriter) -> dict[str, Any]:
-        pos, accum = self.position, self.optim.accum_steps
+        pos, accum = self.progress, self.optim.accum_steps
         total_steps = self.optim.epochs * self.steps_per_epoch
         warmup_steps = round(self.optim.warmup_epochs * self.steps_per_epoch)
         set_epoch(self.loader, pos.epoch, start_batch=pos.batch)
@@ -316,7 +287,7 @@ class TrainLoop:
             total=self.steps_per_epoch,
             initial=pos.batch // accum,
             desc=f"epoch {pos.epoch + 1}/{self.optim.epochs}",
-            disable=not show_progress(self.run_options.progress, self.env.is_main),
+            disable=not self.context.progress,
             dynamic_ncols=True,
             leave=False,
         )
@@ -365,7 +336,7 @@ class TrainLoop:
         if epoch_sums.skipped:
             metrics["skipped_steps"] = epoch_sums.skipped
         pos.epoch, pos.batch = pos.epoch + 1, 0
-        extra = self.method.end_epoch(pos.epoch - 1, metrics)
+        extra = self.method.end_epoch(self.engine_model, pos.epoch - 1, metrics)
         metrics.update(extra.get("metrics", {}))
         writer.write("epoch", pos.step, {"epoch": pos.epoch, **metrics})
         for tag, picture in extra.get("images", {}).items():
@@ -389,7 +360,7 @@ class TrainLoop:
     def optimizer_steps(self) -> Iterator[list[Any]]:
         """The loader's batches grouped by optimiser step; a ragged tail is left out."""
         group: list[Any] = []
-        remaining = self.steps_per_epoch - self.position.batch // self.optim.accum_steps
+        remaining = self.steps_per_epoch - self.progress.batch // self.optim.accum_steps
         for batch in self.loader:
             if remaining <= 0:
                 break
@@ -400,7 +371,7 @@ class TrainLoop:
 
     def accumulate(self, micro_batches: list[Any]) -> tuple[torch.Tensor, Sums, int]:
         """Forward and backward every micro-batch of one step, with global normalisers."""
-        method, device = self.method, self.env.device
+        method, device, model = self.method, self.env.device, self.engine_model
         last = len(micro_batches) - 1
         caches: list[Any] = [None] * len(micro_batches)
         normalisers: dict[str, torch.Tensor] | None = None
@@ -408,7 +379,7 @@ class TrainLoop:
             local: dict[str, torch.Tensor] = {}
             for j, batch in enumerate(micro_batches):
                 with autocast(device, self.precision):
-                    caches[j], sums = method.ahead(batch)
+                    caches[j], sums = method.ahead(model, batch)
                 for name, value in sums.items():
                     local[name] = local.get(name, 0) + value.float()
             normalisers = sum_over_ranks(local)
@@ -416,17 +387,14 @@ class TrainLoop:
         metrics: Sums = {}
         images = 0
         for j, batch in enumerate(micro_batches):
-            sync = contextlib.nullcontext()
-            if j < last and isinstance(self.engine_model, DistributedDataParallel):
-                sync = self.engine_model.no_sync()
+            sync = self.strategy.no_sync(model) if j < last else contextlib.nullcontext()
             with sync:
                 with autocast(device, self.precision):
-                    result = method.forward(self.engine_model, batch, caches[j])
+                    result = method.forward(model, batch, caches[j])
                 if normalisers is None:
                     normalisers = sum_over_ranks(result.normalisers)
                 share = result.share(normalisers)
-                # DDP averages gradients over ranks; the shares already sum to the global loss.
-                self.scaler.scale(share * self.env.world_size).backward()
+                self.scaler.scale(share * self.strategy.loss_scale).backward()
             loss = loss + share.detach().float()
             for name, (num, den) in result.metrics.items():
                 old = metrics.get(name)
@@ -441,12 +409,8 @@ class TrainLoop:
         saves). With `--run.on_nonfinite skip` it is read now and the step is skipped; fp16
         leaves that to its gradient scaler, which skips overflowing steps by design.
         """
-        parameters = [p for p in self.method.model.parameters() if p.grad is not None]
         self.scaler.unscale_(self.optimizer)
-        if self.optim.clip_grad is not None:
-            grad_norm = nn.utils.clip_grad_norm_(parameters, self.optim.clip_grad)
-        else:
-            grad_norm = nn.utils.get_total_norm([p.grad for p in parameters])
+        grad_norm = self.strategy.clip_grad_norm(self.method.model, self.optim.clip_grad)
         fp16 = self.scaler.is_enabled()
         finite = finite_step(loss, None if fp16 else grad_norm)
         if self.run_options.on_nonfinite == "skip" and not fp16 and not bool(finite):
@@ -455,49 +419,17 @@ class TrainLoop:
             if self.skipped_in_a_row >= self.run_options.max_skipped_steps:
                 raise RunStopped(
                     f"{self.skipped_in_a_row} non-finite steps in a row up to step "
-                    f"{self.position.step + 1}; {self.last_checkpoint_note()}. Lower "
-                    "--optim.lr or raise --optim.warmup_epochs"
+                    f"{self.progress.step + 1}; {self.checkpointer.last_checkpoint_note()}. "
+                    "Lower --optim.lr or raise --optim.warmup_epochs"
                 )
             return grad_norm, False
         self.skipped_in_a_row = 0
         if self.run_options.on_nonfinite == "stop":
-            assert self.nonfinite is not None
-            self.nonfinite.observe(self.position.step + 1, finite)
+            self.checkpointer.nonfinite.observe(self.progress.step + 1, finite)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, True
-
-
-class MetricSums:
-    """Running (numerator, denominator) sums on the device, and the loss summed per step."""
-
-    def __init__(self, env: DistEnv) -> None:
-        self.env = env
-        self.loss = torch.zeros((), device=env.device)
-        self.steps = 0
-        self.skipped = 0
-        self.sums: dict[str, list[torch.Tensor]] = {}
-
-    def add(self, loss: torch.Tensor, metrics: Sums) -> None:
-        self.loss = self.loss + loss
-        self.steps += 1
-        for name, (num, den) in metrics.items():
-            found = self.sums.setdefault(name, [torch.zeros((), device=num.device)] * 2)
-            found[0], found[1] = found[0] + num.float(), found[1] + den.float()
-
-    def means(self) -> dict[str, float]:
-        """One collective and one host read for everything: exact global-batch averages."""
-        if not self.steps:
-            return {}
-        names = list(self.sums)
-        flat = [self.loss] + [t for n in names for t in self.sums[n]]
-        values = sum_over_ranks({"all": torch.stack(flat)})["all"].tolist()
-        result = {"loss": values[0] / self.steps}
-        for i, name in enumerate(names):
-            num, den = values[1 + 2 * i], values[2 + 2 * i]
-            result[name] = num / den if den else math.nan
-        return result
 
 
 def batch_size(batch: Any) -> int:
@@ -507,14 +439,13 @@ def batch_size(batch: Any) -> int:
 
 def build_loop(
     method: TrainingMethod,
-    env: DistEnv,
+    context: RunContext,
     config: Any,
     train_set: Dataset,
-    precision: str,
     collate_fn: Any = None,
 ) -> TrainLoop:
     """The training loader (this rank's shard, in an order that is a function of seed and
-    epoch), optimizer, scaler and engine model for `method`; restores a checkpoint if due.
+    epoch), optimizer, scaler and wrapped model for `method`; restores a checkpoint if due.
 
     `config` is the command's configuration: its `optim`, `run` and `data` sections drive the
     loop, and the whole of it is recorded in every checkpoint.
@@ -522,6 +453,7 @@ def build_loop(
     optim: OptimSection = config.optim
     run_options: TrainRunSection = config.run
     data: DataSection = config.data
+    env = context.env
     loader = build_loader(
         train_set,
         optim.batch_size,
@@ -529,29 +461,29 @@ def build_loop(
         seed=run_options.seed,
         num_workers=data.num_workers,
         drop_last=True,
-        distributed=env.distributed,
+        replicas=(env.world_size, env.rank),
         device_type=env.device.type,
         timeout=data.timeout,
         collate_fn=collate_fn,
     )
     steps_per_epoch = optimizer_steps_per_epoch(len(loader), optim.batch_size, optim.accum_steps)
-    layer_decay = optim.layer_decay if optim.layer_decay < 1 else None
-    optimizer, peak_lr = adamw_for_run(method.model, optim, env.world_size, layer_decay)
+    optimizer, peak_lr = adamw_for_run(method.model, optim, env.world_size)
+    strategy = strategy_for(env)
     loop = TrainLoop(
         method=method,
-        env=env,
+        context=context,
+        strategy=strategy,
         optim=optim,
         run_options=run_options,
+        data=data,
         config=asdict(config),
         loader=loader,
-        precision=precision,
-        engine_model=prepare_for_training(method.model, env, run_options.compile),
+        engine_model=strategy.wrap(method.model, run_options.compile),
         optimizer=optimizer,
-        scaler=grad_scaler(env.device, precision),
+        scaler=grad_scaler(env.device, context.precision),
         peak_lr=peak_lr,
         steps_per_epoch=steps_per_epoch,
-        data=data,
-        nonfinite=NonFiniteWatch(env.device),
+        checkpointer=Checkpointer(run_options.output_dir, env.is_main, NonFiniteWatch(env.device)),
     )
     if env.is_main:  # one run per output folder; its interrupted saves are ours to clean
         loop.lock = RunLock(run_options.output_dir).acquire()
@@ -564,3 +496,39 @@ def build_loop(
         loop.close()
         raise
     return loop
+
+
+def train_command(
+    command: str,
+    config: Any,
+    loop: TrainLoop,
+    what: str,
+    train: Callable[[TrainLoop], Result],
+) -> Result | None:
+    """How a training command runs its loop: say what it will do (or that the run already
+    finished, leaving its outputs alone), record the resolved `config.yaml`, train, and release
+    the output folder however the run ends. None when there was nothing left to train."""
+    context, out = loop.context, loop.output_dir
+    try:
+        if loop.finished:
+            context.say(
+                f"{PACKAGE} {command}: the run in {out} already finished its "
+                f"{loop.optim.epochs} epochs; its outputs are left as they are (raise "
+                "--optim.epochs to continue it, or choose another --run.output_dir)"
+            )
+            return None
+        if context.is_main:
+            write_config(config, out)
+        resumed = ""
+        if loop.resumed_from is not None:
+            resumed = f"; resuming at epoch {loop.progress.epoch + 1}, step {loop.progress.step}"
+        env = loop.env
+        context.say(
+            f"{what} ({env.world_size} process(es), {env.device}, {loop.precision}); "
+            f"outputs in {out}{resumed}"
+        )
+        for note in loop.notes:
+            context.say(f"note: {note}")
+        return train(loop)
+    finally:
+        loop.close()

@@ -14,6 +14,8 @@ import torch
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
+from droppos.engine.sections import OptimSection
+
 
 def scaled_lr(base_lr: float, effective_batch: int) -> float:
     """The linear scaling rule: lr = base_lr x effective batch / 256."""
@@ -39,6 +41,20 @@ def build_adamw(
     else:
         groups = param_groups_weight_decay(model, weight_decay, no_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+
+def adamw_for_run(
+    model: nn.Module, optim: OptimSection, world_size: int
+) -> tuple[torch.optim.AdamW, float]:
+    """AdamW at the run's peak lr: `optim.lr` if given, else `optim.base_lr` scaled by the
+    effective batch (per-process batch x accumulation x processes); layer decay when asked."""
+    effective_batch = optim.batch_size * optim.accum_steps * world_size
+    peak_lr = optim.lr or scaled_lr(optim.base_lr, effective_batch)
+    layer_decay = optim.layer_decay if optim.layer_decay < 1 else None
+    optimizer = build_adamw(
+        model, peak_lr, optim.weight_decay, optim.betas, layer_decay=layer_decay
+    )
+    return optimizer, peak_lr
 
 
 def lr_at_step(

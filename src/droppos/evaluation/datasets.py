@@ -2,19 +2,52 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
-from droppos.data import AugmentedDataset, build_dataset, eval_transform
-from droppos.engine.config import DataSection
-from droppos.evaluation.config import EvalDataSection
-from droppos.interop.checkpoints import Backbone
+from droppos.data.catalog import build_source
+from droppos.data.loader import build_loader
+from droppos.data.pipeline import AugmentedDataset
+from droppos.data.transforms import eval_transform
+from droppos.engine.context import RunContext
+from droppos.engine.sections import DataSection, RunSection, Sections
+from droppos.interop.backbone import Backbone
+
+
+@dataclass
+class EvalDataSection(DataSection):
+    """Where the labelled images come from, and the deterministic evaluation view."""
+
+    batch_size: int = 256
+    """Images per forward when extracting features or evaluating (per process)."""
+    crop_pct: float = 0.875
+    """Evaluation view: resize the shorter side to img_size / crop_pct, centre crop (256/224)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.batch_size < 1:
+            raise ValueError(f"--data.batch_size must be >= 1, got {self.batch_size}")
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"--data.crop_pct must be in (0, 1], got {self.crop_pct}")
+
+
+@dataclass
+class EvaluationConfig(Sections):
+    """The sections every evaluation shares; each adds its backbone and its own section (and
+    sets `run`'s default output folder)."""
+
+    data: EvalDataSection = field(default_factory=EvalDataSection)
+    run: RunSection = field(default_factory=RunSection)
 
 
 @dataclass
 class LabelledSplits:
-    """Raw (PIL image, label) splits of one source, and what the labels mean."""
+    """Raw (image, label) splits of one source, and what the labels mean."""
 
     train: Dataset
     val: Dataset
@@ -25,25 +58,23 @@ class LabelledSplits:
 def labelled_splits(data: DataSection) -> LabelledSplits:
     """Both splits of `data.source` (the kinds pre-training reads); ValueError without labels."""
     source = data.source
-    train = build_dataset(source, "train", data.max_image_pixels)
-    val = build_dataset(source, "val", data.max_image_pixels)
-    num_classes = getattr(train, "num_classes", 0)
-    if num_classes < 2:
+    train = build_source(source, "train", data.max_image_pixels)
+    val = build_source(source, "val", data.max_image_pixels)
+    if train.num_classes < 2:
         raise ValueError(
-            f"data source {source!r} has {num_classes} class(es): evaluations need labels "
+            f"data source {source!r} has {train.num_classes} class(es): evaluations need labels "
             "(class sub-folders, `path label` lists, Fashion-MNIST or the demo set)"
         )
-    val_classes = getattr(val, "num_classes", 0)
-    if val_classes > num_classes:
+    if val.num_classes > train.num_classes:
         raise ValueError(
-            f"data source {source!r}: the val split has {val_classes} classes, train only "
-            f"{num_classes}"
+            f"data source {source!r}: the val split has {val.num_classes} classes, train only "
+            f"{train.num_classes}"
         )
-    return LabelledSplits(train, val, num_classes, getattr(train, "classes", None))
+    return LabelledSplits(train, val, train.num_classes, train.classes)
 
 
 def normalisation(
-    data: EvalDataSection, backbone: Backbone
+    data: DataSection, backbone: Backbone
 ) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
     """The user's mean/std, else the ones the weights were trained with, else the defaults."""
     return (data.mean or backbone.mean, data.std or backbone.std)
@@ -55,3 +86,16 @@ def eval_view(dataset: Dataset, data: EvalDataSection, backbone: Backbone) -> Au
     enc = backbone.encoder
     transform = eval_transform(enc.img_size, enc.in_chans, mean, std, crop_pct=data.crop_pct)
     return AugmentedDataset(dataset, transform)
+
+
+def inference_batches(
+    dataset: Dataset, data: EvalDataSection, context: RunContext, desc: str = "images"
+) -> Iterator[tuple[torch.Tensor, Any]]:
+    """`(images on the device, labels)` of `dataset` in order, `data.batch_size` at a time."""
+    device = context.device
+    loader = build_loader(
+        dataset, data.batch_size, shuffle=False, num_workers=data.num_workers,
+        device_type=device.type,
+    )  # fmt: skip
+    for images, labels in tqdm(loader, desc=desc, disable=not context.progress, leave=False):
+        yield images.to(device, non_blocking=True), labels

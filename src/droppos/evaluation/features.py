@@ -9,63 +9,67 @@ with all the features and the probes need no communication at all.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, Subset
-from tqdm import tqdm
 
-from droppos.data import build_loader, dist_world
+from droppos.engine import context as run_context
+from droppos.engine.context import RunContext
+from droppos.engine.distributed import gather_interleaved, world_and_rank
+from droppos.engine.logging import write_config
 from droppos.engine.precision import autocast
-from droppos.evaluation.backbone import backbone_from
-from droppos.evaluation.config import EvalDataSection, FeatureBackboneSection
-from droppos.evaluation.datasets import eval_view, labelled_splits
-from droppos.interop.checkpoints import Backbone, build_vit
+from droppos.evaluation.backbone import BackboneSection, backbone_from
+from droppos.evaluation.datasets import (
+    EvalDataSection,
+    eval_view,
+    inference_batches,
+    labelled_splits,
+)
+from droppos.evaluation.report import write_results
+from droppos.interop.backbone import Backbone, build_vit
 
 POOLS = {"cls": "token", "avg": "avg"}  # our option -> timm's global_pool
+
+
+@dataclass
+class FeatureBackboneSection(BackboneSection):
+    """Which weights, and which of their outputs the frozen-feature evaluations read."""
+
+    feature: Literal["cls", "avg"] = "avg"
+    """avg: the mean of the patch tokens (the default: DropPos trains the patch tokens, and
+    benchmarks/STUDY.md finds it ahead of [CLS]); cls: the final-norm [CLS] token (MAE's
+    linear probe, which the ImageNet presets keep)."""
 
 
 @torch.inference_mode()
 def extract_features(
     model: nn.Module,
     dataset: Dataset,
-    batch_size: int,
-    device: torch.device,
-    precision: str = "fp32",
-    num_workers: int = 0,
-    progress: bool = False,
+    data: EvalDataSection,
+    context: RunContext,
     desc: str = "features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """dataset of (image tensor, label) -> features [N, D] (fp32) and labels [N], on `device`."""
-    world, rank = dist_world()
+    """dataset of (image tensor, label) -> features [N, D] (fp32) and labels [N], on the
+    context's device."""
+    world, rank = world_and_rank()
+    device = context.device
     shard = Subset(dataset, range(rank, len(dataset), world))  # type: ignore[arg-type]
-    loader = build_loader(
-        shard, batch_size, shuffle=False, num_workers=num_workers, device_type=device.type
-    )
     model.eval()
     features, labels = [], []
-    for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        with autocast(device, precision):
-            output = model(images.to(device, non_blocking=True))
+    for images, targets in inference_batches(shard, data, context, desc):
+        with autocast(device, context.precision):
+            output = model(images)
         features.append(output.float())
         labels.append(torch.as_tensor(targets).to(device))
     local = torch.cat(features), torch.cat(labels)
     if world == 1:
         return local
     return tuple(gather_interleaved(t, len(dataset), world) for t in local)  # type: ignore[return-value]
-
-
-def gather_interleaved(shard: torch.Tensor, total: int, world: int) -> torch.Tensor:
-    """Rank r's row i is sample i * world + r: all-gather padded shards, re-interleave, trim."""
-    rows = -(-total // world)
-    padded = shard.new_zeros((rows, *shard.shape[1:]))
-    padded[: len(shard)] = shard
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.stack(parts, dim=1).flatten(0, 1)[:total]
 
 
 @dataclass
@@ -93,11 +97,7 @@ class FrozenFeatures:
 
 
 def frozen_features(
-    model: FeatureBackboneSection,
-    data: EvalDataSection,
-    device: torch.device,
-    precision: str,
-    progress: bool = False,
+    model: FeatureBackboneSection, data: EvalDataSection, context: RunContext
 ) -> FrozenFeatures:
     """Load the backbone named by `--model.*` and extract both splits' features once.
 
@@ -106,20 +106,15 @@ def frozen_features(
     """
     backbone = backbone_from(model)
     splits = labelled_splits(data)
-    extractor = build_vit(backbone, num_classes=0, global_pool=POOLS[model.feature]).to(device)
+    extractor = build_vit(backbone, num_classes=0, global_pool=POOLS[model.feature])
+    extractor = extractor.to(context.device)
     started = time.perf_counter()
     extracted = [
-        extract_features(
-            extractor,
-            eval_view(split, data, backbone),
-            data.batch_size,
-            device,
-            precision,
-            data.num_workers,
-            progress,
-            desc=f"{name} features",
+        extract_features(extractor, view, data, context, f"{name} features")
+        for name, view in (
+            ("train", eval_view(splits.train, data, backbone)),
+            ("val", eval_view(splits.val, data, backbone)),
         )
-        for name, split in (("train", splits.train), ("val", splits.val))
     ]
     return FrozenFeatures(
         *extracted[0],
@@ -128,3 +123,20 @@ def frozen_features(
         backbone=backbone,
         seconds=time.perf_counter() - started,
     )
+
+
+def evaluate_frozen_features(
+    config: Any, command: str, score: Callable[[FrozenFeatures, bool], dict[str, Any]]
+) -> tuple[FrozenFeatures, dict[str, Any], Path] | None:
+    """What `knn` and `linprobe` do around their own scoring: validate, start, extract both
+    splits' features once (sharded over ranks), `score(features, progress)`, and write
+    config.yaml and results.json. Returns (features, results, results path) on the main
+    process, None on the others."""
+    config.validate()
+    context = run_context.start(config.run)
+    features = frozen_features(config.model, config.data, context)
+    results = score(features, context.progress)
+    if not context.is_main:
+        return None
+    write_config(config, config.run.output_dir)
+    return features, results, write_results(config.run.output_dir, command, results)

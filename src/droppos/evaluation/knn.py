@@ -8,16 +8,47 @@ are one matrix product per block of queries, so memory is bounded by `query_batc
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from droppos.data import dist_world
-from droppos.evaluation.config import KnnConfig
-from droppos.evaluation.features import FrozenFeatures
+from droppos.engine.sections import RunSection
+from droppos.evaluation.datasets import EvaluationConfig
+from droppos.evaluation.features import (
+    FeatureBackboneSection,
+    FrozenFeatures,
+    evaluate_frozen_features,
+)
 from droppos.evaluation.metrics import as_percent, topk_correct
-from droppos.evaluation.report import write_results
+
+
+@dataclass
+class KnnSection:
+    """Weighted k-nearest-neighbour vote on L2-normalised features."""
+
+    k: int = 20
+    """Neighbours that vote."""
+    temperature: float = 0.07
+    """Neighbour weight exp(cosine / temperature)."""
+    query_batch: int = 1024
+    """Queries per similarity matrix product (bounds memory at query_batch x train size)."""
+
+    def validate(self) -> None:
+        if self.k < 1 or self.query_batch < 1:
+            raise ValueError("--knn.k and --knn.query_batch must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError(f"--knn.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class KnnConfig(EvaluationConfig):
+    """Weighted kNN classification on frozen features."""
+
+    model: FeatureBackboneSection = field(default_factory=FeatureBackboneSection)
+    knn: KnnSection = field(default_factory=KnnSection)
+    run: RunSection = field(default_factory=lambda: RunSection(output_dir="runs/knn"))
 
 
 def knn_scores(
@@ -57,19 +88,16 @@ def knn_accuracy(
     query_features: torch.Tensor,
     query_labels: torch.Tensor,
     num_classes: int,
-    k: int = 20,
-    temperature: float = 0.07,
-    query_batch: int = 1024,
+    **vote: Any,
 ) -> dict[str, float]:
-    """Top-1 / top-5 (%) of the weighted vote."""
-    scores = knn_scores(
-        train_features, train_labels, query_features, num_classes, k, temperature, query_batch
-    )
+    """Top-1 / top-5 (%) of the weighted vote (`vote`: k, temperature, query_batch as in
+    `knn_scores`)."""
+    scores = knn_scores(train_features, train_labels, query_features, num_classes, **vote)
     return as_percent(topk_correct(scores, query_labels), len(query_labels))
 
 
-def run_knn(config: KnnConfig, features: FrozenFeatures) -> dict[str, Any]:
-    """`droppos knn` once the features are there: vote, score, write results.json."""
+def score_features(config: KnnConfig, features: FrozenFeatures) -> dict[str, Any]:
+    """The vote on features already extracted: what `results.json` records."""
     started = time.perf_counter()
     accuracy = knn_accuracy(
         features.train_features,
@@ -77,11 +105,9 @@ def run_knn(config: KnnConfig, features: FrozenFeatures) -> dict[str, Any]:
         features.val_features,
         features.val_labels,
         features.num_classes,
-        config.knn.k,
-        config.knn.temperature,
-        config.knn.query_batch,
+        **asdict(config.knn),
     )
-    results = {
+    return {
         **accuracy,
         "k": config.knn.k,
         "temperature": config.knn.temperature,
@@ -89,6 +115,16 @@ def run_knn(config: KnnConfig, features: FrozenFeatures) -> dict[str, Any]:
         **features.summary(),
         "knn_seconds": round(time.perf_counter() - started, 2),
     }
-    if dist_world()[1] == 0:
-        write_results(config.run.output_dir, "knn", results)
-    return results
+
+
+def run(config: KnnConfig) -> str | None:
+    """`droppos knn`: extract both splits' features once, vote, write results.json."""
+    done = evaluate_frozen_features(config, "knn", lambda f, _: score_features(config, f))
+    if done is None:
+        return None
+    features, results, path = done
+    return (
+        f"kNN (k={config.knn.k}, T={config.knn.temperature}) on {config.model.feature} "
+        f"features of {features.backbone.source}: top-1 {results['top1']:.2f}, "
+        f"top-5 {results['top5']:.2f}; {path}"
+    )

@@ -13,7 +13,9 @@ so the probes train without MAE's RandomResizedCrop/flip augmentation.
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,13 +24,55 @@ from timm.optim import Lars
 from torch import nn
 from tqdm import tqdm
 
-from droppos.data import dist_world
-from droppos.engine.logging import show_progress
 from droppos.engine.optim import lr_at_step
-from droppos.evaluation.config import LinprobeConfig, ProbeSection
-from droppos.evaluation.features import FrozenFeatures
+from droppos.engine.sections import RunSection
+from droppos.evaluation.datasets import EvaluationConfig
+from droppos.evaluation.features import (
+    FeatureBackboneSection,
+    FrozenFeatures,
+    evaluate_frozen_features,
+)
 from droppos.evaluation.metrics import as_percent, topk_correct
-from droppos.evaluation.report import write_results
+
+
+@dataclass
+class ProbeSection:
+    """The linear probe (MAE protocol): BatchNorm without affine + Linear, LARS, cosine."""
+
+    optimizer: Literal["lars", "sgd"] = "lars"
+    """LARS (the MAE linear probe) or plain SGD with momentum."""
+    base_lrs: list[float] = field(default_factory=lambda: [3.0, 10.0, 30.0, 100.0])
+    """Every base lr is trained side by side on the same cached features (lr = base_lr x batch
+    / 256); the best is reported, together with all of them."""
+    epochs: int = 90
+    """Passes over the cached training features."""
+    warmup_epochs: float = 10.0
+    """Epochs of linear lr warmup before the cosine."""
+    batch_size: int = 256
+    """Features per probe step."""
+    weight_decay: float = 0.0
+    """Weight decay of the probe."""
+    momentum: float = 0.9
+    """Momentum of LARS/SGD."""
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("--probe.epochs and --probe.batch_size must be >= 1")
+        if not self.base_lrs or min(self.base_lrs) <= 0:
+            raise ValueError(f"--probe.base_lrs needs positive learning rates, got {self.base_lrs}")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(
+                f"--probe.warmup_epochs must be in [0, epochs], got {self.warmup_epochs}"
+            )
+
+
+@dataclass
+class LinprobeConfig(EvaluationConfig):
+    """Linear probe on frozen features."""
+
+    model: FeatureBackboneSection = field(default_factory=FeatureBackboneSection)
+    probe: ProbeSection = field(default_factory=ProbeSection)
+    run: RunSection = field(default_factory=lambda: RunSection(output_dir="runs/linprobe"))
 
 
 class LinearProbe(nn.Sequential):
@@ -106,17 +150,17 @@ def train_probes(
     return results
 
 
-def run_linprobe(config: LinprobeConfig, features: FrozenFeatures) -> dict[str, Any]:
-    """`droppos linprobe` once the features are there: sweep, pick, write results.json.
+def score_features(
+    config: LinprobeConfig, features: FrozenFeatures, progress: bool = False
+) -> dict[str, Any]:
+    """The sweep on features already extracted: what `results.json` records.
 
     The best learning rate is picked on the val split, as MAE's sweeps do; all are reported.
     """
     started = time.perf_counter()
-    probes = train_probes(
-        features, config.probe, config.run.seed, show_progress(config.run.progress)
-    )
+    probes = train_probes(features, config.probe, config.run.seed, progress)
     best = max(probes, key=lambda r: (r["top1"], r["top5"]))
-    results = {
+    return {
         "top1": best["top1"],
         "top5": best["top5"],
         "best_base_lr": best["base_lr"],
@@ -127,6 +171,17 @@ def run_linprobe(config: LinprobeConfig, features: FrozenFeatures) -> dict[str, 
         **features.summary(),
         "probe_seconds": round(time.perf_counter() - started, 2),
     }
-    if dist_world()[1] == 0:
-        write_results(config.run.output_dir, "linprobe", results)
-    return results
+
+
+def run(config: LinprobeConfig) -> str | None:
+    """`droppos linprobe`: extract both splits' features once, sweep, write results.json."""
+    done = evaluate_frozen_features(config, "linprobe", partial(score_features, config))
+    if done is None:
+        return None
+    features, results, path = done
+    sweep = ", ".join(f"{r['base_lr']:g}: {r['top1']:.2f}" for r in results["probes"])
+    return (
+        f"linear probe on {config.model.feature} features of {features.backbone.source}: "
+        f"top-1 {results['top1']:.2f}, top-5 {results['top5']:.2f} at base lr "
+        f"{results['best_base_lr']:g} (sweep {sweep}); {path}"
+    )

@@ -13,16 +13,53 @@ embedding is exactly invariant to the first three); the gaps measure how much it
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
-from torch.utils.data import DataLoader
 
+from droppos.engine import context as run_context
+from droppos.engine.context import RunContext
+from droppos.engine.logging import write_config
 from droppos.engine.precision import autocast
+from droppos.engine.sections import RunSection
+from droppos.evaluation.backbone import BackboneSection, backbone_from
+from droppos.evaluation.datasets import (
+    EvaluationConfig,
+    eval_view,
+    inference_batches,
+    labelled_splits,
+)
 from droppos.evaluation.position_probe import vit_patch_tokens
+from droppos.evaluation.report import write_results
+from droppos.interop.backbone import build_vit
 
 CONDITIONS = ("intact", "shuffled_patches", "no_positions", "tile_jigsaw")
+
+
+@dataclass
+class OrderSection:
+    """How the input's order is broken."""
+
+    tiles: int = 2
+    """The tile jigsaw cuts each image into tiles x tiles pieces."""
+
+    def validate(self) -> None:
+        if self.tiles < 1:
+            raise ValueError(f"--order.tiles must be >= 1, got {self.tiles}")
+
+
+@dataclass
+class OrderSensitivityConfig(EvaluationConfig):
+    """Top-1 of a fine-tuned classifier with intact, shuffled and position-less inputs."""
+
+    model: BackboneSection = field(
+        default_factory=lambda: BackboneSection(checkpoint="runs/finetune/best.pth")
+    )
+    order: OrderSection = field(default_factory=OrderSection)
+    run: RunSection = field(default_factory=lambda: RunSection(output_dir="runs/order-sensitivity"))
 
 
 def random_permutations(count: int, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -75,21 +112,22 @@ def condition_logits(
 @torch.inference_mode()
 def order_sensitivity(
     vit: VisionTransformer,
-    loader: DataLoader,
-    device: torch.device,
-    precision: str = "fp32",
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    context: RunContext,
     tiles: int = 2,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Top-1 (%) of the classifier under every condition, on the same images."""
+    """Top-1 (%) of the classifier under every condition, on the same images (`batches` of
+    images and labels)."""
     vit.eval()
+    device = context.device
     correct = dict.fromkeys(CONDITIONS, 0)
     total = 0
     generators = {c: torch.Generator().manual_seed(seed + i) for i, c in enumerate(CONDITIONS)}
-    for images, labels in loader:
+    for images, labels in batches:
         images, labels = images.to(device), labels.to(device)
         for condition in CONDITIONS:
-            with autocast(device, precision):
+            with autocast(device, context.precision):
                 logits = condition_logits(vit, images, condition, generators[condition], tiles)
             correct[condition] += int((logits.argmax(dim=1) == labels).sum())
         total += len(labels)
@@ -97,3 +135,32 @@ def order_sensitivity(
     return {"top1": top1, "drop_from_intact": {c: round(top1["intact"] - top1[c], 3)
                                                for c in CONDITIONS[1:]},
             "images": total, "tiles": tiles}  # fmt: skip
+
+
+def run(config: OrderSensitivityConfig) -> str | None:
+    """`droppos order-sensitivity`: score the classifier under every condition, write
+    results.json, print the table."""
+    config.validate()
+    context = run_context.start(config.run)
+    backbone = backbone_from(config.model)
+    if backbone.num_classes == 0:
+        raise ValueError(
+            f"{backbone.source} has no classifier head; order-sensitivity needs a fine-tuned "
+            "checkpoint (droppos finetune writes best.pth)"
+        )
+    vit = build_vit(backbone, num_classes=backbone.num_classes, global_pool=backbone.global_pool)
+    val = eval_view(labelled_splits(config.data).val, config.data, backbone)
+    batches = inference_batches(val, config.data, context)
+    results = order_sensitivity(
+        vit.to(context.device), batches, context, config.order.tiles, config.run.seed
+    )
+    results.update(checkpoint=backbone.source, checkpoint_kind=backbone.kind)
+    if not context.is_main:
+        return None
+    write_config(config, config.run.output_dir)
+    write_results(config.run.output_dir, "order-sensitivity", results)
+    rows = "\n".join(f"| {c} | {v:.2f} |" for c, v in results["top1"].items())
+    return (
+        f"top-1 of {backbone.source} on {results['images']} images:\n"
+        f"| input | top-1 |\n|---|---|\n{rows}"
+    )

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,14 +22,71 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.data import Dataset, Subset
-from tqdm import tqdm
 
-from droppos.data import build_dataset, build_loader
+from droppos.data.catalog import build_source
+from droppos.engine import context as run_context
+from droppos.engine.context import RunContext
+from droppos.engine.distributed import world_and_rank
+from droppos.engine.logging import write_config
 from droppos.engine.precision import autocast
-from droppos.evaluation.config import PositionProbeConfig, PositionProbeSection
-from droppos.evaluation.datasets import eval_view
-from droppos.evaluation.report import write_results
-from droppos.interop.checkpoints import Backbone
+from droppos.engine.sections import RunSection
+from droppos.evaluation.backbone import BackboneSection, backbone_from
+from droppos.evaluation.datasets import (
+    EvalDataSection,
+    EvaluationConfig,
+    eval_view,
+    inference_batches,
+)
+from droppos.evaluation.report import RESULTS, write_results
+from droppos.interop.backbone import Backbone, build_vit
+
+
+@dataclass
+class PositionProbeSection:
+    """The position probe: which patches lose their position, and the linear classifier."""
+
+    drop_ratio: float = 0.75
+    """Fraction of each image's patches encoded without their positional embedding (and
+    probed); 0 probes every patch with its embedding, 1 drops them all."""
+    seeds: int = 3
+    """Probes trained on the same features with different seeds (mean and std reported)."""
+    epochs: int = 30
+    """Passes over the cached patch features."""
+    batch_size: int = 1024
+    """Patch features per probe step."""
+    lr: float = 1e-3
+    """AdamW learning rate (cosine to zero)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay of the probe."""
+    holdout: float = 0.2
+    """Share of the images held out for scoring when the source has no val split."""
+    max_train_images: int = 10000
+    """At most this many training images (a fixed random subset)."""
+    max_val_images: int = 2000
+    """At most this many held-out images."""
+
+    def validate(self) -> None:
+        if not 0 <= self.drop_ratio <= 1:
+            raise ValueError(f"--probe.drop_ratio must be in [0, 1], got {self.drop_ratio}")
+        counts = (self.seeds, self.epochs, self.batch_size, self.max_train_images)
+        if min(*counts, self.max_val_images) < 1:
+            raise ValueError(
+                "--probe.seeds, epochs, batch_size, max_train_images and max_val_images must "
+                "be >= 1"
+            )
+        if self.lr <= 0 or self.weight_decay < 0 or not 0 < self.holdout < 1:
+            raise ValueError(
+                "--probe.lr must be > 0, --probe.weight_decay >= 0, --probe.holdout in (0, 1)"
+            )
+
+
+@dataclass
+class PositionProbeConfig(EvaluationConfig):
+    """Measure how well a frozen backbone knows where its patches are."""
+
+    model: BackboneSection = field(default_factory=BackboneSection)
+    probe: PositionProbeSection = field(default_factory=PositionProbeSection)
+    run: RunSection = field(default_factory=lambda: RunSection(output_dir="runs/probe-position"))
 
 
 def vit_patch_tokens(
@@ -81,27 +139,22 @@ def probed_patch_features(
     dataset: Dataset,
     drop_ratio: float,
     seed: int,
-    batch_size: int,
-    device: torch.device,
-    precision: str = "fp32",
-    num_workers: int = 0,
-    progress: bool = False,
+    data: EvalDataSection,
+    context: RunContext,
     desc: str = "features",
 ) -> PatchFeatures:
     """Encode every image with its drop mask; keep the dropped patches (all when ratio 0)."""
+    device = context.device
     num_patches = vit.patch_embed.num_patches
     masks = drop_masks(len(dataset), num_patches, drop_ratio, seed)  # type: ignore[arg-type]
-    loader = build_loader(
-        dataset, batch_size, shuffle=False, num_workers=num_workers, device_type=device.type
-    )
     vit.eval()
     features, positions, start = [], [], 0
     cells = torch.arange(num_patches, device=device)
-    for images, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for images, _ in inference_batches(dataset, data, context, desc):
         dropped = masks[start : start + len(images)].to(device)
         start += len(images)
-        with autocast(device, precision):
-            tokens = vit_patch_tokens(vit, images.to(device), keep_position=~dropped)[:, 1:]
+        with autocast(device, context.precision):
+            tokens = vit_patch_tokens(vit, images, keep_position=~dropped)[:, 1:]
         probed = dropped if drop_ratio > 0 else torch.ones_like(dropped)
         features.append(tokens.float()[probed])
         positions.append(cells.expand_as(probed)[probed])
@@ -165,13 +218,10 @@ def probe_splits(config: PositionProbeConfig) -> tuple[Dataset, Dataset]:
     """Train and held-out images of `--data.source` (labels are not needed). A source with no
     separate val split is split itself (`--probe.holdout`); both are capped in size."""
     data, probe = config.data, config.probe
-    train = build_dataset(data.source, "train", data.max_image_pixels)
-    val = build_dataset(data.source, "val", data.max_image_pixels)
-    same = getattr(train, "samples", None) is not None and getattr(train, "samples", None) == (
-        getattr(val, "samples", None)
-    )
+    train = build_source(data.source, "train", data.max_image_pixels)
+    val = build_source(data.source, "val", data.max_image_pixels)
     generator = torch.Generator().manual_seed(config.run.seed)
-    if same:
+    if train.origin == val.origin:  # one set of images read as both: split it
         order = torch.randperm(len(train), generator=generator).tolist()  # type: ignore[arg-type]
         cut = max(1, int(len(order) * probe.holdout))
         train, val = Subset(train, order[cut:]), Subset(val, order[:cut])
@@ -189,9 +239,7 @@ def run_position_probe(
     config: PositionProbeConfig,
     backbone: Backbone,
     vit: VisionTransformer,
-    device: torch.device,
-    precision: str,
-    progress: bool = False,
+    context: RunContext,
 ) -> dict[str, Any]:
     """Extract both splits' probed patches once, train one probe per seed, report."""
     probe = config.probe
@@ -203,11 +251,8 @@ def run_position_probe(
             eval_view(dataset, config.data, backbone),
             probe.drop_ratio,
             config.run.seed + offset,
-            config.data.batch_size,
-            device,
-            precision,
-            config.data.num_workers,
-            progress,
+            config.data,
+            context,
             desc=f"{name} patch features",
         )
         for offset, (name, dataset) in enumerate((("train", train_set), ("val", val_set)))
@@ -240,15 +285,36 @@ def run_position_probe(
     }
 
 
-def position_probe(config: PositionProbeConfig, device: torch.device, precision: str,
-                   progress: bool = False) -> dict[str, Any]:  # fmt: skip
-    """The programmatic twin of `droppos probe-position`: returns and writes results.json."""
-    from droppos.evaluation.backbone import backbone_from
-    from droppos.interop.checkpoints import build_vit
-
+def position_probe(config: PositionProbeConfig, context: RunContext) -> dict[str, Any]:
+    """The programmatic twin of `droppos probe-position`: probes the backbone `config.model`
+    names, writes results.json (from rank 0) and returns what it records."""
     config.validate()
+    return _probe(config, context)
+
+
+def _probe(config: PositionProbeConfig, context: RunContext) -> dict[str, Any]:
     backbone = backbone_from(config.model)
-    vit = build_vit(backbone, num_classes=0).to(device)
-    results = run_position_probe(config, backbone, vit, device, precision, progress)
-    write_results(config.run.output_dir, "probe-position", results)
+    vit = build_vit(backbone, num_classes=0).to(context.device)
+    results = run_position_probe(config, backbone, vit, context)
+    if world_and_rank()[1] == 0:
+        write_results(config.run.output_dir, "probe-position", results)
     return results
+
+
+def run(config: PositionProbeConfig) -> str | None:
+    """`droppos probe-position`: probe, write results.json, say the scores."""
+    config.validate()
+    context = run_context.start(config.run)
+    if context.is_main:
+        write_config(config, config.run.output_dir)
+    results = _probe(config, context)
+    if not context.is_main:
+        return None
+    path = Path(config.run.output_dir) / RESULTS
+    return (
+        f"position probe of {results['checkpoint']} ({results['drop_ratio']:g} of positions "
+        f"dropped, {len(results['seeds'])} seeds): top-1 {results['top1']:.2f} +- "
+        f"{results['top1_std']:.2f} (chance {results['chance_top1']:.2f}), within one cell "
+        f"{results['within_one_cell']:.2f}, mean error distance "
+        f"{results['mean_error_distance']:.2f} cells; {path}"
+    )

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import droppos
+from droppos._version import __version__
 from droppos.engine.logging import write_json
 
 RESULTS = "results.json"
@@ -18,7 +18,7 @@ def write_results(output_dir: str | Path, command: str, results: dict[str, Any])
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "command": command,
-        "droppos_version": droppos.__version__,
+        "droppos_version": __version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **results,
     }

@@ -1,1 +1,1 @@
-"""Checkpoints in and out: the original authors' files, MAE's, and timm's."""
+"""Checkpoints in and out: droppos's own files (`schema`), any ViT as a backbone, exports."""

@@ -1,10 +1,10 @@
-"""Export a checkpoint for the frameworks people transfer with, no conversion script needed.
+"""`droppos export`: a checkpoint for the frameworks people transfer with, no conversion script.
 
-One `droppos export` writes, into one folder:
+One export writes, into one folder:
 
 - `model.safetensors` + `config.json`: a timm `VisionTransformer` state dict and timm's own
   Hugging Face-style config (architecture, `model_args`, `pretrained_cfg` with the input size
-  and normalisation), plus a `droppos` block with provenance. Loads with
+  and normalisation), plus a provenance block (`interop/schema.py:ExportSidecar`). Loads with
   `timm.create_model("local-dir:FOLDER", pretrained=True)` or, naming the file,
   `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...), **model_args)`
   (no missing keys but the classifier head).
@@ -16,9 +16,6 @@ One `droppos export` writes, into one folder:
 
 from __future__ import annotations
 
-import hashlib
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,18 +24,36 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-import droppos
 from droppos.data.transforms import default_mean_std
-from droppos.interop.checkpoints import Backbone, build_vit, load_backbone, mae_state, mmseg_state
+from droppos.interop.backbone import Backbone, build_vit, load_backbone
+from droppos.interop.formats import mae_state, mmseg_state
+from droppos.interop.schema import SIDECAR, ExportSidecar, provenance
 from droppos.models.encoder import EncoderConfig, pair
-from droppos.models.registry import ENCODER_SIZES
+from droppos.models.sizes import ENCODER_SIZES
 
-WEIGHTS, CONFIG, MAE_FORMAT, MMSEG_FORMAT = (
-    "model.safetensors",
-    "config.json",
-    "mae_format.pth",
-    "mmseg_mae.pth",
-)
+DEFAULT_CHECKPOINT = "runs/pretrain/last.pth"
+WEIGHTS, MAE_FORMAT, MMSEG_FORMAT = "model.safetensors", "mae_format.pth", "mmseg_mae.pth"
+
+
+@dataclass
+class ExportConfig:
+    """Export a checkpoint's encoder (or fine-tuned classifier) for timm, Detectron2, MMSeg."""
+
+    checkpoint: str = DEFAULT_CHECKPOINT
+    """A droppos pre-training or fine-tuning checkpoint, an original DropPos/MAE checkpoint, or
+    an exported model.safetensors."""
+    output: str = "runs/export"
+    """Folder for model.safetensors, config.json, mae_format.pth and mmseg_mae.pth."""
+    timm_name: str | None = None
+    """timm architecture recorded in config.json; null = vit_{size}_patch{p}_224 by width."""
+    num_heads: int | None = None
+    """Attention heads, for files that do not say (non-standard widths)."""
+
+    def validate(self) -> None:
+        if self.checkpoint == "random":
+            raise ValueError("export needs a checkpoint file, not `random`")
+        if not self.output:
+            raise ValueError("--output needs a folder")
 
 
 @dataclass
@@ -63,8 +78,7 @@ def export_checkpoint(
     A pre-training checkpoint exports its encoder (no head); a fine-tuned one its classifier
     (average pool, `fc_norm`, `head`). ValueError/FileNotFoundError for a user mistake.
     """
-    if str(checkpoint) == "random":
-        raise ValueError("export needs a checkpoint file, not `random`")
+    ExportConfig(str(checkpoint), str(output), timm_name, num_heads).validate()
     backbone = load_backbone(checkpoint, num_heads)
     name = timm_name or timm_architecture(backbone.encoder)
     if not (name.startswith("vit_") and timm.is_model(name)):
@@ -83,15 +97,17 @@ def export_checkpoint(
     files = ExportedFiles(
         folder=folder,
         weights=folder / WEIGHTS,
-        config=folder / CONFIG,
+        config=folder / SIDECAR,
         mae_format=folder / MAE_FORMAT,
         mmseg_format=folder / MMSEG_FORMAT,
         timm_name=name,
         model_args=model_args(backbone),
     )
     save_file(state, str(files.weights), metadata={"format": "pt"})
-    config = timm_config(backbone, name, provenance(Path(checkpoint), backbone))
-    files.config.write_text(json.dumps(config, indent=2) + "\n")
+    source = provenance(
+        Path(checkpoint), backbone.kind, timm=timm.__version__, torch=torch.__version__
+    )
+    sidecar(backbone, name, source).write(folder)
     torch.save(mae_state(state), files.mae_format)
     torch.save(mmseg_state(state), files.mmseg_format)
     return files
@@ -124,49 +140,31 @@ def model_args(backbone: Backbone) -> dict[str, Any]:
     }
 
 
-def timm_config(backbone: Backbone, name: str, source: dict[str, Any]) -> dict[str, Any]:
-    """timm's Hugging Face-style config.json (what `timm.create_model("local-dir:...")` reads)."""
+def sidecar(backbone: Backbone, name: str, source: dict[str, Any]) -> ExportSidecar:
+    """The config.json of an export of `backbone` as timm architecture `name`."""
     enc = backbone.encoder
     default_mean, default_std = default_mean_std(enc.in_chans)
-    config: dict[str, Any] = {
-        "architecture": name,
-        "num_classes": backbone.num_classes,
-        "num_features": enc.embed_dim,
-        "global_pool": backbone.global_pool,
-        "model_args": model_args(backbone),
-        "pretrained_cfg": {
-            "tag": "droppos",
-            "custom_load": False,
-            "input_size": [enc.in_chans, *pair(enc.img_size)],
-            "fixed_input_size": True,
-            "interpolation": "bicubic",
-            "crop_pct": 0.875,
-            "crop_mode": "center",
-            "mean": list(backbone.mean or default_mean),
-            "std": list(backbone.std or default_std),
-            "num_classes": backbone.num_classes,
-            "first_conv": "patch_embed.proj",
-            "classifier": "head",
-        },
-        "droppos": source,
-    }
-    if backbone.classes and len(backbone.classes) == backbone.num_classes:
-        config["label_names"] = list(backbone.classes)
-    return config
+    classes = backbone.classes
+    return ExportSidecar(
+        architecture=name,
+        model_args=model_args(backbone),
+        num_classes=backbone.num_classes,
+        num_features=enc.embed_dim,
+        global_pool=backbone.global_pool,
+        input_size=[enc.in_chans, *pair(enc.img_size)],
+        mean=list(backbone.mean or default_mean),
+        std=list(backbone.std or default_std),
+        provenance=source,
+        label_names=list(classes) if classes and len(classes) == backbone.num_classes else None,
+    )
 
 
-def provenance(path: Path, backbone: Backbone) -> dict[str, Any]:
-    """Where the weights came from, exactly, and what made the files."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return {
-        "source_checkpoint": str(path.resolve()),
-        "source_sha256": digest.hexdigest(),
-        "source_kind": backbone.kind,
-        "droppos_version": droppos.__version__,
-        "timm_version": timm.__version__,
-        "torch_version": torch.__version__,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+def run(config: ExportConfig) -> str:
+    """The command: export, and say what was written and how to load it."""
+    files = export_checkpoint(config.checkpoint, config.output, config.timm_name, config.num_heads)
+    return (
+        f"exported {config.checkpoint} to {files.folder}: {files.weights.name} + "
+        f"{files.config.name} (timm {files.timm_name}), {files.mae_format.name} (Detectron2 "
+        f"ViTDet / MAE), {files.mmseg_format.name} (MMSegmentation MAE)\n"
+        f'load: timm.create_model("local-dir:{files.folder}", pretrained=True, num_classes=...)'
+    )

@@ -1,21 +1,14 @@
-"""ViT encoder, DropPos and MAE pre-training models, and the name registry."""
+"""The networks every method shares: the ViT encoder, MAE's pixel decoder, sin-cos tables."""
 
-from droppos.models.droppos import DropPosConfig, DropPosModel, DropPosOutput
 from droppos.models.encoder import EncoderConfig, ViTEncoder
-from droppos.models.mae import MAEConfig, MAEModel, MAEOutput
 from droppos.models.pixel_decoder import PixelDecoderConfig
-from droppos.models.registry import create_model, model_names
+from droppos.models.sizes import ENCODER_SIZES, demo_encoder, encoder_shape
 
 __all__ = [
-    "DropPosConfig",
-    "DropPosModel",
-    "DropPosOutput",
+    "ENCODER_SIZES",
     "EncoderConfig",
-    "MAEConfig",
-    "MAEModel",
-    "MAEOutput",
     "PixelDecoderConfig",
     "ViTEncoder",
-    "create_model",
-    "model_names",
+    "demo_encoder",
+    "encoder_shape",
 ]

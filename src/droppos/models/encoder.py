@@ -142,7 +142,7 @@ class ViTEncoder(nn.Module):
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
-        self.config = config
+        self.encoder_config = config
         dim = config.embed_dim
         self.patch_embed = PatchEmbed(
             img_size=pair(config.img_size),
@@ -165,7 +165,7 @@ class ViTEncoder(nn.Module):
 
     @property
     def num_patches(self) -> int:
-        return self.config.num_patches
+        return self.encoder_config.num_patches
 
     # -- building blocks of every forward -------------------------------------------------
 

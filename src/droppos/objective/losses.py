@@ -58,9 +58,18 @@ def weighted_hits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(sum(m * [argmax == true]), sum(m))`: an accuracy as a ratio that adds up over shards."""
     _check_tokens(logits, target_positions=target_positions, weights=weights)
-    correct = (logits.argmax(dim=-1) == target_positions).float()
+    return weighted_sum(correct_positions(logits, target_positions), weights)
+
+
+def correct_positions(logits: torch.Tensor, target_positions: torch.Tensor) -> torch.Tensor:
+    """[N, V] float: 1 where the most likely position [N, V, L] is the true one [N, V]."""
+    return (logits.argmax(dim=-1) == target_positions).float()
+
+
+def weighted_sum(values: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(sum(w * values), sum(w))`: a weighted mean as a ratio that adds up over shards."""
     weights = weights.float()
-    return (weights * correct).sum(), weights.sum()
+    return (weights * values).sum(), weights.sum()
 
 
 def confident_tokens(

@@ -6,6 +6,8 @@ vectorised expression and cached per (sigma, device) by `PositionTargets`, outsi
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 
@@ -26,6 +28,7 @@ def smoothing_map(
     return weights / weights.sum(dim=1, keepdim=True)
 
 
+@dataclass
 class PositionTargets:
     """The soft-target maps of a run: the sigma schedule and a small cache of [L, L] maps.
 
@@ -34,22 +37,12 @@ class PositionTargets:
     recompile for every new sigma (and fall back to eager after a few).
     """
 
-    def __init__(
-        self,
-        grid_size: tuple[int, int],
-        initial_sigma: float = 1.0,
-        decay: bool = True,
-        total_epochs: int = 1,
-        max_entries: int = 4,
-    ) -> None:
-        if initial_sigma < 0:
-            raise ValueError(f"smoothing sigma must be >= 0, got {initial_sigma}")
-        self.grid_size = grid_size
-        self.initial_sigma = initial_sigma
-        self.decay = decay
-        self.total_epochs = total_epochs
-        self.max_entries = max_entries
-        self._maps: dict[tuple[float, str], torch.Tensor] = {}
+    grid_size: tuple[int, int]
+    initial_sigma: float = 1.0
+    decay: bool = True
+    total_epochs: int = 1
+    max_entries: int = 4
+    _maps: dict[tuple[float, str], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def sigma(self, epoch: float) -> float:
         """This epoch's sigma: decayed linearly to 0 over the run, or constant."""

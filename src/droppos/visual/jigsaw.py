@@ -5,19 +5,21 @@ orange frame marks those whose position was dropped); the visible patches placed
 *predicts* they belong (each cell taken once, most confident first); a per-patch error map
 (grid distance between predicted and true cell: green 0, yellow 1, red 2 or more; grey kept
 their position, dark = hidden); and the attentive-reconstruction weights as a heat map. Drawn
-with Pillow alone, so it needs no plotting library, and written as PNG.
+with Pillow alone, so it needs no plotting library, and written as PNG. A method that solves a
+jigsaw says what it did as a `JigsawView`; this module knows nothing of models.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from droppos.models.droppos import DropPosModel
-from droppos.objective.attentive import attentive_weights
+from droppos.data.catalog import build_source
+from droppos.data.transforms import eval_transform
 
 PANELS = ("input", "visible", "predicted places", "error (cells)", "attentive weights")
 FRAME = np.array([255, 140, 0], dtype=np.uint8)  # dropped position: orange
@@ -95,25 +97,31 @@ def rgb(pixels: np.ndarray) -> np.ndarray:
     return np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels
 
 
+@dataclass
+class JigsawView:
+    """What a position-predicting model did on a batch, for drawing: the grid and patch size,
+    the visible patches' true cells `ids_keep` [N, V], which of them lost their position
+    `dropped` [N, V], the predicted cell logits [N, V, L], and a per-patch weight [N, L] to
+    show as a heat map (the attentive weights)."""
+
+    grid: tuple[int, int]
+    patch_size: int
+    ids_keep: torch.Tensor
+    dropped: torch.Tensor
+    logits: torch.Tensor
+    attention: torch.Tensor
+
+
 @torch.no_grad()
-def jigsaw_pictures(
-    model: DropPosModel,
+def draw_jigsaw(
     images: torch.Tensor,
+    view: JigsawView,
     mean: tuple[float, ...],
     std: tuple[float, ...],
-    seed: int = 0,
 ) -> list[Image.Image]:
     """images [N, C, H, W], normalised with mean/std -> one five-panel picture per image."""
-    model.eval()
-    cfg, enc = model.droppos_config, model.config
-    n, grid, p = images.shape[0], enc.grid_size, enc.patch_size
-    generator = torch.Generator().manual_seed(seed)
-    patch_noise = torch.rand(n, model.num_patches, generator=generator).to(images.device)
-    position_noise = torch.rand(n, cfg.num_visible, generator=generator).to(images.device)
-    out = model(images, patch_noise=patch_noise, position_noise=position_noise)
-    every = torch.arange(model.num_patches, device=images.device).expand(n, -1)
-    attention = attentive_weights(model.forward_features(images), every, cfg.attentive_tau)
-
+    n, grid, p = images.shape[0], view.grid, view.patch_size
+    num_patches = grid[0] * grid[1]
     shift = torch.tensor(mean, device=images.device)[:, None, None]
     scale = torch.tensor(std, device=images.device)[:, None, None]
     pixels = ((images * scale + shift).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1)
@@ -121,25 +129,25 @@ def jigsaw_pictures(
     for i in range(n):
         image = rgb(pixels[i].cpu().numpy())
         patches = to_patches(image, p)
-        visible = out.ids_keep[i].cpu().numpy()
-        dropped = out.position_dropped[i].cpu().numpy()
+        visible = view.ids_keep[i].cpu().numpy()
+        dropped = view.dropped[i].cpu().numpy()
         framed = patches.copy()
         for edge in (np.s_[:, 0], np.s_[:, -1], np.s_[:, :, 0], np.s_[:, :, -1]):
-            view = framed[visible[dropped]]
-            view[edge] = FRAME
-            framed[visible[dropped]] = view
+            frames = framed[visible[dropped]]
+            frames[edge] = FRAME
+            framed[visible[dropped]] = frames
         seen = place_patches(framed, visible, visible, grid)
-        predicted_cells = assign_cells(out.position_logits[i].cpu()).numpy()
+        predicted_cells = assign_cells(view.logits[i].cpu()).numpy()
         solved = place_patches(patches, visible, predicted_cells, grid)
-        errors = np.tile(HIDDEN, (model.num_patches, 1))
+        errors = np.tile(HIDDEN, (num_patches, 1))
         errors[visible] = KEPT
-        best = out.position_logits[i].argmax(dim=-1).cpu().numpy()
+        best = view.logits[i].argmax(dim=-1).cpu().numpy()
         dy = best // grid[1] - visible // grid[1]
         dx = best % grid[1] - visible % grid[1]
         distance = np.sqrt(dy**2 + dx**2)
         palette = np.array([[40, 170, 60], [240, 200, 40], [220, 40, 40]], np.uint8)
         errors[visible[dropped]] = palette[np.minimum(np.ceil(distance[dropped]), 2).astype(int)]
-        weights = attention[i].float().cpu().numpy()
+        weights = view.attention[i].float().cpu().numpy()
         panels = [
             image,
             seen,
@@ -168,32 +176,11 @@ def picture_batch(
 ) -> torch.Tensor:  # fmt: skip
     """`count` images spread over the val split of `source` (else its train split), in the
     deterministic evaluation view: [count, C, H, W]."""
-    from droppos.data import build_dataset, eval_transform
-
     try:
-        dataset = build_dataset(source, "val")
+        dataset = build_source(source, "val")
     except ValueError:
-        dataset = build_dataset(source, "train")
+        dataset = build_source(source, "train")
     transform = eval_transform(img_size, in_chans, mean, std)
     size = len(dataset)  # type: ignore[arg-type]
     picks = sorted({round(i * size / count) for i in range(count)} - {size})
     return torch.stack([transform(dataset[i][0]) for i in picks])
-
-
-def visualize_checkpoint(
-    checkpoint: str | Path, source: str, count: int, output: str | Path, seed: int,
-    device: torch.device,
-) -> list[Path]:  # fmt: skip
-    """Pictures of `count` images of `source` for a DropPos pre-training checkpoint."""
-    from droppos.data import default_mean_std
-    from droppos.interop.checkpoints import load_checkpoint_object, load_pretraining_model
-
-    model = load_pretraining_model(checkpoint)
-    if not isinstance(model, DropPosModel):
-        raise ValueError(f"{checkpoint} is an MAE checkpoint: there is no jigsaw to draw")
-    data = (load_checkpoint_object(checkpoint).get("config") or {}).get("data") or {}
-    defaults = default_mean_std(model.config.in_chans)
-    mean, std = tuple(data.get("mean") or defaults[0]), tuple(data.get("std") or defaults[1])
-    images = picture_batch(source, model.config.img_size, model.config.in_chans, count, mean, std)
-    pictures = jigsaw_pictures(model.to(device), images.to(device), mean, std, seed)
-    return save_pictures(pictures, output, "jigsaw")

@@ -1,42 +1,28 @@
-"""Typed configuration shared by every command, and the pre-training command's own.
+"""The configuration sections every command shares: data, optimisation, run.
 
-One dataclass per concept: the model section of `droppos pretrain` *is* the model's config
-(`DropPosConfig` or `MAEConfig`, picked by `--model.name`), and every training command shares
-`OptimSection` and `TrainRunSection`; the evaluation commands share `RunSection`. Defaults
-are the built-in demo (a tiny ViT on the embedded Fashion-MNIST subset, minutes on a laptop
-CPU); the paper's ImageNet recipes are YAML presets in `configs/`.
+One dataclass per concept, defined once and embedded by each command's own configuration (which
+lives beside the command's code); each section validates its own values, once, in `validate`.
+Defaults suit the built-in demo (a tiny ViT on the embedded Fashion-MNIST subset, minutes on a
+laptop CPU); the paper's ImageNet recipes are YAML presets in `configs/`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Literal
 
-from droppos.data.datasets import DEFAULT_MAX_IMAGE_PIXELS
-from droppos.models.droppos import DropPosConfig
-from droppos.models.encoder import EncoderConfig
-from droppos.models.mae import MAEConfig
-
-PretrainModelConfig = DropPosConfig | MAEConfig
-PRETRAIN_MODELS: dict[str, type] = {"droppos": DropPosConfig, "mae": MAEConfig}
+from droppos.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 
 
-def demo_encoder() -> EncoderConfig:
-    """The demo's ViT: 4 blocks of ViT-Tiny width on 28x28 greyscale images, 7x7 patches."""
-    return EncoderConfig(img_size=28, patch_size=7, in_chans=1, embed_dim=192, depth=4, num_heads=3)
+class Sections:
+    """A command's configuration made of sections: validating it validates each of them."""
 
-
-def demo_model(name: str = "droppos") -> PretrainModelConfig:
-    """The demo's pre-training model (DropPos, or MAE with the same encoder and masking)."""
-    if name == "mae":
-        return MAEConfig(encoder=demo_encoder(), patch_mask_ratio=0.5)
-    return DropPosConfig(
-        encoder=demo_encoder(),
-        decoder_embed_dim=256,
-        decoder_depth=2,
-        decoder_num_heads=8,
-        patch_mask_ratio=0.5,
-    )
+    def validate(self) -> None:
+        """Catch user mistakes before any work starts (each error says what to change)."""
+        for f in fields(self):  # type: ignore[arg-type]
+            check = getattr(getattr(self, f.name), "validate", None)
+            if check is not None:
+                check()
 
 
 @dataclass
@@ -44,14 +30,16 @@ class DataSection:
     """Where the images come from, and what happens to unreadable ones."""
 
     source: str = "demo"
-    """demo (built in), fashion-mnist[:DIR], an image folder (class sub-folders or flat; with
-    train/ and val/ inside, the split is picked), or a file list (`relative/path label` lines)."""
+    """demo (built in), fashion-mnist[:DIR], an image folder (class sub-folders, which
+    evaluations need, or flat; with train/ and val/ inside, the split is picked), a file list
+    (`relative/path label` lines) or a folder of tar shards."""
     num_workers: int = 1
     """Loader worker processes per rank (0 loads in the main process)."""
     mean: tuple[float, ...] | None = None
-    """Normalisation mean; null = ImageNet's for RGB, 0.5 for greyscale."""
+    """Normalisation mean; null = the checkpoint's when an evaluation reads one that records
+    it, else ImageNet's for RGB and 0.5 for greyscale."""
     std: tuple[float, ...] | None = None
-    """Normalisation std; null = ImageNet's for RGB, 0.5 for greyscale."""
+    """Normalisation std; null = as for mean (the checkpoint's, else the defaults)."""
     on_bad_image: Literal["skip", "fail"] = "skip"
     """A training image that cannot be read: skip (warn, count, use its neighbour) or fail."""
     max_bad_fraction: float = 0.01
@@ -74,22 +62,6 @@ class DataSection:
             values = getattr(self, name)
             if values is not None and (not values or (name == "std" and min(values) <= 0)):
                 raise ValueError(f"--data.{name} needs one value per channel (std > 0)")
-
-
-@dataclass
-class PretrainDataSection(DataSection):
-    """Where the images come from, their augmentation, and what happens to unreadable ones."""
-
-    crop_scale: tuple[float, float] = (0.5, 1.0)
-    """RandomResizedCrop area range (the paper and the ImageNet presets: 0.2-1)."""
-    decode: Literal["pil", "draft", "tensor", "device"] = "pil"
-    """pil (Pillow), draft (Pillow, a JPEG decoded at 1/2-1/8 scale when its crop allows),
-    tensor (torchvision decode, uint8 augmentation, normalised on the device: ~2x per core) or
-    device (workers only choose the crop; decode and augmentation on the GPU, nvJPEG)."""
-
-    def validate(self) -> None:
-        super().validate()
-        check_crop_scale("--data.crop_scale", self.crop_scale)
 
 
 def check_crop_scale(option: str, scale: tuple[float, float]) -> None:
@@ -197,21 +169,3 @@ class TrainRunSection(RunSection):
             )
         if self.log_every < 1:
             raise ValueError(f"--run.log_every must be >= 1, got {self.log_every}")
-
-
-@dataclass
-class PretrainConfig:
-    """Pre-train a ViT with DropPos (or the plain-MAE baseline)."""
-
-    model: PretrainModelConfig = field(default_factory=demo_model)
-    data: PretrainDataSection = field(default_factory=PretrainDataSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    run: TrainRunSection = field(default_factory=TrainRunSection)
-
-    def validate(self) -> None:
-        """Catch user mistakes before any work starts (each error says what to change)."""
-        self.optim.validate()
-        self.run.validate()
-        if self.optim.layer_decay != 1.0:
-            raise ValueError("--optim.layer_decay is a fine-tuning option; keep it 1 here")
-        self.data.validate()

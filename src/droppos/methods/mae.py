@@ -7,12 +7,16 @@ normalised-pixel reconstruction of the masked patches only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from torch import nn
 
+from droppos.methods.base import PretrainingMethod
+from droppos.methods.registry import register_method
 from droppos.models.encoder import EncoderConfig, ViTEncoder, init_weights
 from droppos.models.pixel_decoder import PixelDecoderConfig, PixelDecoderParts, reconstruct_pixels
+from droppos.models.sizes import demo_encoder
 from droppos.objective.losses import pixel_loss
 from droppos.objective.masking import gather_tokens, num_visible, random_patch_mask
 
@@ -22,7 +26,7 @@ class MAEConfig:
     """Plain MAE; defaults are MAE's ImageNet recipe."""
 
     name: Literal["mae"] = "mae"
-    """Which pre-training model: mae (this one) or droppos."""
+    """The pre-training method (--model.name): this section's options follow it."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     """The ViT being pre-trained (what fine-tuning, the probes and export use)."""
     decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
@@ -60,7 +64,7 @@ class MAEOutput:
 class MAEModel(ViTEncoder):
     def __init__(self, config: MAEConfig) -> None:
         super().__init__(config.encoder)
-        self.mae_config = config
+        self.config = config
         parts = PixelDecoderParts(config.encoder, config.decoder)
         parts.apply(init_weights)
         self.decoder_embed = parts.embed
@@ -80,7 +84,7 @@ class MAEModel(ViTEncoder):
                 f"patch_noise must have shape {(n, self.num_patches)}, "
                 f"got {tuple(patch_noise.shape)}"
             )
-        mask = random_patch_mask(patch_noise, self.mae_config.num_visible)
+        mask = random_patch_mask(patch_noise, self.config.num_visible)
         tokens = self.embed_patches(images) + self.pos_embed[:, 1:]
         latent = self.run_blocks(gather_tokens(tokens, mask.ids_keep))
         pred = reconstruct_pixels(
@@ -97,7 +101,39 @@ class MAEModel(ViTEncoder):
             pred,
             images,
             mask.masked,
-            self.config.patch_size,
-            self.mae_config.decoder.normalize_target,
+            self.encoder_config.patch_size,
+            self.config.decoder.normalize_target,
         )
         return MAEOutput(loss=loss, pixel_pred=pred, masked=mask.masked)
+
+
+@register_method
+class MAE(PretrainingMethod):
+    """The plain-MAE step: normalised-pixel loss over the global batch's masked patches."""
+
+    name = "mae"
+    Config = MAEConfig
+    Model = MAEModel
+
+    @classmethod
+    def demo_config(cls) -> MAEConfig:
+        return MAEConfig(encoder=demo_encoder(), patch_mask_ratio=0.5)
+
+    @classmethod
+    def noise_lengths(cls, config: MAEConfig) -> tuple[int, ...]:
+        return (config.encoder.num_patches,)
+
+    def ahead(self, engine_model: nn.Module, batch: Any) -> tuple[None, dict[str, torch.Tensor]]:
+        cfg: MAEConfig = self.config.model
+        masked = cfg.encoder.num_patches - cfg.num_visible
+        count = float(len(batch[1]) * masked)
+        return None, {"pixel": torch.tensor(count, device=self.device)}
+
+    def forward(self, engine_model: nn.Module, batch: Any, cache: None) -> Any:
+        images, (patch_noise,) = self.on_device(batch)
+        output = engine_model(images, patch_noise=patch_noise)
+        return self.step_result(
+            {"pixel": output.masked.sum().float()},
+            lambda total: output.global_loss(total["pixel"]),
+            output.metric_sums(),
+        )

@@ -1,58 +1,21 @@
-"""Training checkpoints: atomic writes, weights-only reads, and a resume that checks what it finds.
+"""A training run's checkpoints: saved atomically and never non-finite, resumed with checks.
 
-A checkpoint records where the run goes on from (`position`: the next epoch, the next per-rank
-batch within it, the optimiser steps taken), so resuming neither skips nor repeats an epoch
-(the original code saved `epoch + 1` and added one again on load). It also records the run's
-geometry (ranks, per-rank batch, accumulation, steps per epoch) and configuration: a resume
-that would silently change what a step means is refused, or converted where that is exact.
+The layout is `interop/schema.py:TrainingCheckpoint`. A checkpoint records the run's geometry
+(ranks, per-rank batch, accumulation, steps per epoch) and configuration: a resume that would
+silently change what a step means is refused, or converted where that is exact. Before every
+save the non-finite watch is read (one device value), so no file ever holds a diverged weight.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from droppos.interop.checkpoints import load_checkpoint_object
+from droppos.engine.guards import NonFiniteWatch, RunStopped
+from droppos.interop.schema import Progress, TrainingCheckpoint, save_atomic
 
 LAST = "last.pth"
-
-
-def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(state, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A training checkpoint of ours, unpickled weights-only: tensors, numbers, strings and
-    containers; a file that needs anything else (code to run) is refused, saying why."""
-    path = Path(path)
-    try:
-        state = load_checkpoint_object(path)
-    except ValueError as error:  # a refused, truncated or foreign file, said in words
-        raise ValueError(f"--run.resume: {error}") from None
-    if not isinstance(state, dict) or "position" not in state or "model" not in state:
-        raise ValueError(
-            f"cannot resume from {path}: not a droppos training checkpoint (pick another "
-            "--run.output_dir, or --run.resume null to start afresh)"
-        )
-    return state
 
 
 def find_resume(output_dir: str | Path, resume: str | None) -> Path | None:
@@ -92,19 +55,19 @@ def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[st
 
 def check_resume(
     path: Path,
-    state: Mapping[str, Any],
+    checkpoint: TrainingCheckpoint,
     config: Mapping[str, Any],
     geometry: Mapping[str, int],
     split_invariant: bool,
-) -> tuple[dict[str, int], list[str]]:
-    """Where to go on from `state` in a run of `config` and `geometry`, and notes to print.
+) -> tuple[Progress, list[str]]:
+    """Where to go on from `checkpoint` in a run of `config` and `geometry`, and notes to print.
 
     Refused (ValueError, one line): a different model configuration; a different split of the
     global batch, unless the method's steps do not depend on the split and the global batch
     and steps per epoch are unchanged (then the per-rank batch position is converted exactly).
     Other changed options (lr, epochs, ...) are allowed and named in a note.
     """
-    saved_config = state.get("config") or {}
+    saved_config = checkpoint.config
     changed_model = differences(saved_config.get("model", {}), config.get("model", {}))
     if changed_model:
         raise ValueError(
@@ -112,8 +75,8 @@ def check_resume(
             + "; ".join(f"model.{c}" for c in changed_model[:4])
             + "); pick another --run.output_dir or set --run.resume null"
         )
-    position = dict(state["position"])
-    saved = dict(state.get("geometry") or {})
+    progress = Progress(**vars(checkpoint.progress))
+    saved = checkpoint.geometry
     changed = [k for k in geometry if saved.get(k) != geometry[k]]
     if changed:
         said = ", ".join(f"{k} {saved.get(k)} -> {geometry[k]}" for k in changed)
@@ -125,7 +88,7 @@ def check_resume(
             split_invariant
             and global_batch(saved) == global_batch(geometry)
             and saved.get("steps_per_epoch") == geometry["steps_per_epoch"]
-            and position["batch"] % saved["accum_steps"] == 0
+            and progress.batch % saved["accum_steps"] == 0
         )
         if not convertible:
             raise ValueError(
@@ -133,8 +96,7 @@ def check_resume(
                 "resume with the same --optim.batch_size, --optim.accum_steps and number of "
                 "processes, or choose another --run.output_dir"
             )
-        steps_into_epoch = position["batch"] // saved["accum_steps"]
-        position["batch"] = steps_into_epoch * geometry["accum_steps"]
+        progress.batch = progress.batch // saved["accum_steps"] * geometry["accum_steps"]
     notes = []
     other = [
         c
@@ -148,4 +110,59 @@ def check_resume(
         notes.append(f"same global batch, split differently ({said}): position converted")
     if other:
         notes.append("resuming with changed options: " + "; ".join(other[:6]))
-    return position, notes
+    return progress, notes
+
+
+class Checkpointer:
+    """Writes a run's checkpoints into its output folder (from the main process) and knows the
+    last good one, which every stop message names."""
+
+    def __init__(self, output_dir: str | Path, is_main: bool, nonfinite: NonFiniteWatch) -> None:
+        self.output_dir = Path(output_dir)
+        self.is_main = is_main
+        self.nonfinite = nonfinite
+        self.last_saved_step: int | None = None
+        self.resumed_from: Path | None = None
+
+    def save(
+        self,
+        checkpoint: TrainingCheckpoint,
+        keep_as: str | None = None,
+        extra: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        """Write last.pth (and a kept copy, and extra files), never with a non-finite weight."""
+        self.check_finite()
+        if self.is_main:
+            state = checkpoint.to_dict()
+            targets: list[tuple[str, Mapping[str, Any]]] = [(LAST, state)]
+            if keep_as is not None:
+                targets.append((keep_as, state))
+            targets += list((extra or {}).items())
+            for name, content in targets:
+                try:
+                    save_atomic(content, self.output_dir / name)
+                except OSError as error:
+                    raise RunStopped(
+                        f"could not write {self.output_dir / name} ({error.strerror or error}); "
+                        f"{self.last_checkpoint_note()}; free space and run the same command "
+                        "to resume"
+                    ) from None
+        self.last_saved_step = checkpoint.progress.step
+
+    def last_checkpoint_note(self) -> str:
+        if self.last_saved_step is not None:
+            where = self.output_dir / LAST
+            return f"the last good checkpoint is {where} (step {self.last_saved_step})"
+        if self.resumed_from is not None:
+            return f"the last good checkpoint is {self.resumed_from}"
+        return "no checkpoint was written yet"
+
+    def check_finite(self) -> None:
+        """Stop, saying where, if any step since the start was non-finite (one device read)."""
+        step = self.nonfinite.bad_step()
+        if step is not None:
+            raise RunStopped(
+                f"the loss or gradient norm became NaN or infinite at step {step}; nothing "
+                f"after it was saved and {self.last_checkpoint_note()}. Lower --optim.lr or "
+                "raise --optim.warmup_epochs (or --run.on_nonfinite skip to skip such steps)"
+            )

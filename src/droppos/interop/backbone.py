@@ -1,21 +1,16 @@
-"""The one checkpoint adapter: every file droppos reads or writes, in the style of timm's
-`checkpoint_filter_fn`.
+"""Any ViT checkpoint as a `Backbone`, in the style of timm's `checkpoint_filter_fn`.
 
-Reads (as a `Backbone`: encoder weights under timm names, and the shape they fit):
-droppos pre-training checkpoints, droppos fine-tuned classifiers, checkpoints of the original
-DropPos and MAE code (weights under `model` or `state_dict`, maybe `module.`-prefixed; names are
-ours, see docs/method.md), exported `model.safetensors`, and any timm ViT state dict. The shape
-is read off the tensors; the one thing no tensor shows, the number of heads, comes from the
-file's own configuration, else from the standard width table, else from the user.
-
-Writes: a timm `VisionTransformer` (`timm_vit`), MAE's file format (`mae_state`), and
-MMSegmentation's BEiT-style `MAE` backbone (`mmseg_state`). Every read is weights-only.
+Reads droppos pre-training checkpoints (of any registered method), droppos fine-tuned
+classifiers, checkpoints of the original DropPos and MAE code (weights under `model` or
+`state_dict`, maybe `module.`-prefixed; names are ours, see docs/method.md), exported
+`model.safetensors`, and any timm ViT state dict, as encoder weights under timm names plus the
+shape they fit. The shape is read off the tensors; the one thing no tensor shows, the number of
+heads, comes from the file's own configuration, else from the standard width table, else from
+the user. `build_vit` turns a backbone into timm's `VisionTransformer`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -27,11 +22,23 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from droppos._version import PACKAGE
+from droppos.interop.schema import (
+    ExportSidecar,
+    PretrainedModel,
+    header_of,
+    load_object,
+    normalisation_of,
+)
 from droppos.models.encoder import EncoderConfig, ViTEncoder, pair
-from droppos.models.registry import ENCODER_SIZES, parse_name
+from droppos.models.sizes import HEADS_BY_WIDTH, encoder_shape
 
 WRAPPER_KEYS = ("model", "state_dict", "model_ema", "module")
 PREFIXES = ("module.", "_orig_mod.")
+ENCODER_KEY = re.compile(
+    r"^(patch_embed\.|cls_token$|pos_embed$|blocks\.\d+\.|norm\.|fc_norm\.|head\.)"
+)
+REQUIRED = ("patch_embed.proj.weight", "cls_token", "pos_embed", "blocks.0.attn.qkv.weight")
 
 
 def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -57,73 +64,9 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return cleaned
 
 
-def load_checkpoint_object(path: str | Path) -> Mapping[str, Any]:
-    """The whole object in a `.pth`/`.pt` (weights-only unpickling) or `.safetensors` file.
-
-    The original code saves its `argparse.Namespace` under `args`; it is the one non-tensor class
-    allowed, so full original checkpoints load without trusting arbitrary pickles.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.stat().st_size == 0:
-        raise ValueError(f"cannot read {path} as a checkpoint: the file is empty")
-    kind = file_kind(path)
-    if kind is None:
-        raise ValueError(
-            f"cannot read {path} as a checkpoint: it is not a PyTorch or safetensors file"
-        )
-    try:
-        if kind == "safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"cannot read {path} as a checkpoint: {why_unreadable(error)}") from None
-    if not isinstance(content, Mapping):
-        raise ValueError(
-            f"cannot read {path} as a checkpoint: it holds a {type(content).__name__}, "
-            "not a dictionary of weights"
-        )
-    return content
-
-
-def file_kind(path: Path) -> str | None:
-    """`torch` (a zip archive or a legacy pickle), `safetensors`, or None, from the first bytes."""
-    with path.open("rb") as stream:
-        head = stream.read(9)
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
-        return "torch"
-    if len(head) == 9 and head[8:9] == b"{":  # an 8-byte header length, then JSON
-        return "safetensors"
-    return None
-
-
-def why_unreadable(error: BaseException) -> str:
-    """A torch.load / safetensors failure in words a user can act on."""
-    text = str(error).strip()
-    if "Unsupported global" in text or "WeightsUnpickler" in text:
-        blocked = re.search(r"GLOBAL ([\w.]+)", text)
-        what = f" ({blocked.group(1)})" if blocked else ""
-        return (
-            f"it asks to run code while loading{what}, which droppos never does; "
-            "save plain tensors (a state dict) or safetensors instead"
-        )
-    if isinstance(error, EOFError) or "Ran out of input" in text or "truncated" in text.lower():
-        return "the file is truncated (an interrupted copy or save?)"
-    if "invalid load key" in text or "magic number" in text or "zip archive" in text:
-        return "it is not a PyTorch or safetensors file"
-    if "HeaderTooLarge" in text or "safetensors" in type(error).__module__:
-        return "it is not a valid safetensors file"
-    first = text.splitlines()[0] if text else type(error).__name__
-    return first[:200]
-
-
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A `.pth`/`.pt` (torch pickle, weights only) or `.safetensors` file -> a clean state dict."""
-    return unwrap_state_dict(load_checkpoint_object(path))
+    return unwrap_state_dict(load_object(path))
 
 
 def load_original_checkpoint(
@@ -134,7 +77,7 @@ def load_original_checkpoint(
     On a mismatch, the error names the missing and unexpected keys so the user can tell which
     configuration the file was trained with (decoder depth, MAE branch, model size).
     """
-    state = unwrap_state_dict(source) if isinstance(source, Mapping) else read_checkpoint(source)
+    state = unwrap_state_dict(source) if isinstance(source, Mapping) else read_state_dict(source)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -162,13 +105,6 @@ def describe_mismatch(missing: list[str], unexpected: list[str], mismatched: lis
     if mismatched:
         parts.append(f"shape differs: {head(mismatched)}")
     return "; ".join(parts)
-
-
-ENCODER_KEY = re.compile(
-    r"^(patch_embed\.|cls_token$|pos_embed$|blocks\.\d+\.|norm\.|fc_norm\.|head\.)"
-)
-REQUIRED = ("patch_embed.proj.weight", "cls_token", "pos_embed", "blocks.0.attn.qkv.weight")
-HEADS_BY_WIDTH = {s["embed_dim"]: s["num_heads"] for s in ENCODER_SIZES.values()}
 
 
 @dataclass
@@ -219,12 +155,14 @@ def load_backbone(
         raise FileNotFoundError(
             f"no checkpoint at {path} (pre-train first, or pass --model.checkpoint PATH|random)"
         )
-    content = load_checkpoint_object(path)
+    content = load_object(path)
     try:
         state = unwrap_state_dict(content)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
     state = {k: v for k, v in state.items() if ENCODER_KEY.match(k)}
+    if isinstance(header_of(content), PretrainedModel):  # a method's own head is no classifier
+        state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))}
     broken = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
     if broken:
         raise ValueError(
@@ -289,15 +227,8 @@ def infer_encoder(
             f"{where}: cannot tell the number of attention heads of a {embed_dim}-wide "
             "encoder; pass --model.num_heads (or --num_heads)"
         )
-    return EncoderConfig(
-        img_size=img_size,
-        patch_size=patch_h,
-        in_chans=in_chans,
-        embed_dim=embed_dim,
-        depth=depth,
-        num_heads=heads,
-        mlp_ratio=mlp_ratio,
-    )
+    # EncoderConfig's fields in order: img_size, patch_size, in_chans, embed_dim, depth, heads
+    return EncoderConfig(img_size, patch_h, in_chans, embed_dim, depth, heads, mlp_ratio)
 
 
 def build_vit(
@@ -359,134 +290,37 @@ def has_loaded_head(backbone: Backbone, model: nn.Module) -> bool:
     return isinstance(head, nn.Linear) and weight is not None and weight.shape == head.weight.shape
 
 
-def pretraining_model_config(saved: Mapping[str, Any]) -> Any:
-    """A `DropPosConfig` or `MAEConfig` from its `asdict` form (what our checkpoints record)."""
-    from droppos.models.droppos import DropPosConfig
-    from droppos.models.mae import MAEConfig
-    from droppos.models.pixel_decoder import PixelDecoderConfig
-
-    values = dict(saved)
-    values["encoder"] = EncoderConfig(**values["encoder"])
-    if values.get("name") == "mae":
-        values["decoder"] = PixelDecoderConfig(**values["decoder"])
-        return MAEConfig(**values)
-    if values.get("pixel_branch") is not None:
-        values["pixel_branch"] = PixelDecoderConfig(**values["pixel_branch"])
-    return DropPosConfig(**values)
-
-
-def load_pretraining_model(path: str | Path) -> nn.Module:
-    """The whole pre-training model (decoders included) of a `droppos pretrain` checkpoint."""
-    from droppos.models.droppos import DropPosModel
-    from droppos.models.mae import MAEModel
-
-    content = load_checkpoint_object(path)
-    saved = content.get("model_config")
-    if content.get("droppos") != "pretrain" or not isinstance(saved, Mapping):
-        raise ValueError(f"{path} is not a droppos pre-training checkpoint")
-    config = pretraining_model_config(saved)
-    model = MAEModel(config) if config.name == "mae" else DropPosModel(config)
-    load_original_checkpoint(model, content)
-    return model
-
-
-# -- what each kind of file says about itself -------------------------------------------------
-
-
 def _metadata(content: Mapping[str, Any], path: Path) -> dict[str, Any]:
     """Shape, normalisation and classes recorded by droppos files; {} for foreign ones."""
-    if content.get("droppos") == "finetune":  # ours, written by `droppos finetune`
+    header = header_of(content)
+    if header is not None:  # ours: a pre-training checkpoint or a fine-tuned classifier
+        mean, std = normalisation_of(content)
         return {
-            "kind": "droppos fine-tuned classifier",
-            "encoder": EncoderConfig(**content["encoder"]),
-            "mean": content.get("mean"),
-            "std": content.get("std"),
-            "classes": content.get("classes"),
+            "kind": header.label,
+            "encoder": header.encoder,
+            "mean": mean,
+            "std": std,
+            "classes": getattr(header, "classes", None),
         }
     config = content.get("config")
-    model_config = content.get("model_config")
-    if content.get("droppos") == "pretrain" and isinstance(model_config, Mapping):
-        data = config.get("data", {}) if isinstance(config, Mapping) else {}
-        return {  # ours, `droppos pretrain`
-            "kind": f"droppos pre-training checkpoint ({model_config.get('name')})",
-            "encoder": EncoderConfig(**model_config["encoder"]),
-            "mean": data.get("mean"),
-            "std": data.get("std"),
-        }
     if isinstance(config, Mapping) and "model_name" in content:  # droppos 0.1 pre-training
         section = config.get("model", {})
-        _, _, shape = parse_name(content["model_name"])
+        name = str(content["model_name"])
+        shape = encoder_shape(name[name.find("vit_") :]) if "vit_" in name else None
+        shape = shape or {}
         data = config.get("data", {})
         return {
-            "kind": f"droppos pre-training checkpoint ({content['model_name']})",
-            "num_heads": section.get("num_heads") or shape["num_heads"],
+            "kind": f"{PACKAGE} pre-training checkpoint ({content['model_name']})",
+            "num_heads": section.get("num_heads") or shape.get("num_heads"),
             "img_size": section.get("img_size"),
             "mean": data.get("mean"),
             "std": data.get("std"),
         }
-    sidecar = path.with_name("config.json")
-    if path.suffix == ".safetensors" and sidecar.is_file():  # ours, `droppos export`
-        exported = json.loads(sidecar.read_text())
-        args = exported.get("model_args", {})
-        cfg = exported.get("pretrained_cfg", {})
-        return {
-            "kind": "exported model",
-            "num_heads": args.get("num_heads"),
-            "img_size": args.get("img_size"),
-            "mean": cfg.get("mean"),
-            "std": cfg.get("std"),
-            "classes": exported.get("label_names"),
-        }
+    exported = ExportSidecar.beside(path)
+    if exported is not None:  # ours, `droppos export`
+        return {"kind": "exported model", **exported}
     return {}
 
 
 def _tuple(value: Any) -> tuple[float, ...] | None:
     return None if value is None else tuple(float(v) for v in value)
-
-
-# -- writing other frameworks' formats --------------------------------------------------
-
-# timm/MAE block names -> MMSegmentation's BEiT-style `MAE` backbone names.
-MMSEG_RENAMES = (
-    (r"^patch_embed\.proj\.", "patch_embed.projection."),
-    (r"^blocks\.(\d+)\.norm1\.", r"layers.\1.ln1."),
-    (r"^blocks\.(\d+)\.norm2\.", r"layers.\1.ln2."),
-    (r"^blocks\.(\d+)\.mlp\.fc1\.", r"layers.\1.ffn.layers.0.0."),
-    (r"^blocks\.(\d+)\.mlp\.fc2\.", r"layers.\1.ffn.layers.1."),
-    (r"^blocks\.(\d+)\.attn\.", r"layers.\1.attn."),
-)
-
-
-def mmseg_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """timm/MAE names -> MMSegmentation `MAE` backbone names (its beit2mmseg.py mapping).
-
-    Its attention has a bias-free `qkv` and separate `q_bias` and `v_bias`, so the fused bias is
-    split; the key bias is left out, which changes nothing (it adds the same amount to every
-    logit of a query, and the softmax does not see it). The final norm and any classifier are
-    left out: that backbone has neither. MMSeg loads non-strictly, so its own layer-scale and
-    relative-position tables keep their init.
-    """
-    renamed = {}
-    for name, value in state.items():
-        if name.startswith(("norm.", "fc_norm.", "head.")):
-            continue
-        if name.endswith("attn.qkv.bias"):
-            q_bias, _, v_bias = value.chunk(3)
-            prefix = name.removesuffix("qkv.bias")
-            for suffix, bias in (("q_bias", q_bias), ("v_bias", v_bias)):
-                renamed[mmseg_name(prefix + suffix)] = bias.clone()
-            continue
-        renamed[mmseg_name(name)] = value
-    return renamed
-
-
-def mmseg_name(name: str) -> str:
-    for pattern, replacement in MMSEG_RENAMES:
-        name = re.sub(pattern, replacement, name)
-    return name
-
-
-def mae_state(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """MAE's release format, `{"model": state dict}` under timm names: what Detectron2's ViTDet
-    (`train.init_checkpoint`) and MAE/BEiT-style code load."""
-    return {"model": dict(state)}

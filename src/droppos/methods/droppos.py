@@ -1,27 +1,31 @@
-"""The DropPos pre-training model: the method of docs/method.md in one screen.
+"""DropPos: the method of docs/method.md in one module (its configuration, model and step).
 
 Encoder (inherited, timm names) -> position decoder without positions -> classify every visible
 token's grid position. The objective's pieces (masking, position filling, smoothing, attentive
-weights, losses) are pure functions in `droppos.objective`; this class only wires them together.
+weights, losses) are pure functions in `droppos.objective`; the model only wires them together,
+and the step feeds it this epoch's soft targets.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from droppos.methods.base import PretrainingMethod
+from droppos.methods.registry import register_method
 from droppos.models.encoder import EncoderConfig, ViTEncoder, init_weights, transformer_blocks
 from droppos.models.pixel_decoder import PixelDecoderConfig, PixelDecoderParts, reconstruct_pixels
+from droppos.models.sizes import demo_encoder
 from droppos.objective.attentive import attentive_weights
 from droppos.objective.losses import (
     confident_tokens,
+    correct_positions,
     pixel_loss,
-    position_accuracy,
     position_loss,
-    weighted_hits,
+    weighted_sum,
 )
 from droppos.objective.masking import (
     PatchMask,
@@ -34,7 +38,8 @@ from droppos.objective.masking import (
     random_patch_mask,
     random_position_drop,
 )
-from droppos.objective.smoothing import smoothing_map
+from droppos.objective.smoothing import PositionTargets, smoothing_map
+from droppos.visual.jigsaw import JigsawView
 
 MaskTokenKind = Literal["learnable", "zeros", "wrong_pos"]
 AttentiveSource = Literal["full_image", "visible"]
@@ -45,7 +50,7 @@ class DropPosConfig:
     """The DropPos model and objective; defaults are the paper's ImageNet recipe."""
 
     name: Literal["droppos"] = "droppos"
-    """Which pre-training model: droppos (this one) or mae (the plain-MAE baseline)."""
+    """The pre-training method (--model.name): this section's options follow it."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     """The ViT being pre-trained (what fine-tuning, the probes and export use)."""
     decoder_embed_dim: int = 512
@@ -122,19 +127,16 @@ class DropPosOutput:
     loss: total objective (`pos_weight * position_loss [+ pixel_loss]`), each term normalised
     over this batch (`global_loss` normalises over a whole global batch instead).
     position_loss: weighted soft cross-entropy over dropped tokens.
-    position_accuracy: plain top-1 over the dropped tokens.
-    weighted_position_accuracy: top-1 weighted like the loss.
     position_logits: [N, V, L]. ids_keep: [N, V] true positions of the visible tokens.
     position_dropped: [N, V] bool. token_weights: [N, V] the loss weights m.
     position_normaliser: sum of the attentive weights of the dropped tokens (the position
     loss's denominator; confidence-ignored tokens still count, so they add zero loss).
     pixel_loss, pixel_pred ([N, L, p*p*C]), masked_patches ([N, L] bool): MAE branch only.
+    The accuracies are computed when read (`metric_sums` has them as sums, for the loop).
     """
 
     loss: torch.Tensor
     position_loss: torch.Tensor
-    position_accuracy: torch.Tensor
-    weighted_position_accuracy: torch.Tensor
     position_logits: torch.Tensor
     ids_keep: torch.Tensor
     position_dropped: torch.Tensor
@@ -144,6 +146,18 @@ class DropPosOutput:
     pixel_loss: torch.Tensor | None = None
     pixel_pred: torch.Tensor | None = None
     masked_patches: torch.Tensor | None = None
+
+    @property
+    def position_accuracy(self) -> torch.Tensor:
+        """Plain top-1 over the dropped tokens."""
+        hits, total = self.metric_sums()["position_accuracy"]
+        return hits / total.clamp_min(1e-12)
+
+    @property
+    def weighted_position_accuracy(self) -> torch.Tensor:
+        """Top-1 weighted like the loss."""
+        hits, total = self.metric_sums()["weighted_position_accuracy"]
+        return hits / total.clamp_min(1e-12)
 
     def global_loss(
         self, position_normaliser: torch.Tensor, pixel_normaliser: torch.Tensor | None = None
@@ -162,29 +176,17 @@ class DropPosOutput:
     def metric_sums(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Every metric as (numerator, denominator) sums, detached: they add up over shards
         and steps, so the logged figures are exact averages over the global batch."""
-        logits, targets = self.position_logits.detach(), self.ids_keep
+        correct = correct_positions(self.position_logits.detach(), self.ids_keep)
         normaliser = self.position_normaliser.detach()
         sums = {
             "position_loss": (self.position_loss.detach() * normaliser, normaliser),
-            "position_accuracy": weighted_hits(logits, targets, self.position_dropped),
-            "weighted_position_accuracy": weighted_hits(logits, targets, self.token_weights),
+            "position_accuracy": weighted_sum(correct, self.position_dropped),
+            "weighted_position_accuracy": weighted_sum(correct, self.token_weights.detach()),
         }
         if self.pixel_loss is not None and self.masked_patches is not None:
             count = self.masked_patches.sum().float()
             sums["pixel_loss"] = (self.pixel_loss.detach() * count, count)
         return sums
-
-    def metrics(self) -> dict[str, torch.Tensor]:
-        """Scalars to log, detached, still on the device (the caller decides when to sync)."""
-        found = {
-            "loss": self.loss,
-            "position_loss": self.position_loss,
-            "position_accuracy": self.position_accuracy,
-            "weighted_position_accuracy": self.weighted_position_accuracy,
-        }
-        if self.pixel_loss is not None:
-            found["pixel_loss"] = self.pixel_loss
-        return {name: value.detach() for name, value in found.items()}
 
 
 class DropPosModel(ViTEncoder):
@@ -192,7 +194,7 @@ class DropPosModel(ViTEncoder):
 
     def __init__(self, config: DropPosConfig) -> None:
         super().__init__(config.encoder)
-        self.droppos_config = config
+        self.config = config
         enc, dim = config.encoder, config.decoder_embed_dim
         self.mask_pos_token = nn.Parameter(
             torch.zeros(1, 1, enc.embed_dim), requires_grad=config.mask_token_kind == "learnable"
@@ -231,7 +233,7 @@ class DropPosModel(ViTEncoder):
         their true position."""
         tokens = gather_tokens(self.embed_patches(images), mask.ids_keep)
         positions = self.pos_embed[0, 1:][mask.ids_keep]
-        kind = self.droppos_config.mask_token_kind
+        kind = self.config.mask_token_kind
         if kind == "wrong_pos":
             positions = fill_with_wrong_positions(positions, drop)
         elif kind == "zeros":  # zeros whatever the (unused) parameter holds, as the original
@@ -278,7 +280,7 @@ class DropPosModel(ViTEncoder):
         deliberate departure for speed: it reuses the masked pass's own features `latent`
         [N, 1+V, D] (dropped positions, masked context) and saves the whole extra pass.
         """
-        cfg = self.droppos_config
+        cfg = self.config
         dropped = drop.dropped.float()
         if not cfg.attentive:
             return dropped
@@ -295,7 +297,7 @@ class DropPosModel(ViTEncoder):
         self, images: torch.Tensor, patch_noise: torch.Tensor, position_noise: torch.Tensor
     ) -> tuple[PatchMask, PositionDrop]:
         """The visible patches and the dropped positions that the noise [N, L], [N, V] fixes."""
-        cfg = self.droppos_config
+        cfg = self.config
         self._check_noise(images, patch_noise, position_noise)
         mask = random_patch_mask(patch_noise, cfg.num_visible)
         return mask, random_position_drop(position_noise, cfg.num_position_kept)
@@ -312,7 +314,7 @@ class DropPosModel(ViTEncoder):
         """
         mask, drop = self.masks(images, patch_noise, position_noise)
         latent = None
-        if self.droppos_config.attentive and self.droppos_config.attentive_source == "visible":
+        if self.config.attentive and self.config.attentive_source == "visible":
             latent = self.forward_encoder(images, mask, drop)
         return self.token_weights(images, mask, drop, latent)
 
@@ -323,22 +325,27 @@ class DropPosModel(ViTEncoder):
         patch_noise: torch.Tensor | None = None,
         position_noise: torch.Tensor | None = None,
         token_weights: torch.Tensor | None = None,
-    ) -> DropPosOutput:
+        weights_only: bool = False,
+    ) -> DropPosOutput | torch.Tensor:
         """One pre-training step's forward.
 
         images [N, C, H, W]; target_map [L, L]: this epoch's soft targets, a tensor so that a
         compiled forward never recompiles when sigma changes (default: the config's initial
         sigma); patch_noise [N, L] and position_noise [N, V] fix the masks from outside (lower
         noise = kept); token_weights [N, V]: m from `loss_weights`, not to compute it twice.
+        `weights_only` returns `loss_weights(...)` instead: the engine computes it through the
+        wrapped (compiled, distributed) model, never around it.
         """
-        cfg = self.droppos_config
+        cfg = self.config
         n, device = images.shape[0], images.device
         if patch_noise is None:
             patch_noise = torch.rand(n, self.num_patches, device=device)
         if position_noise is None:
             position_noise = torch.rand(n, cfg.num_visible, device=device)
+        if weights_only:
+            return self.loss_weights(images, patch_noise, position_noise)
         if target_map is None:
-            target_map = smoothing_map(self.config.grid_size, cfg.smoothing_sigma, device)
+            target_map = smoothing_map(self.encoder_config.grid_size, cfg.smoothing_sigma, device)
         mask, drop = self.masks(images, patch_noise, position_noise)
 
         latent = self.forward_encoder(images, mask, drop)
@@ -355,8 +362,6 @@ class DropPosModel(ViTEncoder):
         output = DropPosOutput(
             loss=cfg.pos_weight * pos_loss,
             position_loss=pos_loss,
-            position_accuracy=position_accuracy(logits.detach(), targets, drop.dropped),
-            weighted_position_accuracy=position_accuracy(logits.detach(), targets, weights),
             position_logits=logits,
             ids_keep=targets,
             position_dropped=drop.dropped,
@@ -371,7 +376,7 @@ class DropPosModel(ViTEncoder):
                 output.pixel_pred,
                 images,
                 mask.masked,
-                self.config.patch_size,
+                self.encoder_config.patch_size,
                 cfg.pixel_branch.normalize_target,
             )
             output.loss = output.loss + output.pixel_loss
@@ -383,10 +388,117 @@ class DropPosModel(ViTEncoder):
         n = images.shape[0]
         expected = {
             "patch_noise": (n, self.num_patches),
-            "position_noise": (n, self.droppos_config.num_visible),
+            "position_noise": (n, self.config.num_visible),
         }
         for name, value in (("patch_noise", patch_noise), ("position_noise", position_noise)):
             if tuple(value.shape) != expected[name]:
                 raise ValueError(
                     f"{name} must have shape {expected[name]}, got {tuple(value.shape)}"
                 )
+
+
+@register_method
+class DropPos(PretrainingMethod):
+    """The DropPos step: soft targets of the epoch in, global position (and pixel) loss out."""
+
+    name = "droppos"
+    Config = DropPosConfig
+    Model = DropPosModel
+
+    @classmethod
+    def demo_config(cls) -> DropPosConfig:
+        return DropPosConfig(
+            encoder=demo_encoder(),
+            decoder_embed_dim=256,
+            decoder_depth=2,
+            decoder_num_heads=8,
+            patch_mask_ratio=0.5,
+        )
+
+    @classmethod
+    def config_from_options(cls, encoder: EncoderConfig, options: dict[str, Any]) -> Any:
+        """As every method's, and `pixel_branch=True` adds the MAE branch (MAE's decoder)."""
+        if isinstance(options.get("pixel_branch"), bool):
+            options["pixel_branch"] = PixelDecoderConfig() if options["pixel_branch"] else None
+        return super().config_from_options(encoder, options)
+
+    @classmethod
+    def noise_lengths(cls, config: DropPosConfig) -> tuple[int, ...]:
+        return (config.encoder.num_patches, config.num_visible)
+
+    def init_state(self) -> None:
+        cfg: DropPosConfig = self.config.model
+        self.targets = PositionTargets(
+            cfg.encoder.grid_size,
+            cfg.smoothing_sigma,
+            decay=cfg.smoothing_decay,
+            total_epochs=self.config.optim.epochs,
+        )
+        self.target_map: torch.Tensor | None = None
+
+    def start_epoch(self, epoch: int, batch: int) -> None:
+        self.target_map = self.targets.at_epoch(epoch, self.device)
+
+    def ahead(self, engine_model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        images, (patch_noise, position_noise) = self.on_device(batch)
+        weights = engine_model(images, patch_noise=patch_noise, position_noise=position_noise,
+                               weights_only=True)  # fmt: skip
+        normalisers = {"position": weights.float().sum()}
+        cfg: DropPosConfig = self.config.model
+        if cfg.pixel_branch is not None:
+            masked = cfg.encoder.num_patches - cfg.num_visible
+            normalisers["pixel"] = torch.tensor(float(images.shape[0] * masked), device=self.device)
+        return weights, normalisers
+
+    def forward(self, engine_model: nn.Module, batch: Any, cache: torch.Tensor | None) -> Any:
+        images, (patch_noise, position_noise) = self.on_device(batch)
+        output = engine_model(
+            images,
+            target_map=self.target_map,
+            patch_noise=patch_noise,
+            position_noise=position_noise,
+            token_weights=cache,
+        )
+        normalisers = {"position": output.position_normaliser.detach()}
+        if output.masked_patches is not None:
+            normalisers["pixel"] = output.masked_patches.sum().float()
+        return self.step_result(
+            normalisers,
+            lambda total: output.global_loss(total["position"], total.get("pixel")),
+            output.metric_sums(),
+        )
+
+    def epoch_metrics(self, epoch: int) -> dict[str, float]:
+        return {
+            "sigma": self.targets.sigma(epoch),
+            "chance_position_accuracy": 1.0 / self.config.model.encoder.num_patches,
+        }
+
+    def epoch_line(self, metrics: dict[str, float]) -> str:
+        line = super().epoch_line(metrics)
+        accuracy = metrics.get("position_accuracy")
+        if accuracy is None:
+            return line
+        chance = metrics["chance_position_accuracy"]
+        return f"{line} position accuracy {accuracy:.3f} (chance {chance:.3f})"
+
+    @classmethod
+    @torch.no_grad()
+    def jigsaw(
+        cls, model: nn.Module, images: torch.Tensor, noise: tuple[torch.Tensor, ...]
+    ) -> JigsawView:
+        """What the picture of the jigsaw shows: the model's guesses under `noise`, and the
+        attentive weights of every patch of the full image."""
+        model.eval()
+        out = model(images, patch_noise=noise[0], position_noise=noise[1])
+        every = torch.arange(model.num_patches, device=images.device).expand(len(images), -1)
+        tau = model.config.attentive_tau
+        attention = attentive_weights(model.forward_features(images), every, tau)
+        return JigsawView(
+            grid=model.encoder_config.grid_size,
+            patch_size=model.encoder_config.patch_size,
+            ids_keep=out.ids_keep,
+            dropped=out.position_dropped,
+            logits=out.position_logits,
+            attention=attention,
+        )

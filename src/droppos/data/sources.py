@@ -1,0 +1,335 @@
+"""Where images come from: image folders, file lists and in-memory arrays (the demo set,
+Fashion-MNIST). Tar shards are the fourth kind (`data/shards.py`); `data/catalog.py` turns a
+`--data.source` string into one of them.
+
+Every source is an `ImageSource`: random access to `(image, label)` with `label == -1` when
+unlabelled, the image as `--data.decode` wants it (`data/decode.py`), and what the source is made
+of (`origin`, `classes`, `num_classes`, `encoded`) so that evaluations and `write-shards` need not
+know which kind they hold. Images keep their own mode ("L" or "RGB"); the transforms convert
+them to the model's channel count.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import io
+import os
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+from droppos.data.decode import DEFAULT_MAX_IMAGE_PIXELS, DecodedImage, read_image
+
+DEFAULT_FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian dataset-fashion-mnist
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+DEMO_FILE = "fashion_mnist_demo.npz"
+SPLIT_ALIASES = {"train": "train", "val": "val", "test": "val", "t10k": "val"}
+
+
+def canonical_split(split: str) -> str:
+    try:
+        return SPLIT_ALIASES[split]
+    except KeyError:
+        raise ValueError(f"unknown split {split!r}: expected 'train' or 'val'") from None
+
+
+class ImageSource(Dataset):
+    """Random access to `(image, label)`; what every data source is to the rest of droppos.
+
+    `origin` names what the images are (two sources with the same origin hold the same
+    images, e.g. a folder without splits read as train and as val); `encoded(i)` gives sample
+    i as a file (`write-shards` copies it). `holds_files` says whether images arrive as files
+    (which `--data.decode device` needs) rather than pixels in memory.
+    """
+
+    classes: list[str] | None = None
+    num_classes: int = 0
+    origin: str = ""
+    holds_files: bool = True
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[DecodedImage, int]:
+        raise NotImplementedError
+
+    def encoded(self, index: int) -> tuple[bytes, str, int]:
+        """(file bytes, suffix, label) of sample `index`."""
+        raise NotImplementedError
+
+
+class _FileSource(ImageSource):
+    """Images that are files on disk: `samples` = [(path, label)], decoded as asked."""
+
+    samples: list[tuple[str, int]]
+
+    def __init__(self, root: str | os.PathLike[str], max_pixels: int | None, decode: str) -> None:
+        self.root = Path(root).expanduser()
+        self.max_pixels = max_pixels
+        self.decode = decode
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[DecodedImage, int]:
+        path, label = self.samples[index]
+        return read_image(path, path, self.max_pixels, self.decode), label
+
+    def encoded(self, index: int) -> tuple[bytes, str, int]:
+        path, label = self.samples[index]
+        return Path(path).read_bytes(), Path(path).suffix.lstrip(".").lower(), int(label)
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMG_EXTENSIONS
+
+
+def _visible_subdirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+class ImageFolderDataset(_FileSource):
+    """Images under ``root``: one sub-folder per class (labelled), or flat (unlabelled).
+
+    Class mode is chosen when ``root``'s visible sub-folders hold images; labels are indices into
+    the sorted folder names, as in torchvision's ImageFolder (files found recursively; images
+    loose in ``root`` are then ignored). Otherwise the images directly inside ``root`` are used,
+    sorted by name, with label -1.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        decode: str = "pil",
+    ) -> None:
+        super().__init__(root, max_pixels, decode)
+        if not self.root.is_dir():
+            raise ValueError(f"image folder {str(self.root)!r} is not a directory")
+        self.origin = str(self.root.resolve())
+        self.classes = None
+        self.samples = []
+        subdirs = _visible_subdirs(self.root)
+        if subdirs:
+            classes = [d.name for d in subdirs]
+            # torchvision's walker, but with hidden folders (.ipynb_checkpoints...) left out.
+            self.samples = make_dataset(
+                str(self.root),
+                {c: i for i, c in enumerate(classes)},
+                extensions=IMG_EXTENSIONS,
+                allow_empty=True,
+            )
+            if self.samples:
+                self.classes = classes
+        if not self.samples:  # no class folders, or only image-less ones: flat
+            self.samples = [(str(p), -1) for p in sorted(self.root.iterdir()) if _is_image(p)]
+        self.num_classes = len(self.classes) if self.classes else 0
+        if not self.samples:
+            raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) found in {str(self.root)!r}")
+
+
+class FileListDataset(_FileSource):
+    """The original DropPos / ImageNet list format: ``relative/path [label]`` per line.
+
+    Paths are relative to ``root``. Blank lines and ``#`` comments are skipped. Either every line
+    has an integer label or none has; ``num_classes`` is ``max(label) + 1``. Only the first path
+    is checked for existence, so that building a 1.28M-line ImageNet list stays cheap.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        list_file: str | os.PathLike[str],
+        max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        decode: str = "pil",
+    ) -> None:
+        super().__init__(root, max_pixels, decode)
+        self.list_file = Path(list_file).expanduser()
+        if not self.list_file.is_file():
+            raise ValueError(f"file list {str(self.list_file)!r} not found")
+        self.origin = f"{self.list_file.resolve()} in {self.root.resolve()}"
+        entries = _parse_file_list(self.list_file)
+        if not entries:
+            raise ValueError(f"file list {str(self.list_file)!r} has no entries")
+        first = self.root / entries[0][0]
+        if not first.is_file():
+            raise ValueError(
+                f"{str(self.list_file)!r} lists {entries[0][0]!r}, but {str(first)!r} "
+                "does not exist: paths must be relative to the image root"
+            )
+        self.samples = [(str(self.root / p), label) for p, label in entries]
+        labels = [label for _, label in self.samples]
+        self.num_classes = max(labels) + 1 if labels[0] >= 0 else 0
+        self.classes = None
+
+
+def _split_line(line: str) -> tuple[str, int | None]:
+    # rsplit keeps paths with spaces intact; the original split(' ') did not.
+    parts = line.rsplit(maxsplit=1)
+    if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+        return parts[0], int(parts[1])
+    return line, None
+
+
+def list_entries(list_file: Path) -> Iterator[tuple[int, str, int | None]]:
+    """Yield ``(line number, path, label or None)``, skipping blanks and ``#`` comments."""
+    with open(list_file, encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.strip()
+            if line and not line.startswith("#"):
+                yield (lineno, *_split_line(line))
+
+
+def _parse_file_list(list_file: Path) -> list[tuple[str, int]]:
+    samples: list[tuple[str, int]] = []
+    labelled: bool | None = None
+    for lineno, path, label in list_entries(list_file):
+        if labelled is None:
+            labelled = label is not None
+        if (label is not None) != labelled:
+            raise ValueError(
+                f"{list_file}:{lineno}: mixes labelled and unlabelled lines "
+                "(expected 'path label' on every line, or 'path' alone on every line)"
+            )
+        if label is not None and label < 0:
+            raise ValueError(f"{list_file}:{lineno}: negative label {label}")
+        samples.append((path, -1 if label is None else label))
+    return samples
+
+
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzip-compressed or not, into a native-order array."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    opener = gzip.open if gzipped else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{str(path)!r} is not an IDX file (bad magic number)")
+    dtype, ndim = _IDX_DTYPES[data[2]], data[3]
+    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - offset != expected:
+        raise ValueError(
+            f"{str(path)!r}: header says shape {shape} ({expected} bytes), "
+            f"file has {len(data) - offset} bytes of data"
+        )
+    array = np.frombuffer(data, dtype, offset=offset).reshape(shape)
+    return array.astype(dtype.newbyteorder("="), copy=True)
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (root / name).is_file():
+            return root / name
+    raise ValueError(f"Fashion-MNIST file {stem}[.gz] not found in {str(root)!r}")
+
+
+class ArrayDataset(ImageSource):
+    """uint8 images [N, H, W] (greyscale) or [N, H, W, 3] held in memory, with int labels."""
+
+    holds_files = False
+
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray, classes: Sequence[str], origin: str
+    ) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels.astype(np.int64)
+        self.classes = list(classes)
+        self.num_classes = len(self.classes)
+        self.origin = origin
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.images[index]), int(self.labels[index])
+
+    def encoded(self, index: int) -> tuple[bytes, str, int]:
+        """The image as PNG (lossless)."""
+        image, label = self[index]
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue(), "png", label
+
+
+class FashionMNISTDataset(ArrayDataset):
+    """Fashion-MNIST from its IDX files: ``train-*`` for "train", ``t10k-*`` for "val"/"test".
+
+    28x28 greyscale, 10 classes. Reads ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``
+    from ``root`` (by default where Debian's ``dataset-fashion-mnist`` installs them).
+    """
+
+    def __init__(
+        self, root: str | os.PathLike[str] = DEFAULT_FASHION_MNIST_ROOT, split: str = "train"
+    ) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise ValueError(
+                f"Fashion-MNIST directory {str(self.root)!r} not found "
+                "(apt install dataset-fashion-mnist, or use 'fashion-mnist:DIR')"
+            )
+        self.split = canonical_split(split)
+        prefix = "train" if self.split == "train" else "t10k"
+        images = read_idx(_find_idx(self.root, f"{prefix}-images-idx3-ubyte"))
+        labels = read_idx(_find_idx(self.root, f"{prefix}-labels-idx1-ubyte"))
+        if images.ndim != 3 or labels.ndim != 1 or images.dtype != np.uint8:
+            raise ValueError(
+                f"unexpected Fashion-MNIST arrays in {str(self.root)!r}: images "
+                f"{images.dtype}{list(images.shape)}, labels {labels.dtype}{list(labels.shape)}"
+            )
+        origin = f"fashion-mnist:{self.root.resolve()}:{self.split}"
+        super().__init__(images, labels, FASHION_MNIST_CLASSES, origin)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_demo() -> dict[str, np.ndarray]:
+    ref = resources.files("droppos.data") / "demo" / DEMO_FILE
+    with ref.open("rb") as f, np.load(f, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+class DemoDataset(ArrayDataset):
+    """The Fashion-MNIST subset shipped inside the package: 4000 train / 1000 val images.
+
+    Stratified, 400 (train) and 100 (val) per class; built by ``scripts/build_demo_dataset.py``.
+    Lets every command run, and be tested, with no download.
+    """
+
+    def __init__(self, split: str = "train") -> None:
+        self.split = canonical_split(split)
+        data = _load_demo()
+        classes = [str(c) for c in data["classes"]]
+        images, labels = data[f"{self.split}_images"], data[f"{self.split}_labels"]
+        super().__init__(images, labels, classes, f"demo:{self.split}")

@@ -1,0 +1,416 @@
+"""droppos's own files, typed: the one place that knows their layout, reads and writes them.
+
+- `TrainingCheckpoint` (`last.pth`, `checkpoint-EPOCH.pth`): a run's whole state, headed by
+  what was trained: a `PretrainedModel` (a registered method and its configuration) or a
+  `Classifier` (a fine-tuned ViT).
+- `ClassifierWeights` (`best.pth`): a fine-tuned classifier's weights and score.
+- `ExportSidecar` (`config.json` beside an exported `model.safetensors`): timm's config plus
+  where the weights came from.
+
+A file is read weights-only (`load_object`: tensors, numbers, strings and containers; a file that
+asks to run code is refused, saying which code) and written atomically (`save_atomic`). The
+foreign layouts (the authors' files, MAE's, timm's, MMSegmentation's) are adapters elsewhere in
+`interop/`; they come here for the file reading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from droppos._version import PACKAGE, __version__
+from droppos.models.encoder import EncoderConfig
+
+KIND_KEY = PACKAGE  # {package name: "pretrain" or "finetune"} marks our checkpoints
+PRETRAIN, FINETUNE = "pretrain", "finetune"
+
+
+# -- reading and writing files -----------------------------------------------------------------
+
+
+def save_atomic(state: Mapping[str, Any], path: str | Path) -> Path:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(dict(state), stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_object(path: str | Path) -> Mapping[str, Any]:
+    """The whole object in a `.pth`/`.pt` (weights-only unpickling) or `.safetensors` file.
+
+    The original code saves its `argparse.Namespace` under `args`; it is the one non-tensor class
+    allowed, so full original checkpoints load without trusting arbitrary pickles.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"cannot read {path} as a checkpoint: the file is empty")
+    kind = file_kind(path)
+    if kind is None:
+        raise ValueError(
+            f"cannot read {path} as a checkpoint: it is not a PyTorch or safetensors file"
+        )
+    try:
+        if kind == "safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"cannot read {path} as a checkpoint: {why_unreadable(error)}") from None
+    if not isinstance(content, Mapping):
+        raise ValueError(
+            f"cannot read {path} as a checkpoint: it holds a {type(content).__name__}, "
+            "not a dictionary of weights"
+        )
+    return content
+
+
+def file_kind(path: Path) -> str | None:
+    """`torch` (a zip archive or a legacy pickle), `safetensors`, or None, from the first bytes."""
+    with path.open("rb") as stream:
+        head = stream.read(9)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{":  # an 8-byte header length, then JSON
+        return "safetensors"
+    return None
+
+
+def why_unreadable(error: BaseException) -> str:
+    """A torch.load / safetensors failure in words a user can act on."""
+    text = str(error).strip()
+    if "Unsupported global" in text or "WeightsUnpickler" in text:
+        blocked = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f" ({blocked.group(1)})" if blocked else ""
+        return (
+            f"it asks to run code while loading{what}, which droppos never does; "
+            "save plain tensors (a state dict) or safetensors instead"
+        )
+    if isinstance(error, EOFError) or "Ran out of input" in text or "truncated" in text.lower():
+        return "the file is truncated (an interrupted copy or save?)"
+    if "invalid load key" in text or "magic number" in text or "zip archive" in text:
+        return "it is not a PyTorch or safetensors file"
+    if "HeaderTooLarge" in text or "safetensors" in type(error).__module__:
+        return "it is not a valid safetensors file"
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first[:200]
+
+
+# -- configurations as plain dicts and back ---------------------------------------------------
+
+
+def to_plain(config: Any) -> dict[str, Any]:
+    """A configuration dataclass as the plain dict a checkpoint records."""
+    return asdict(config)
+
+
+def from_plain(cls: type, values: Mapping[str, Any], where: str = "") -> Any:
+    """The dataclass `cls` from its `to_plain` form, nested configurations included; a key the
+    class does not know (a file from a newer droppos) is refused, naming it."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(
+            f"{where or cls.__name__}: unknown setting(s) {', '.join(unknown)} (written by a "
+            "newer droppos?)"
+        )
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _from_plain_value(hints[k], v, f"{where}.{k}") for k, v in values.items()})
+
+
+def _from_plain_value(annotation: Any, value: Any, where: str) -> Any:
+    if value is None:
+        return None
+    candidates = [annotation]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        candidates = list(typing.get_args(annotation))
+    for candidate in candidates:
+        if dataclasses.is_dataclass(candidate) and isinstance(value, Mapping):
+            return from_plain(candidate, value, where.lstrip("."))
+    if typing.get_origin(annotation) is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+# -- what a checkpoint of ours says about itself ------------------------------------------------
+
+
+@dataclass
+class PretrainedModel:
+    """A pre-training run's model: the method that trained it and its configuration."""
+
+    method: str
+    model_config: dict[str, Any]
+
+    @property
+    def encoder(self) -> EncoderConfig:
+        return from_plain(EncoderConfig, self.model_config["encoder"], "model.encoder")
+
+    @property
+    def label(self) -> str:
+        return f"{PACKAGE} pre-training checkpoint ({self.method})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {KIND_KEY: PRETRAIN, "model_config": self.model_config}
+
+    @classmethod
+    def from_dict(cls, content: Mapping[str, Any]) -> PretrainedModel:
+        model_config = dict(content["model_config"])
+        return cls(method=str(model_config.get("name")), model_config=model_config)
+
+
+@dataclass
+class Classifier:
+    """A fine-tuned classifier: its encoder's shape, its head, and the data it was tuned on."""
+
+    encoder: EncoderConfig
+    global_pool: str
+    num_classes: int
+    classes: list[str] | None
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    source_checkpoint: str
+
+    @property
+    def label(self) -> str:
+        return f"{PACKAGE} fine-tuned classifier"
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["encoder"] = asdict(self.encoder)
+        return {KIND_KEY: FINETUNE, **values}
+
+    @classmethod
+    def from_dict(cls, content: Mapping[str, Any]) -> Classifier:
+        names = [f.name for f in dataclasses.fields(cls)]
+        values = {k: content.get(k) for k in names}
+        values["encoder"] = from_plain(EncoderConfig, content["encoder"], "encoder")
+        return cls(**values)
+
+
+Header = PretrainedModel | Classifier
+
+
+def header_of(content: Mapping[str, Any]) -> Header | None:
+    """What one of our files says it holds; None for anything else (foreign files)."""
+    kind = content.get(KIND_KEY)
+    if kind == PRETRAIN and isinstance(content.get("model_config"), Mapping):
+        return PretrainedModel.from_dict(content)
+    if kind == FINETUNE and isinstance(content.get("encoder"), Mapping):
+        return Classifier.from_dict(content)
+    return None
+
+
+@dataclass
+class Progress:
+    """Where a run is: the next epoch, the next per-rank batch within it, optimiser steps taken.
+    Resuming neither skips nor repeats an epoch (the original code saved `epoch + 1` and added
+    one again on load)."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+
+
+@dataclass
+class TrainingCheckpoint:
+    """A run's whole state (`last.pth`): what is trained, weights, optimiser, where it is, how its
+    global batch is split (`geometry`) and the command's whole configuration (`config`)."""
+
+    header: Header
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scaler: dict[str, Any]
+    progress: Progress
+    geometry: dict[str, int]
+    config: dict[str, Any]
+    method_state: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.header.to_dict(),
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "scaler": self.scaler,
+            "position": asdict(self.progress),
+            "geometry": self.geometry,
+            "config": self.config,
+            "method_state": self.method_state,
+        }
+
+    @classmethod
+    def from_dict(cls, content: Mapping[str, Any], where: str) -> TrainingCheckpoint:
+        header = header_of(content)
+        if header is None or "position" not in content or "model" not in content:
+            raise ValueError(
+                f"cannot resume from {where}: not a {PACKAGE} training checkpoint (pick another "
+                "--run.output_dir, or --run.resume null to start afresh)"
+            )
+        return cls(
+            header=header,
+            model=dict(content["model"]),
+            optimizer=dict(content.get("optimizer") or {}),
+            scaler=dict(content.get("scaler") or {}),
+            progress=Progress(**content["position"]),
+            geometry=dict(content.get("geometry") or {}),
+            config=dict(content.get("config") or {}),
+            method_state=dict(content.get("method_state") or {}),
+        )
+
+    @classmethod
+    def read(cls, path: str | Path) -> TrainingCheckpoint:
+        """A training checkpoint of ours from `path` (weights-only); ValueError in words."""
+        try:
+            content = load_object(path)
+        except ValueError as error:  # a refused, truncated or foreign file, said in words
+            raise ValueError(f"--run.resume: {error}") from None
+        return cls.from_dict(content, str(path))
+
+    def data_normalisation(self) -> tuple[list[float] | None, list[float] | None]:
+        data = self.config.get("data") or {}
+        return data.get("mean"), data.get("std")
+
+
+@dataclass
+class ClassifierWeights:
+    """`best.pth`: the weights of a fine-tuning run's best epoch (what export, kNN and the probes
+    read), its moving average if kept, and the score that made it best."""
+
+    header: Classifier
+    model: dict[str, torch.Tensor]
+    model_ema: dict[str, torch.Tensor] | None
+    epoch: int
+    top1: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.header.to_dict(),
+            "model": self.model,
+            "model_ema": self.model_ema,
+            "epoch": self.epoch,
+            "top1": self.top1,
+        }
+
+
+def normalisation_of(content: Mapping[str, Any]) -> tuple[Any, Any]:
+    """The mean and std one of our checkpoints records (None where it does not)."""
+    header = header_of(content)
+    if isinstance(header, Classifier):
+        return header.mean, header.std
+    data = (content.get("config") or {}).get("data") or {}
+    return data.get("mean"), data.get("std")
+
+
+# -- the export's config.json -------------------------------------------------------------------
+
+SIDECAR = "config.json"
+
+
+@dataclass
+class ExportSidecar:
+    """timm's Hugging Face-style `config.json` (what `timm.create_model("local-dir:...")` reads)
+    for an exported ViT, with the provenance of its weights under the package's name."""
+
+    architecture: str
+    model_args: dict[str, Any]
+    num_classes: int
+    num_features: int
+    global_pool: str
+    input_size: list[int]
+    mean: list[float]
+    std: list[float]
+    provenance: dict[str, Any]
+    label_names: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "architecture": self.architecture,
+            "num_classes": self.num_classes,
+            "num_features": self.num_features,
+            "global_pool": self.global_pool,
+            "model_args": self.model_args,
+            "pretrained_cfg": {
+                "tag": PACKAGE,
+                "custom_load": False,
+                "input_size": self.input_size,
+                "fixed_input_size": True,
+                "interpolation": "bicubic",
+                "crop_pct": 0.875,
+                "crop_mode": "center",
+                "mean": self.mean,
+                "std": self.std,
+                "num_classes": self.num_classes,
+                "first_conv": "patch_embed.proj",
+                "classifier": "head",
+            },
+            PACKAGE: self.provenance,
+        }
+        if self.label_names:
+            config["label_names"] = list(self.label_names)
+        return config
+
+    def write(self, folder: str | Path) -> Path:
+        path = Path(folder) / SIDECAR
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @staticmethod
+    def beside(weights: Path) -> dict[str, Any] | None:
+        """What the `config.json` beside an exported `model.safetensors` says of its shape,
+        normalisation and classes (None when there is none)."""
+        sidecar = weights.with_name(SIDECAR)
+        if weights.suffix != ".safetensors" or not sidecar.is_file():
+            return None
+        exported = json.loads(sidecar.read_text())
+        args = exported.get("model_args", {})
+        cfg = exported.get("pretrained_cfg", {})
+        return {
+            "num_heads": args.get("num_heads"),
+            "img_size": args.get("img_size"),
+            "mean": cfg.get("mean"),
+            "std": cfg.get("std"),
+            "classes": exported.get("label_names"),
+        }
+
+
+def provenance(path: Path, kind: str, **versions: str) -> dict[str, Any]:
+    """Where exported weights came from, exactly, and what made the files."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return {
+        "source_checkpoint": str(path.resolve()),
+        "source_sha256": digest.hexdigest(),
+        "source_kind": kind,
+        f"{PACKAGE}_version": __version__,
+        **{f"{name}_version": value for name, value in versions.items()},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

@@ -1,0 +1,228 @@
+"""What a pre-training method is to droppos: one class, its configuration and its step.
+
+A method subclasses `PretrainingMethod` and says, at class level, everything the rest of the
+package asks of it: its name and typed configuration (the `--model.*` section, with an `encoder`
+field), its demo preset, how to build its model, how many per-sample noise vectors its masks
+need (drawn in the loader, `data/mask_noise.py`), how a checkpoint of it rebuilds itself, and
+optionally the jigsaw it can draw. An instance is its training step, as the one training loop
+(`engine/loop.py:TrainingMethod`) drives it; it calls the model only through the wrapped module
+the loop hands it. `@register_method` (`methods/registry.py`) makes it reachable by name from the
+command line, resume, export, visualize and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from droppos.data.device_decode import decode_batch
+from droppos.data.transforms import mean_std, normalise_on_device
+from droppos.engine.context import RunContext
+from droppos.engine.loop import StepResult
+from droppos.interop.backbone import load_original_checkpoint
+from droppos.interop.schema import PretrainedModel, from_plain, to_plain
+from droppos.models.encoder import EncoderConfig, pair
+from droppos.visual.jigsaw import JigsawView, draw_jigsaw, picture_batch, save_pictures
+
+PICTURES = 4  # images drawn every --run.pictures_every epochs
+
+
+class PretrainingMethod:
+    """One pre-training method (subclass it, set `name` and `Config`, and register it)."""
+
+    name: ClassVar[str]
+    """The method's name: `--model.name`, and what its checkpoints record."""
+    Config: ClassVar[type]
+    """Its configuration dataclass: a `name` field equal to `name`, an `encoder` field
+    (`EncoderConfig`), and the method's own options, each with a one-line docstring."""
+    Model: ClassVar[type[nn.Module]]
+    """Its model, built from a `Config` (a ViTEncoder subclass: timm names for the encoder)."""
+    split_invariant = True  # masks and augmentation are per sample, nothing per rank
+
+    # -- what every method declares ------------------------------------------------------------
+
+    @classmethod
+    def demo_config(cls) -> Any:
+        """The model the demo preset (`tiny_cpu`) trains with this method."""
+        raise NotImplementedError
+
+    @classmethod
+    def build_model(cls, config: Any) -> nn.Module:
+        """A freshly initialised model for `config`."""
+        return cls.Model(config)
+
+    @classmethod
+    def noise_lengths(cls, config: Any) -> tuple[int, ...]:
+        """The length of each per-sample noise vector the step receives with its images."""
+        raise NotImplementedError
+
+    @classmethod
+    def config_from_options(cls, encoder: EncoderConfig, options: dict[str, Any]) -> Any:
+        """The configuration `create_model(name, **options)` asks for: the method's own fields
+        from `options`, and the fields of a nested section (a decoder) too; what it takes is
+        popped, so that the caller can refuse what is left."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls.Config):
+            if f.name in ("name", "encoder"):
+                continue
+            if f.name in options:
+                values[f.name] = options.pop(f.name)
+            elif f.default_factory is not dataclasses.MISSING:  # a nested section
+                section = type(f.default_factory())
+                names = {g.name for g in dataclasses.fields(section)}
+                values[f.name] = section(**{k: options.pop(k) for k in list(options) if k in names})
+        return cls.Config(encoder=encoder, **values)
+
+    @classmethod
+    def config_from_plain(cls, values: Mapping[str, Any]) -> Any:
+        """The configuration a checkpoint recorded (`to_plain` form), rebuilt."""
+        return from_plain(cls.Config, values, "model")
+
+    @classmethod
+    def model_from_checkpoint(cls, header: PretrainedModel, content: Mapping[str, Any]) -> Any:
+        """The whole model (decoders included) of one of this method's checkpoints."""
+        model = cls.build_model(cls.config_from_plain(header.model_config))
+        load_original_checkpoint(model, content)
+        return model
+
+    @classmethod
+    def jigsaw(
+        cls, model: nn.Module, images: torch.Tensor, noise: tuple[torch.Tensor, ...]
+    ) -> JigsawView | None:
+        """The jigsaw the model solves on `images` under `noise`, for pictures; None when the
+        method solves none (pictures are then not drawn)."""
+        return None
+
+    @classmethod
+    def draws_jigsaw(cls) -> bool:
+        return cls.jigsaw.__func__ is not PretrainingMethod.jigsaw.__func__  # type: ignore[attr-defined]
+
+    # -- the training step ---------------------------------------------------------------------
+
+    def __init__(self, model: nn.Module, config: Any, context: RunContext) -> None:
+        """`config` is the `pretrain` command's whole configuration (model, data, optim, run)."""
+        self.model = model
+        self.config = config
+        self.context = context
+        self.device = context.device
+        self.picture_images: torch.Tensor | None = None
+        self.init_state()
+
+    def init_state(self) -> None:
+        """State a method keeps across steps (built once, after the model)."""
+
+    def start_epoch(self, epoch: int, batch: int) -> None:
+        return None
+
+    def ahead(self, engine_model: nn.Module, batch: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def forward(self, engine_model: nn.Module, batch: Any, cache: Any) -> StepResult:
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        return None
+
+    def epoch_metrics(self, epoch: int) -> dict[str, float]:
+        """Figures of the epoch beyond the step's own metrics (a schedule, chance level)."""
+        return {}
+
+    def end_epoch(
+        self, engine_model: nn.Module, epoch: int, metrics: dict[str, float]
+    ) -> dict[str, Any]:
+        found: dict[str, Any] = {"metrics": self.epoch_metrics(epoch)}
+        every = self.config.run.pictures_every
+        if every and (epoch + 1) % every == 0 and self.context.is_main:
+            pictures = self.pictures(epoch)
+            if pictures:
+                found["images"] = pictures
+        return found
+
+    def epoch_line(self, metrics: dict[str, float]) -> str:
+        return f"loss {metrics.get('loss', float('nan')):.4f}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+    def describe(self) -> PretrainedModel:
+        return PretrainedModel(method=self.name, model_config=to_plain(self.config.model))
+
+    # -- helpers for the step ------------------------------------------------------------------
+
+    def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        data, encoder = self.config.data, self.config.model.encoder
+        return mean_std(encoder.in_chans, data.mean, data.std)
+
+    def on_device(self, batch: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """A loader batch `(images, labels, *noise)` on the device: images normalised there
+        when they arrive as uint8 (the tensor path) or still encoded (the device path)."""
+        images, _, *noise = batch
+        encoder = self.config.model.encoder
+        if isinstance(images, list):  # --data.decode device: still encoded
+            images = decode_batch(images, pair(encoder.img_size), encoder.in_chans, self.device)
+        else:
+            images = images.to(self.device, non_blocking=True)
+        images = normalise_on_device(images, *self.normalisation())
+        return images, tuple(n.to(self.device, non_blocking=True) for n in noise)
+
+    @staticmethod
+    def step_result(
+        normalisers: dict[str, torch.Tensor],
+        share: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        metrics: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    ) -> StepResult:
+        return StepResult(normalisers=normalisers, share=share, metrics=metrics)
+
+    def pictures(self, epoch: int) -> dict[str, Any]:
+        """The jigsaw of a few fixed images, drawn into output_dir/pictures (for TensorBoard)."""
+        data, encoder = self.config.data, self.config.model.encoder
+        mean, std = self.normalisation()
+        if self.picture_images is None:
+            images = picture_batch(
+                data.source, encoder.img_size, encoder.in_chans, PICTURES, mean, std
+            )
+            self.picture_images = images.to(self.device)
+        drawn = draw_pictures(
+            type(self), self.config.model, self.model, self.picture_images, mean, std,
+            self.config.run.seed,
+        )  # fmt: skip
+        if not drawn:
+            return {}
+        folder = Path(self.config.run.output_dir) / "pictures"
+        save_pictures(drawn, folder, f"epoch-{epoch + 1:04d}")
+        return {f"jigsaw/{i}": np.asarray(picture) for i, picture in enumerate(drawn)}
+
+
+def picture_noise(
+    method: type[PretrainingMethod], config: Any, count: int, seed: int, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """The masks of the pictures: the method's noise for `count` images, drawn from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = method.noise_lengths(config)
+    return tuple(torch.rand(count, n, generator=generator).to(device) for n in lengths)
+
+
+def draw_pictures(
+    method: type[PretrainingMethod],
+    config: Any,
+    model: nn.Module,
+    images: torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    seed: int,
+) -> list[Any]:
+    """One picture per image of the jigsaw `model` solves (none if the method solves none)."""
+    was_training = model.training
+    noise = picture_noise(method, config, len(images), seed, images.device)
+    view = method.jigsaw(model, images, noise)
+    model.train(was_training)
+    return [] if view is None else draw_jigsaw(images, view, mean, std)

@@ -1,0 +1,70 @@
+"""`droppos visualize`: pictures of the jigsaw a pre-training checkpoint solves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from droppos.data.transforms import mean_std
+from droppos.engine.distributed import resolve_device
+from droppos.interop.schema import load_object, normalisation_of
+from droppos.methods.base import draw_pictures
+from droppos.methods.registry import method_named, pretrained_model
+from droppos.visual.jigsaw import picture_batch, save_pictures
+
+DEFAULT_CHECKPOINT = "runs/pretrain/last.pth"
+
+
+@dataclass
+class VisualizeConfig:
+    """Pictures of the jigsaw a pre-training checkpoint solves (DropPos: the decoder is needed)."""
+
+    checkpoint: str = DEFAULT_CHECKPOINT
+    """A droppos pre-training checkpoint of a method that solves a jigsaw (DropPos)."""
+    source: str = "demo"
+    """Images to draw (the val split when the source has one)."""
+    images: int = 4
+    """How many images: one PNG each."""
+    output: str = "runs/visualize"
+    """Folder for the pictures."""
+    seed: int = 0
+    """Seed of the masks drawn for the pictures."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto = a GPU when there is one, else the CPU."""
+
+    def validate(self) -> None:
+        if self.images < 1:
+            raise ValueError(f"--images must be >= 1, got {self.images}")
+
+
+def visualize_checkpoint(
+    checkpoint: str | Path, source: str, count: int, output: str | Path, seed: int,
+    device: torch.device,
+) -> list[Path]:  # fmt: skip
+    """Pictures of `count` images of `source` for a pre-training checkpoint."""
+    content = load_object(checkpoint)
+    header, model = pretrained_model(content)
+    method = method_named(header.method)
+    if not method.draws_jigsaw():
+        raise ValueError(
+            f"{checkpoint} is a {header.method} checkpoint: there is no jigsaw to draw"
+        )
+    encoder = header.encoder
+    mean, std = mean_std(encoder.in_chans, *normalisation_of(content))
+    images = picture_batch(source, encoder.img_size, encoder.in_chans, count, mean, std)
+    config = method.config_from_plain(header.model_config)
+    pictures = draw_pictures(method, config, model.to(device), images.to(device), mean, std, seed)
+    return save_pictures(pictures, output, "jigsaw")
+
+
+def run(config: VisualizeConfig) -> str:
+    """The command: draw, and say where the pictures are."""
+    config.validate()
+    paths = visualize_checkpoint(
+        config.checkpoint, config.source, config.images, config.output, config.seed,
+        resolve_device(config.device),
+    )  # fmt: skip
+    return f"{len(paths)} pictures in {config.output}: {', '.join(p.name for p in paths)}"
