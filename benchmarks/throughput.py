@@ -103,14 +103,14 @@ def live_tensor_peaks(model, optimizer, forward_backward, device: torch.device) 
 
 
 def forward_phases(model, optimizer, images, noise, precision, device) -> dict[str, float]:
-    """One optimizer step of a DropPos model, timed phase by phase through its own forward: the
-    attentive weights (`weights_only`), the forward that reuses them (encoder, decoder, loss),
-    and backward with the optimizer step."""
+    """One optimizer step of a DropPos model, timed phase by phase through its own forward:
+    the attentive weights (`output="loss_weights"`), the forward that reuses them (encoder,
+    decoder, loss), and backward with the optimizer step."""
     times = {}
     masks = {"patch_noise": noise[0], "position_noise": noise[1]}
     with autocast(device, precision):
         weights, times["attentive_ms"] = timed(
-            device, lambda: model(images, **masks, weights_only=True)
+            device, lambda: model(images, **masks, output="loss_weights")
         )
         output, times["forward_ms"] = timed(
             device, lambda: model(images, **masks, token_weights=weights)

@@ -71,3 +71,17 @@ def test_data_benchmark_measures_decode_augment_and_loader_apart(tmp_path):
     assert all(r["images_per_second"] > 0 for r in result["rows"])
     assert result["pixel_difference"]["draft_vs_pil"] == 0  # 500 x 375: no reduction possible
     assert result["pixel_difference"]["decode"] == 0  # both decoders are libjpeg-turbo
+
+
+@pytest.mark.slow  # a benchmark smoke test: a minute on 2 cores
+def test_the_fsdp_memory_benchmark_measures_every_configuration(tmp_path):
+    out = tmp_path / "memory.json"
+    script = SCRIPT.with_name("fsdp_memory.py")
+    done = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["processes"] for r in rows] == [1, 2, 2, 2]
+    assert all(r["peak_mib_per_process"] > 100 for r in rows)

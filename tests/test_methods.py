@@ -11,7 +11,6 @@ from typing import Any, Literal
 import pytest
 import timm
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
@@ -29,6 +28,7 @@ from droppos.methods import (
 from droppos.models.encoder import EncoderConfig, ViTEncoder
 from droppos.objective.losses import patchify
 from droppos.objective.masking import gather_tokens, random_patch_mask
+from tests.helpers import write_split_images
 
 
 @dataclass
@@ -104,15 +104,8 @@ def toy_method():
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    generator = torch.Generator().manual_seed(0)
-    for split, count in (("train", 24), ("val", 8)):
-        for i in range(count):
-            folder = root / split / ("a" if i % 2 else "b")
-            folder.mkdir(parents=True, exist_ok=True)
-            pixels = (torch.rand(20, 20, 3, generator=generator) * 255).to(torch.uint8).numpy()
-            Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
+    """24 training and 8 validation images in two classes."""
+    return write_split_images(tmp_path_factory.mktemp("images"))
 
 
 def toy_args(output_dir, source, *extra):

@@ -1,5 +1,6 @@
 """Pre-training through the command line: one epoch, exact resume, DDP, configs, user errors."""
 
+import json
 import os
 import socket
 import subprocess
@@ -122,15 +123,17 @@ def test_an_interrupted_run_resumes_to_the_same_weights(
 
 def _first_step_gradients(rank, world_size, port, args, result_path):
     """Run the loop's first optimiser step (forward and backward of every micro-batch) and
-    save rank 0's gradients: with DDP these are already averaged over ranks."""
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    save rank 0's gradients: with DDP these are already averaged over ranks. One rank is a
+    plain process (no torchrun variables: nothing leaks into the other tests)."""
+    if world_size > 1:  # a spawned process, as torchrun would start it
+        os.environ.update(
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        torch.set_num_threads(1)
     parser = parser_for(args)
     loop = pretrain_module.pretraining_loop(to_config(parser, parser.parse_args(args), "pretrain"))
     set_epoch(loop.loader, 0)
@@ -188,17 +191,23 @@ def test_two_gloo_ranks_give_the_gradients_of_one_process_on_the_global_batch(
     assert_same_gradients(one, two)
 
 
-def test_torchrun_two_processes_complete(tmp_path, image_folder):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_torchrun_runs_complete_with_a_process_group_even_for_one_process(
+    tmp_path, image_folder, processes
+):
     out = tmp_path / "torchrun"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "droppos.cli.main", *tiny_args(out, image_folder, "--optim.epochs", "1"),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+        str(processes), "-m", "droppos.cli.main",
+        *tiny_args(out, image_folder, "--optim.epochs", "1"),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     epochs = read_metrics(out / "metrics.jsonl", "epoch")
     assert len(epochs) == 1  # rank 0 alone writes
-    assert load_object(out / "last.pth")["position"]["step"] == 3  # 24 / (2 x 4)
+    assert load_object(out / "last.pth")["position"]["step"] == 6 // processes  # 24 / (n x 4)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["strategy"], summary["processes"]) == ("ddp", processes)
 
 
 def parse(args):

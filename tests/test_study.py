@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "study.py"
@@ -43,6 +44,7 @@ def test_dense_proxy_scores_informative_features_above_noise():
     assert bad["dense_mae"] > 20 and bad["dense_miou"] < 60
 
 
+@pytest.mark.slow  # a benchmark smoke test: two minutes on 2 cores
 def test_smoke_study_writes_table_json_and_plots_then_resumes(tmp_path):
     """One pre-trained row and the raw-pixel floor, a few steps on the demo set; a second run
     skips every finished step and reports the same numbers."""

@@ -13,6 +13,8 @@ from droppos.data.sources import (
     FileListDataset,
     ImageFolderDataset,
     ImageSource,
+    Share,
+    alone,
     canonical_split,
     list_entries,
 )
@@ -30,12 +32,14 @@ def build_source(
     split: str = "train",
     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     decode: str = "pil",
+    share: Share = alone,
 ) -> ImageSource:
     """``source``: ``"demo"``; ``"fashion-mnist"`` or ``"fashion-mnist:DIR"``; a ``.txt`` file list
     (paths relative to the sibling folder named like the list, else to the list's folder); a
     folder of tar shards; or a directory. A directory with ``train/``/``val/`` sub-folders or
     ``train.txt``/``val.txt`` lists is split by ``split``; any other directory is used whole, as
-    an image folder. Raises ValueError with a one-line message on a bad source.
+    an image folder. Listings are made through `share` (rank 0 alone, under torchrun). Raises
+    ValueError with a one-line message on a bad source.
     """
     split = canonical_split(split)
     if source == "demo":
@@ -49,22 +53,22 @@ def build_source(
     if path.is_file():
         if path.suffix.lower() != ".txt":
             raise ValueError(f"data source {source!r} is not a .txt file list: {SOURCE_HELP}")
-        return _file_list(path, [path.with_suffix(""), path.parent], max_pixels, decode)
+        return _file_list(path, [path.with_suffix(""), path.parent], max_pixels, decode, share)
     if not path.is_dir():
         raise ValueError(f"data source {source!r} does not exist: {SOURCE_HELP}")
     if any(path.glob("*.tar")):  # WebDataset-style shards (droppos write-shards)
         shards = shard_paths(path, split)
         if not shards:
             raise ValueError(f"data source {source!r} has no {split}-*.tar shards")
-        return ShardDataset(shards, max_pixels, decode)
+        return ShardDataset(shards, max_pixels, decode, share)
     if not has_splits(path):
-        return ImageFolderDataset(path, max_pixels, decode)
+        return ImageFolderDataset(path, max_pixels, decode, share)
     if (path / f"{split}.txt").is_file():
-        return _file_list(path / f"{split}.txt", [path / split, path], max_pixels, decode)
+        return _file_list(path / f"{split}.txt", [path / split, path], max_pixels, decode, share)
     if (path / split).is_dir():
-        return ImageFolderDataset(path / split, max_pixels, decode)
+        return ImageFolderDataset(path / split, max_pixels, decode, share)
     if split == "val" and (path / "test").is_dir():
-        return ImageFolderDataset(path / "test", max_pixels, decode)
+        return ImageFolderDataset(path / "test", max_pixels, decode, share)
     raise ValueError(
         f"data source {source!r} is split into train/val but has no '{split}/' folder "
         f"or '{split}.txt' list"
@@ -92,6 +96,7 @@ def _file_list(
     candidate_roots: list[Path],
     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     decode: str = "pil",
+    share: Share = alone,
 ) -> FileListDataset:
     """The original code reads ``DATA/train.txt`` relative to ``DATA/train``; fall back to the
     list's own folder when the listed paths resolve there instead."""
@@ -99,6 +104,6 @@ def _file_list(
     if first is not None:
         for root in candidate_roots:
             if (root / first).is_file():
-                return FileListDataset(root, list_file, max_pixels, decode)
+                return FileListDataset(root, list_file, max_pixels, decode, share)
     # raises a message naming the path
-    return FileListDataset(candidate_roots[-1], list_file, max_pixels, decode)
+    return FileListDataset(candidate_roots[-1], list_file, max_pixels, decode, share)

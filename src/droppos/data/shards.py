@@ -17,6 +17,7 @@ import io
 import json
 import os
 import tarfile
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from droppos.data.decode import (
     describe_decode_error,
     read_image,
 )
-from droppos.data.sources import ImageSource
+from droppos.data.sources import ImageSource, Share, alone
 
 INDEX_SUFFIX = ".idx.json"
 CLASSES_FILE = "classes.txt"
@@ -54,7 +55,8 @@ def index_shard(path: Path) -> list[dict[str, Any]]:
     than the shard, else by walking the tar headers once (data is skipped, not read)."""
     cache = path.with_name(path.name + INDEX_SUFFIX)
     if cache.is_file() and cache.stat().st_mtime >= path.stat().st_mtime:
-        return json.loads(cache.read_text())
+        with contextlib.suppress(ValueError, OSError):  # unreadable: index the shard again
+            return json.loads(cache.read_text())
     images: dict[str, tuple[int, int]] = {}
     labels: dict[str, int] = {}
     with tarfile.open(path, "r:") as tar:
@@ -71,8 +73,21 @@ def index_shard(path: Path) -> list[dict[str, Any]]:
         for key, (offset, size) in images.items()
     ]
     with contextlib.suppress(OSError):  # a read-only data set: index again next time
-        cache.write_text(json.dumps(entries))
+        write_atomically(cache, json.dumps(entries))
     return entries
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write beside `path`, then rename over it: a reader (another rank) sees the old file or
+    the whole new one, never half of it."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 class ShardDataset(ImageSource):
@@ -86,6 +101,7 @@ class ShardDataset(ImageSource):
         shards: Sequence[str | Path],
         max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         decode: str = "pil",
+        share: Share = alone,
     ) -> None:
         if not shards:
             raise ValueError("no tar shards found")
@@ -95,8 +111,9 @@ class ShardDataset(ImageSource):
         self.origin = " ".join(str(s.resolve()) for s in self.shards)
         # (shard number, offset, size, label, key) of every sample
         self.members: list[tuple[int, int, int, int, str]] = []
-        for number, path in enumerate(self.shards):
-            for entry in index_shard(path):
+        indexes = share(lambda: [index_shard(path) for path in self.shards])
+        for number, index in enumerate(indexes):
+            for entry in index:
                 self.members.append(
                     (number, entry["offset"], entry["size"], entry["label"], entry["key"])
                 )

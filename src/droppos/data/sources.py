@@ -15,9 +15,10 @@ import functools
 import gzip
 import io
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -75,6 +76,16 @@ class ImageSource(Dataset):
         raise NotImplementedError
 
 
+Share = Callable[[Callable[[], Any]], Any]
+"""How a listing is made: `alone` computes it here; under torchrun, rank 0 computes it once
+and every rank receives it (`engine/collectives.py:computed_by_rank0`), so a folder of a
+million images is walked once, not by every rank of every node."""
+
+
+def alone(compute: Callable[[], Any]) -> Any:
+    return compute()
+
+
 class _FileSource(ImageSource):
     """Images that are files on disk: `samples` = [(path, label)], decoded as asked."""
 
@@ -119,30 +130,35 @@ class ImageFolderDataset(_FileSource):
         root: str | os.PathLike[str],
         max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         decode: str = "pil",
+        share: Share = alone,
     ) -> None:
         super().__init__(root, max_pixels, decode)
         if not self.root.is_dir():
             raise ValueError(f"image folder {str(self.root)!r} is not a directory")
         self.origin = str(self.root.resolve())
-        self.classes = None
-        self.samples = []
-        subdirs = _visible_subdirs(self.root)
-        if subdirs:
-            classes = [d.name for d in subdirs]
-            # torchvision's walker, but with hidden folders (.ipynb_checkpoints...) left out.
-            self.samples = make_dataset(
-                str(self.root),
-                {c: i for i, c in enumerate(classes)},
-                extensions=IMG_EXTENSIONS,
-                allow_empty=True,
-            )
-            if self.samples:
-                self.classes = classes
-        if not self.samples:  # no class folders, or only image-less ones: flat
-            self.samples = [(str(p), -1) for p in sorted(self.root.iterdir()) if _is_image(p)]
+        classes, samples = share(lambda: list_folder(self.root))
+        self.classes = classes
+        self.samples = [(path, label) for path, label in samples]
         self.num_classes = len(self.classes) if self.classes else 0
-        if not self.samples:
-            raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) found in {str(self.root)!r}")
+
+
+def list_folder(root: Path) -> tuple[list[str] | None, list[tuple[str, int]]]:
+    """(class names or None, [(path, label)]) of an image folder (see ImageFolderDataset)."""
+    subdirs = _visible_subdirs(root)
+    if subdirs:
+        classes = [d.name for d in subdirs]
+        # torchvision's walker, but with hidden folders (.ipynb_checkpoints...) left out.
+        samples = make_dataset(
+            str(root), {c: i for i, c in enumerate(classes)}, extensions=IMG_EXTENSIONS,
+            allow_empty=True,
+        )  # fmt: skip
+        if samples:
+            return classes, samples
+    # no class folders, or only image-less ones: flat
+    samples = [(str(p), -1) for p in sorted(root.iterdir()) if _is_image(p)]
+    if not samples:
+        raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) found in {str(root)!r}")
+    return None, samples
 
 
 class FileListDataset(_FileSource):
@@ -159,13 +175,14 @@ class FileListDataset(_FileSource):
         list_file: str | os.PathLike[str],
         max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         decode: str = "pil",
+        share: Share = alone,
     ) -> None:
         super().__init__(root, max_pixels, decode)
         self.list_file = Path(list_file).expanduser()
         if not self.list_file.is_file():
             raise ValueError(f"file list {str(self.list_file)!r} not found")
         self.origin = f"{self.list_file.resolve()} in {self.root.resolve()}"
-        entries = _parse_file_list(self.list_file)
+        entries = share(lambda: _parse_file_list(self.list_file))
         if not entries:
             raise ValueError(f"file list {str(self.list_file)!r} has no entries")
         first = self.root / entries[0][0]

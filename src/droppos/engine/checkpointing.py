@@ -8,14 +8,18 @@ save the non-finite watch is read (one device value), so no file ever holds a di
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from droppos.engine.collectives import from_rank0
 from droppos.engine.guards import NonFiniteWatch, RunStopped
-from droppos.interop.schema import Progress, TrainingCheckpoint, save_atomic
+from droppos.interop import sharded
+from droppos.interop.schema import Progress, TrainingCheckpoint, load_object, save_atomic
 
 LAST = "last.pth"
+SHARDS = re.compile(r"shards-step\d{8}-(\d{3,})")
 
 
 def find_resume(output_dir: str | Path, resume: str | None) -> Path | None:
@@ -115,14 +119,56 @@ def check_resume(
 
 class Checkpointer:
     """Writes a run's checkpoints into its output folder (from the main process) and knows the
-    last good one, which every stop message names."""
+    last good one, which every stop message names.
 
-    def __init__(self, output_dir: str | Path, is_main: bool, nonfinite: NonFiniteWatch) -> None:
+    A sharded run's tensors go to a new `shards-stepSSSSSSSS-NNN/` folder at every save
+    (written by every rank, renamed into place when complete); `last.pth`, written after it,
+    names it. A folder no checkpoint names any more is removed, so a kill at any moment leaves
+    the last complete checkpoint readable.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        is_main: bool,
+        nonfinite: NonFiniteWatch,
+        sharded: bool = False,
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.is_main = is_main
         self.nonfinite = nonfinite
+        self.sharded = sharded
         self.last_saved_step: int | None = None
         self.resumed_from: Path | None = None
+        self._next_shards: int | None = None
+
+    def new_shards_folder(self, step: int) -> Path:
+        """A folder name no save of this output folder used before (the same on every rank)."""
+        if not self.sharded:
+            return self.output_dir
+        if self._next_shards is None:
+            used = [int(m.group(1)) for m in map(SHARDS.search, self._names()) if m]
+            self._next_shards = from_rank0(1 + max(used, default=0))
+        name = f"shards-step{step:08d}-{self._next_shards:03d}"
+        self._next_shards += 1
+        return self.output_dir / name
+
+    def _names(self) -> list[str]:
+        return [p.name for p in self.output_dir.iterdir()] if self.output_dir.is_dir() else []
+
+    def remove_unnamed_shards(self) -> None:
+        """Delete the shards folders that no checkpoint in the output folder names."""
+        named = set()
+        for path in self.output_dir.glob("*.pth"):
+            try:
+                shards = load_object(path, whole=False).get("shards")
+            except (OSError, ValueError):
+                continue
+            if isinstance(shards, str):
+                named.add(shards)
+        for name in self._names():
+            if SHARDS.fullmatch(name) and name not in named:
+                sharded.remove(self.output_dir / name)
 
     def save(
         self,
@@ -147,6 +193,8 @@ class Checkpointer:
                         f"{self.last_checkpoint_note()}; free space and run the same command "
                         "to resume"
                     ) from None
+            if self.sharded:
+                self.remove_unnamed_shards()
         self.last_saved_step = checkpoint.progress.step
 
     def last_checkpoint_note(self) -> str:

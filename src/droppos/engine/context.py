@@ -45,14 +45,13 @@ class RunContext:
             print(line, file=sys.stdout, flush=True)
 
 
-def start(run: RunSection, seed_per_rank: bool = False) -> RunContext:
+def start(run: RunSection) -> RunContext:
     """Join the process group if torchrun started us, pick the device and the precision, and seed
-    torch: with `seed + rank` when ranks must draw differently (pre-training initialises on
-    every rank and DDP then broadcasts rank 0's weights), else the same seed everywhere (a new
-    classifier head, a random backbone: identical on every rank)."""
+    torch with the same seed on every rank: every rank initialises the same model (FSDP keeps
+    each rank's own shard of it; nothing is broadcast)."""
     env = init_distributed(run.device)
     precision = resolve_precision(run.precision, env.device)
-    torch.manual_seed(run.seed + (env.rank if seed_per_rank else 0))
+    torch.manual_seed(run.seed)
     return RunContext(
         env=env, precision=precision, progress=show_progress(run.progress, env.is_main)
     )

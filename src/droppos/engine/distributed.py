@@ -1,16 +1,21 @@
-"""torchrun-launched DDP: NCCL on CUDA, gloo on CPU; a no-op for one process.
+"""Joining the process group that torchrun describes: NCCL on CUDA, gloo on CPU.
 
-No launcher of our own: `torchrun` sets RANK / WORLD_SIZE / LOCAL_RANK (and the rendezvous for
-multi-node runs), and this module only reads them.
+No launcher of our own: `torchrun` (or Slurm's `srun` through it) sets RANK / WORLD_SIZE /
+LOCAL_RANK and the rendezvous, and this module only reads them. Started by torchrun, a process
+joins the group even when it is the only one, so a one-GPU torchrun run talks NCCL like a
+thousand-GPU one. The collectives themselves are in `engine/collectives.py`.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 @dataclass(frozen=True)
@@ -19,6 +24,10 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
+    launched: bool = False
+    """Started by torchrun: a process group exists (even for one process)."""
+    run_id: str | None = None
+    """The job's id, the same in every restart of it (torchrun's, else Slurm's)."""
 
     @property
     def is_main(self) -> bool:
@@ -44,49 +53,39 @@ def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.devic
     raise ValueError(f"device must be auto, cpu or cuda, got {preference!r}")
 
 
+def launched_by_torchrun() -> bool:
+    return all(name in os.environ for name in TORCHRUN_VARIABLES)
+
+
+def job_id() -> str | None:
+    """What stays the same when a launcher restarts the whole job: torchrun's run id (its
+    `--rdzv-id`), else Slurm's job id."""
+    for name in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):
+        value = os.environ.get(name)
+        if value and value != "none":
+            return f"{name.lower()}:{value}"
+    return None
+
+
 def init_distributed(device_preference: str = "auto") -> DistEnv:
     """Join the process group when started by torchrun; otherwise a single process."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    launched = launched_by_torchrun()
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if launched else 1
+    rank = int(os.environ.get("RANK", "0")) if launched else 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if launched else 0
     device = resolve_device(device_preference, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
+    if launched and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+        dist.init_process_group(
+            backend=backend,
+            device_id=device if backend == "nccl" else None,
+            timeout=timedelta(minutes=30),
+        )
+    return DistEnv(rank, world_size, local_rank, device, launched, job_id())
 
 
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def world_and_rank() -> tuple[int, int]:
-    """(world size, rank) of the initialised process group, else (1, 0)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-def sum_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each tensor summed over ranks, in one collective; the identity for one process."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return values
-    names = list(values)
-    tensors = [torch.as_tensor(values[n]) for n in names]
-    flat = torch.cat([t.double().reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    parts = flat.split([t.numel() for t in tensors])
-    return {n: p.reshape(t.shape).to(t.dtype) for n, p, t in zip(names, parts, tensors)}
-
-
-def gather_interleaved(shard: torch.Tensor, total: int, world: int) -> torch.Tensor:
-    """Rank r's row i is sample i * world + r: all-gather padded shards, re-interleave, trim."""
-    rows = -(-total // world)
-    padded = shard.new_zeros((rows, *shard.shape[1:]))
-    padded[: len(shard)] = shard
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.stack(parts, dim=1).flatten(0, 1)[:total]

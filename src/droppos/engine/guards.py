@@ -7,11 +7,13 @@ logging steps and before every save, so no checkpoint ever holds a non-finite we
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,7 +21,8 @@ from typing import Any
 
 import torch
 
-from droppos.engine.distributed import DistEnv, sum_over_ranks
+from droppos.engine.collectives import sum_over_ranks
+from droppos.engine.distributed import DistEnv
 
 LOCK = ".droppos.lock"
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
@@ -102,80 +105,177 @@ class BadImageBudget:
 
 
 def agreed_flags(flags: dict[str, float], env: DistEnv) -> dict[str, float]:
-    """Host-side flags summed over ranks (one collective, on the device), so every rank decides
+    """Host-side flags summed over ranks (one collective and one read), so every rank decides
     the same; the flags themselves for one process."""
     if not env.distributed:
         return flags
-    on_device = {k: torch.tensor(v, device=env.device) for k, v in flags.items()}
-    return {k: float(v) for k, v in sum_over_ranks(on_device).items()}
+    return {k: float(v) for k, v in sum_over_ranks(flags).items()}
+
+
+class StepFlags:
+    """Host-side flags of every rank (a stop signal, a bad-image count), agreed at every
+    optimiser step without a collective of their own: they ride in the all-reduce of the
+    step's loss normalisers, and come back through pinned memory. Reading them waits for that
+    all-reduce of the current step only, never for the queue to drain: the step's backward and
+    optimiser are already queued behind it."""
+
+    PREFIX = "flag:"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._names: list[str] = []
+        self._host: torch.Tensor | None = None
+        self._event: torch.cuda.Event | None = None
+
+    def outgoing(self, flags: dict[str, float]) -> dict[str, torch.Tensor]:
+        """Entries to add to the step's normaliser all-reduce (filled on the device: no copy)."""
+        self._names = list(flags)
+        return {
+            f"{self.PREFIX}{k}": torch.full((), float(v), device=self.device, dtype=torch.float64)
+            for k, v in flags.items()
+        }
+
+    def arrived(self, reduced: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Take the flags out of the reduced normalisers (returned without them) and start
+        their copy to the host."""
+        flags = torch.stack([reduced.pop(f"{self.PREFIX}{k}") for k in self._names])
+        if self.device.type == "cuda":
+            self._host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            self._host.copy_(flags, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = flags
+        return reduced
+
+    def read(self) -> dict[str, float] | None:
+        """This step's agreed flags, or None when the step carried none."""
+        if self._host is None:
+            return None
+        if self._event is not None:
+            self._event.synchronize()
+        values, self._host, self._event = self._host.tolist(), None, None
+        return dict(zip(self._names, values))
 
 
 class RunLock:
-    """`output_dir/.droppos.lock`, holding the owner's host and pid: one run per folder.
+    """`output_dir/.droppos.lock`: one run per folder.
 
-    A lock whose process is gone (same host, dead pid) is stale: it is taken over, with a
-    warning. Created with O_EXCL, so two runs starting together cannot both get it.
+    It records its owner (host, pid, the job's run id when a launcher gives one) and a
+    heartbeat that a background thread renews every `HEARTBEAT` seconds. Another run is refused
+    while the lock is alive. It is taken over (with a warning) when its process is gone (same
+    host, dead pid), when it belongs to this very job (a restart of the whole job by torchrun or
+    Slurm, which keeps the run id, perhaps on other hosts), or when its heartbeat stopped for
+    `STALE_AFTER` seconds (a host that died). The lock is created with its content in one step
+    (a hard link of a complete file), so two runs starting together cannot both get it.
     """
 
-    def __init__(self, folder: str | Path) -> None:
+    HEARTBEAT = 60.0
+    STALE_AFTER = 600.0
+
+    def __init__(self, folder: str | Path, run_id: str | None = None) -> None:
         self.path = Path(folder) / LOCK
+        self.run_id = run_id
         self.held = False
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def _content(self) -> dict[str, Any]:
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "run_id": self.run_id,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "heartbeat": time.time(),
+        }
+
+    def _write_temporary(self, content: dict[str, Any]) -> Path:
+        handle, name = tempfile.mkstemp(prefix=f"{LOCK}.", suffix=".tmp", dir=self.path.parent)
+        with os.fdopen(handle, "w") as stream:
+            json.dump(content, stream)
+        return Path(name)
 
     def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
+        content = self._content()
+        for _ in range(3):
+            temporary = self._write_temporary(content)
             try:
-                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(temporary, self.path)  # fails if the lock exists: atomic, and complete
             except FileExistsError:
                 owner = self._owner()
-                if owner is not None and not _is_stale(owner):
+                why = self._stale(owner)
+                if why is None:
                     raise ValueError(
                         f"another run (host {owner.get('host')}, pid {owner.get('pid')}, started "
                         f"{owner.get('started')}) is using {self.path.parent}; wait for it to "
                         "end, or choose another --run.output_dir"
                     ) from None
-                print(
-                    f"warning: taking over the stale lock {self.path} "
-                    f"(process {owner.get('pid') if owner else '?'} is gone)",
-                    file=sys.stderr,
-                )
-                self.path.unlink(missing_ok=True)
+                print(f"warning: taking over the stale lock {self.path} ({why})", file=sys.stderr)
+                self._claim_stale()
                 continue
-            with os.fdopen(handle, "w") as stream:
-                json.dump(
-                    {
-                        "host": socket.gethostname(),
-                        "pid": os.getpid(),
-                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    },
-                    stream,
-                )
+            finally:
+                temporary.unlink(missing_ok=True)
             self.held = True
+            self._start_heartbeat(content)
             return self
         raise ValueError(f"cannot take the lock {self.path}; remove it if no run uses the folder")
 
+    def _claim_stale(self) -> None:
+        """Move the stale lock aside (only one of two claimants can), then delete it."""
+        aside = self.path.with_name(f"{LOCK}.stale-{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self.path, aside)
+            aside.unlink(missing_ok=True)
+
+    def _start_heartbeat(self, content: dict[str, Any]) -> None:
+        def beat() -> None:
+            while not self._stop.wait(self.HEARTBEAT):
+                with contextlib.suppress(OSError):
+                    temporary = self._write_temporary({**content, "heartbeat": time.time()})
+                    os.replace(temporary, self.path)
+
+        self._beat = threading.Thread(target=beat, name="droppos-lock-heartbeat", daemon=True)
+        self._beat.start()
+
     def release(self) -> None:
         if self.held:
+            self._stop.set()
+            if self._beat is not None:
+                self._beat.join(timeout=5)
             self.path.unlink(missing_ok=True)
             self.held = False
 
-    def _owner(self) -> dict[str, Any] | None:
+    def _owner(self) -> dict[str, Any]:
         try:
-            return json.loads(self.path.read_text())
+            found = json.loads(self.path.read_text())
         except (OSError, ValueError):
-            return None  # half-written by a process killed while creating it: stale
+            return {}
+        return found if isinstance(found, dict) else {}
+
+    def _stale(self, owner: dict[str, Any]) -> str | None:
+        """Why the lock `owner` holds may be taken over, or None while it is alive."""
+        if self.run_id is not None and owner.get("run_id") == self.run_id:
+            return f"a restart of this job, {self.run_id}"
+        beat = owner.get("heartbeat")
+        if not isinstance(beat, int | float):  # unreadable or from an older droppos: its age
+            with contextlib.suppress(OSError):
+                beat = self.path.stat().st_mtime
+        if isinstance(beat, int | float) and time.time() - beat > self.STALE_AFTER:
+            return f"no heartbeat for {time.time() - beat:.0f} s"
+        if owner.get("host") == socket.gethostname() and _process_gone(owner.get("pid")):
+            return f"process {owner.get('pid')} is gone"
+        return None
 
 
-def _is_stale(owner: dict[str, Any]) -> bool:
-    if owner.get("host") != socket.gethostname():
-        return False  # another machine's process: cannot tell, so respect it
-    if owner.get("pid") == os.getpid():
+def _process_gone(pid: Any) -> bool:
+    if pid == os.getpid():
         return True  # left by an earlier run of this very process that was never closed
     try:
-        os.kill(int(owner["pid"]), 0)
+        os.kill(int(pid), 0)
     except ProcessLookupError:
         return True
-    except (PermissionError, KeyError, TypeError, ValueError):
+    except (PermissionError, TypeError, ValueError, OverflowError):
         return False
     return False
 

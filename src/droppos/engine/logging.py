@@ -13,7 +13,8 @@ from typing import Any
 import torch
 import yaml
 
-from droppos.engine.distributed import DistEnv, sum_over_ranks
+from droppos.engine.collectives import sum_over_ranks
+from droppos.engine.distributed import DistEnv
 
 Sums = dict[str, tuple[torch.Tensor, torch.Tensor]]
 

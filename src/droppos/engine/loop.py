@@ -37,13 +37,15 @@ from tqdm import tqdm
 from droppos._version import PACKAGE
 from droppos.data.loader import build_loader, set_epoch
 from droppos.engine.checkpointing import LAST, Checkpointer, check_resume, find_resume
+from droppos.engine.collectives import sum_over_ranks
 from droppos.engine.context import RunContext
-from droppos.engine.distributed import DistEnv, sum_over_ranks
+from droppos.engine.distributed import DistEnv
 from droppos.engine.guards import (
     BadImageBudget,
     NonFiniteWatch,
     RunLock,
     RunStopped,
+    StepFlags,
     StopSignals,
     agreed_flags,
     finite_step,
@@ -151,6 +153,10 @@ class TrainLoop:
     signals: StopSignals = field(default_factory=StopSignals)
     skipped_in_a_row: int = 0
     bad_images_at_epoch_start: int = 0
+    step_flags: StepFlags = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.step_flags = StepFlags(self.env.device)
 
     def close(self) -> None:
         """Release the output folder (every command calls it however the run ended)."""
@@ -189,35 +195,37 @@ class TrainLoop:
         }
 
     def checkpoint(self) -> TrainingCheckpoint:
-        model = self.method.model
+        """The run's state now (a sharding strategy writes its shards here, on every rank)."""
+        folder = self.checkpointer.new_shards_folder(self.progress.step)
+        model, optimizer, shards = self.strategy.state(self.method.model, self.optimizer, folder)
         return TrainingCheckpoint(
             header=self.method.describe(),
-            model=self.strategy.model_state(model),
-            optimizer=self.strategy.optimizer_state(model, self.optimizer),
+            model=model,
+            optimizer=optimizer,
             scaler=self.scaler.state_dict(),
             progress=Progress(**asdict(self.progress)),
             geometry=self.geometry(),
             config=self.config,
             method_state=self.method.state_dict(),
+            shards=shards,
         )
 
     def save(self, extra: dict[str, dict[str, Any]] | None = None, keep: bool = False) -> None:
         """Write last.pth (and a kept copy or extra files), never with a non-finite weight."""
         keep_as = f"checkpoint-{self.progress.epoch:04d}.pth" if keep else None
+        self.checkpointer.check_finite()  # before any tensor is written, shards included
         self.checkpointer.save(self.checkpoint(), keep_as, extra)
 
     def restore(self, path: Path) -> None:
-        saved = TrainingCheckpoint.read(path)
+        saved = TrainingCheckpoint.read(path, whole=not self.strategy.sharded)
         progress, notes = check_resume(
             path, saved, self.config, self.geometry(), self.method.split_invariant
         )
-        model = self.method.model
         try:
-            self.strategy.load_model_state(model, saved.model)
-            self.strategy.load_optimizer_state(model, self.optimizer, saved.optimizer)
+            self.strategy.restore(self.method.model, self.optimizer, saved)
             self.scaler.load_state_dict(saved.scaler)
             self.method.load_state_dict(saved.method_state)
-        except (KeyError, RuntimeError, ValueError) as error:
+        except (KeyError, RuntimeError, ValueError, AssertionError) as error:
             raise ValueError(
                 f"--run.resume: {path} does not fit this run ({str(error).splitlines()[0][:200]}); "
                 "pick another --run.output_dir or set --run.resume null"
@@ -244,19 +252,28 @@ class TrainLoop:
         finally:
             writer.close()
         summary["wall_seconds"] = round(time.perf_counter() - started, 2)
+        summary["strategy"] = self.strategy.name
+        summary["processes"] = self.env.world_size
         if self.env.is_main:
             write_json(self.output_dir / "summary.json", summary)
         return summary
 
+    def local_flags(self) -> dict[str, float]:
+        """What this process has seen since the epoch began: a stop signal, unreadable images."""
+        bad = replaced_images(self.loader.dataset) - self.bad_images_at_epoch_start
+        return {"signal": float(self.signals.received is not None), "bad": float(bad)}
+
     def poll(self, full: bool) -> None:
         """Act on what may have happened since the last step: a stop signal, too many bad
-        images, a non-finite step. Ranks decide together, at logging steps (`full`); a single
-        process looks at the host-side flags after every step."""
+        images, a non-finite step. Ranks decide together: after every step on the flags the
+        step's all-reduce carried (`StepFlags`), and at logging steps (`full`) on a fresh
+        agreement, with the non-finite check; a single process looks at its own flags."""
         if self.env.distributed and not full:
-            return
-        bad = replaced_images(self.loader.dataset) - self.bad_images_at_epoch_start
-        flags = {"signal": float(self.signals.received is not None), "bad": float(bad)}
-        flags = agreed_flags(flags, self.env)
+            flags = self.step_flags.read()
+            if flags is None:
+                return
+        else:
+            flags = agreed_flags(self.local_flags(), self.env)
         if full:
             self.checkpointer.check_finite()
         epoch_images = self.steps_per_epoch * self.optim.accum_steps * self.optim.batch_size
@@ -296,7 +313,8 @@ class TrainLoop:
                 self.optimizer,
                 lr_at_step(pos.step, total_steps, warmup_steps, self.peak_lr, self.optim.min_lr),
             )
-            loss, metrics, images = self.accumulate(micro_batches)
+            flags = self.local_flags() if self.env.distributed else None
+            loss, metrics, images = self.accumulate(micro_batches, flags)
             grad_norm, applied = self.optimizer_step(loss)
             pos.step += 1
             pos.batch += accum
@@ -332,11 +350,12 @@ class TrainLoop:
         metrics: dict[str, Any] = epoch_sums.means()
         metrics["lr"] = max(g["lr"] for g in self.optimizer.param_groups)
         bad = replaced_images(self.loader.dataset) - self.bad_images_at_epoch_start
-        metrics["bad_images"] = int(sum_over_ranks({"n": torch.tensor(bad)})["n"])
+        metrics["bad_images"] = int(sum_over_ranks({"n": float(bad)})["n"])
         if epoch_sums.skipped:
             metrics["skipped_steps"] = epoch_sums.skipped
         pos.epoch, pos.batch = pos.epoch + 1, 0
         extra = self.method.end_epoch(self.engine_model, pos.epoch - 1, metrics)
+        self.strategy.settle(self.method.model)
         metrics.update(extra.get("metrics", {}))
         writer.write("epoch", pos.step, {"epoch": pos.epoch, **metrics})
         for tag, picture in extra.get("images", {}).items():
@@ -369,11 +388,20 @@ class TrainLoop:
                 yield group
                 group, remaining = [], remaining - 1
 
-    def accumulate(self, micro_batches: list[Any]) -> tuple[torch.Tensor, Sums, int]:
-        """Forward and backward every micro-batch of one step, with global normalisers."""
+    def accumulate(
+        self, micro_batches: list[Any], flags: dict[str, float] | None = None
+    ) -> tuple[torch.Tensor, Sums, int]:
+        """Forward and backward every micro-batch of one step, with global normalisers (their
+        all-reduce also carries the ranks' `flags`, read back by `poll`)."""
         method, device, model = self.method, self.env.device, self.engine_model
         last = len(micro_batches) - 1
         caches: list[Any] = [None] * len(micro_batches)
+        riding = self.step_flags.outgoing(flags) if flags is not None else {}
+
+        def reduce(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            reduced = sum_over_ranks({**local, **riding})
+            return self.step_flags.arrived(reduced) if riding else reduced
+
         normalisers: dict[str, torch.Tensor] | None = None
         if last > 0:  # every denominator of the step is needed before the first backward
             local: dict[str, torch.Tensor] = {}
@@ -382,7 +410,7 @@ class TrainLoop:
                     caches[j], sums = method.ahead(model, batch)
                 for name, value in sums.items():
                     local[name] = local.get(name, 0) + value.float()
-            normalisers = sum_over_ranks(local)
+            normalisers = reduce(local)
         loss = torch.zeros((), device=device)
         metrics: Sums = {}
         images = 0
@@ -392,7 +420,7 @@ class TrainLoop:
                 with autocast(device, self.precision):
                     result = method.forward(model, batch, caches[j])
                 if normalisers is None:
-                    normalisers = sum_over_ranks(result.normalisers)
+                    normalisers = reduce(result.normalisers)
                 share = result.share(normalisers)
                 self.scaler.scale(share * self.strategy.loss_scale).backward()
             loss = loss + share.detach().float()
@@ -432,6 +460,15 @@ class TrainLoop:
         return grad_norm, True
 
 
+def checkpoint_activations(model: nn.Module) -> None:
+    """Recompute the encoder blocks' activations in backward instead of keeping them (timm's
+    `set_grad_checkpointing`, which droppos's encoder and timm's ViT both have)."""
+    enable = getattr(model, "set_grad_checkpointing", None)
+    if enable is None:
+        raise ValueError(f"--run.activation_checkpointing: {type(model).__name__} cannot do it")
+    enable(True)
+
+
 def batch_size(batch: Any) -> int:
     first = batch[0] if isinstance(batch, list | tuple) else batch
     return len(first) if isinstance(first, list) else int(first.shape[0])
@@ -467,8 +504,11 @@ def build_loop(
         collate_fn=collate_fn,
     )
     steps_per_epoch = optimizer_steps_per_epoch(len(loader), optim.batch_size, optim.accum_steps)
-    optimizer, peak_lr = adamw_for_run(method.model, optim, env.world_size)
-    strategy = strategy_for(env)
+    strategy = strategy_for(env, run_options.strategy, context.precision)
+    if run_options.activation_checkpointing:
+        checkpoint_activations(method.model)
+    engine_model = strategy.wrap(method.model, run_options.compile)  # FSDP swaps parameters:
+    optimizer, peak_lr = adamw_for_run(method.model, optim, env.world_size)  # optimiser after
     loop = TrainLoop(
         method=method,
         context=context,
@@ -478,16 +518,20 @@ def build_loop(
         data=data,
         config=asdict(config),
         loader=loader,
-        engine_model=strategy.wrap(method.model, run_options.compile),
+        engine_model=engine_model,
         optimizer=optimizer,
         scaler=grad_scaler(env.device, context.precision),
         peak_lr=peak_lr,
         steps_per_epoch=steps_per_epoch,
-        checkpointer=Checkpointer(run_options.output_dir, env.is_main, NonFiniteWatch(env.device)),
+        checkpointer=Checkpointer(
+            run_options.output_dir, env.is_main, NonFiniteWatch(env.device), strategy.sharded
+        ),
     )
     if env.is_main:  # one run per output folder; its interrupted saves are ours to clean
-        loop.lock = RunLock(run_options.output_dir).acquire()
+        loop.lock = RunLock(run_options.output_dir, env.run_id).acquire()
         remove_temporary_files(run_options.output_dir)
+        if strategy.sharded:
+            loop.checkpointer.remove_unnamed_shards()
     try:
         resume = find_resume(run_options.output_dir, run_options.resume)
         if resume is not None:
@@ -524,7 +568,8 @@ def train_command(
             resumed = f"; resuming at epoch {loop.progress.epoch + 1}, step {loop.progress.step}"
         env = loop.env
         context.say(
-            f"{what} ({env.world_size} process(es), {env.device}, {loop.precision}); "
+            f"{what} ({env.world_size} process(es), {env.device}, {loop.precision}, "
+            f"{loop.strategy.name}); "
             f"outputs in {out}{resumed}"
         )
         for note in loop.notes:

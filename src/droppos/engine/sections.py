@@ -140,6 +140,13 @@ class TrainRunSection(RunSection):
     """Folder for this run's outputs (config, metrics, checkpoints)."""
     compile: bool = False
     """torch.compile the model (pays off on GPUs for long runs)."""
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    """How torchrun's processes share the model: ddp (a full replica each; auto's choice under
+    torchrun), fsdp (parameters, gradients and optimiser state sharded: for models one GPU
+    cannot hold). auto without torchrun: one process."""
+    activation_checkpointing: bool = False
+    """Recompute the encoder blocks' activations in backward instead of keeping them (less
+    memory, about a third more compute)."""
     resume: str | None = "auto"
     """auto (continue from output_dir/last.pth if present), a checkpoint path, or null."""
     save_every_steps: int = 0

@@ -14,6 +14,7 @@ from droppos.data.catalog import build_source
 from droppos.data.loader import build_loader
 from droppos.data.pipeline import AugmentedDataset
 from droppos.data.transforms import eval_transform
+from droppos.engine.collectives import computed_by_rank0
 from droppos.engine.context import RunContext
 from droppos.engine.sections import DataSection, RunSection, Sections
 from droppos.interop.backbone import Backbone
@@ -58,8 +59,8 @@ class LabelledSplits:
 def labelled_splits(data: DataSection) -> LabelledSplits:
     """Both splits of `data.source` (the kinds pre-training reads); ValueError without labels."""
     source = data.source
-    train = build_source(source, "train", data.max_image_pixels)
-    val = build_source(source, "val", data.max_image_pixels)
+    train = build_source(source, "train", data.max_image_pixels, share=computed_by_rank0)
+    val = build_source(source, "val", data.max_image_pixels, share=computed_by_rank0)
     if train.num_classes < 2:
         raise ValueError(
             f"data source {source!r} has {train.num_classes} class(es): evaluations need labels "

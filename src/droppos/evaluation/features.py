@@ -19,8 +19,8 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from droppos.engine import context as run_context
+from droppos.engine.collectives import gather_interleaved, world_and_rank
 from droppos.engine.context import RunContext
-from droppos.engine.distributed import gather_interleaved, world_and_rank
 from droppos.engine.logging import write_config
 from droppos.engine.precision import autocast
 from droppos.evaluation.backbone import BackboneSection, backbone_from
@@ -66,10 +66,10 @@ def extract_features(
             output = model(images)
         features.append(output.float())
         labels.append(torch.as_tensor(targets).to(device))
-    local = torch.cat(features), torch.cat(labels)
-    if world == 1:
-        return local
-    return tuple(gather_interleaved(t, len(dataset), world) for t in local)  # type: ignore[return-value]
+    total = len(dataset)  # type: ignore[arg-type]
+    return gather_interleaved(torch.cat(features), total), gather_interleaved(
+        torch.cat(labels), total
+    )
 
 
 @dataclass

@@ -28,11 +28,12 @@ from droppos.data.loader import build_loader
 from droppos.data.pipeline import AugmentedDataset, sample_seed, seeded_cpu_rngs
 from droppos.data.transforms import finetune_transform
 from droppos.engine import context as run_context
+from droppos.engine.collectives import sum_over_ranks
 from droppos.engine.context import RunContext
-from droppos.engine.distributed import sum_over_ranks
 from droppos.engine.loop import StepResult, TrainLoop, build_loop, train_command
 from droppos.engine.precision import autocast
 from droppos.engine.sections import OptimSection, Sections, TrainRunSection, check_crop_scale
+from droppos.engine.strategy import full_model_state
 from droppos.evaluation.backbone import BackboneSection, backbone_from
 from droppos.evaluation.datasets import (
     EvalDataSection,
@@ -132,6 +133,11 @@ class FinetuneConfig(Sections):
 
     def validate(self) -> None:
         super().validate()
+        if self.model.ema and self.run.strategy == "fsdp":
+            raise ValueError(
+                "--model.ema keeps a whole copy of the model, which --run.strategy fsdp does not "
+                "hold; use ddp, or --model.ema false"
+            )
         a = self.augment
         if (a.mixup > 0 or a.cutmix > 0) and self.optim.batch_size % 2:
             raise ValueError(
@@ -262,7 +268,7 @@ class FinetuneMethod:
             self.best_top1, self.best_epoch = found["top1"], epoch
             best = ClassifierWeights(
                 header=self.describe(),
-                model=self.model.state_dict(),
+                model=full_model_state(self.model),  # gathered on every rank under FSDP
                 model_ema=None if self.ema is None else self.ema.module.state_dict(),
                 epoch=epoch + 1,
                 top1=self.best_top1,

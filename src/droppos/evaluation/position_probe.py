@@ -25,8 +25,8 @@ from torch.utils.data import Dataset, Subset
 
 from droppos.data.catalog import build_source
 from droppos.engine import context as run_context
+from droppos.engine.collectives import computed_by_rank0, world_and_rank
 from droppos.engine.context import RunContext
-from droppos.engine.distributed import world_and_rank
 from droppos.engine.logging import write_config
 from droppos.engine.precision import autocast
 from droppos.engine.sections import RunSection
@@ -218,8 +218,8 @@ def probe_splits(config: PositionProbeConfig) -> tuple[Dataset, Dataset]:
     """Train and held-out images of `--data.source` (labels are not needed). A source with no
     separate val split is split itself (`--probe.holdout`); both are capped in size."""
     data, probe = config.data, config.probe
-    train = build_source(data.source, "train", data.max_image_pixels)
-    val = build_source(data.source, "val", data.max_image_pixels)
+    train = build_source(data.source, "train", data.max_image_pixels, share=computed_by_rank0)
+    val = build_source(data.source, "val", data.max_image_pixels, share=computed_by_rank0)
     generator = torch.Generator().manual_seed(config.run.seed)
     if train.origin == val.origin:  # one set of images read as both: split it
         order = torch.randperm(len(train), generator=generator).tolist()  # type: ignore[arg-type]

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from droppos._version import PACKAGE, __version__
+from droppos.interop import sharded
 from droppos.models.encoder import EncoderConfig
 
 KIND_KEY = PACKAGE  # {package name: "pretrain" or "finetune"} marks our checkpoints
@@ -59,11 +60,13 @@ def save_atomic(state: Mapping[str, Any], path: str | Path) -> Path:
     return path
 
 
-def load_object(path: str | Path) -> Mapping[str, Any]:
+def load_object(path: str | Path, whole: bool = True) -> Mapping[str, Any]:
     """The whole object in a `.pth`/`.pt` (weights-only unpickling) or `.safetensors` file.
 
     The original code saves its `argparse.Namespace` under `args`; it is the one non-tensor class
-    allowed, so full original checkpoints load without trusting arbitrary pickles.
+    allowed, so full original checkpoints load without trusting arbitrary pickles. A sharded
+    run's `last.pth` comes back as one file would (`whole`): its tensors read from the shards
+    folder it names, as whole tensors, so every reader takes an FSDP run like any other.
     """
     path = Path(path)
     if not path.is_file():
@@ -89,7 +92,28 @@ def load_object(path: str | Path) -> Mapping[str, Any]:
             f"cannot read {path} as a checkpoint: it holds a {type(content).__name__}, "
             "not a dictionary of weights"
         )
+    if whole and isinstance(content.get("shards"), str):
+        return with_shards(content, path)
     return content
+
+
+def with_shards(content: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """A sharded checkpoint with its tensors read whole from the folder it names."""
+    name = content["shards"]
+    folder = path.with_name(name)
+    if Path(name).name != name or not sharded.is_sharded_folder(folder):
+        raise ValueError(f"{path} names its tensors' folder {name!r}, which is not beside it")
+    try:
+        tensors = sharded.read_whole(folder)
+    except Exception as error:
+        raise ValueError(f"cannot read {folder}: {why_unreadable(error)}") from None
+    whole = {k: v for k, v in content.items() if k != "shards"}
+    whole["model"] = tensors.get("model", {})
+    whole["optimizer"] = {
+        **dict(content.get("optimizer") or {}),
+        "state": tensors.get("optimizer_state", {}),
+    }
+    return whole
 
 
 def file_kind(path: Path) -> str | None:
@@ -252,11 +276,17 @@ class TrainingCheckpoint:
     geometry: dict[str, int]
     config: dict[str, Any]
     method_state: dict[str, Any] = field(default_factory=dict)
+    shards: str | None = None
+    """A sharded run's (FSDP) model and optimiser tensors are in this sibling folder
+    (`interop/sharded.py`); `model` is then empty and `optimizer` holds its param_groups."""
+    location: Path | None = field(default=None, repr=False, compare=False)
+    """Where the checkpoint was read from (its shards folder is beside it)."""
 
     def to_dict(self) -> dict[str, Any]:
+        state = {"shards": self.shards} if self.shards else {"model": self.model}
         return {
             **self.header.to_dict(),
-            "model": self.model,
+            **state,
             "optimizer": self.optimizer,
             "scaler": self.scaler,
             "position": asdict(self.progress),
@@ -268,30 +298,42 @@ class TrainingCheckpoint:
     @classmethod
     def from_dict(cls, content: Mapping[str, Any], where: str) -> TrainingCheckpoint:
         header = header_of(content)
-        if header is None or "position" not in content or "model" not in content:
+        has_weights = "model" in content or "shards" in content
+        if header is None or "position" not in content or not has_weights:
             raise ValueError(
                 f"cannot resume from {where}: not a {PACKAGE} training checkpoint (pick another "
                 "--run.output_dir, or --run.resume null to start afresh)"
             )
         return cls(
             header=header,
-            model=dict(content["model"]),
+            model=dict(content.get("model") or {}),
             optimizer=dict(content.get("optimizer") or {}),
             scaler=dict(content.get("scaler") or {}),
             progress=Progress(**content["position"]),
             geometry=dict(content.get("geometry") or {}),
             config=dict(content.get("config") or {}),
             method_state=dict(content.get("method_state") or {}),
+            shards=content.get("shards"),
         )
 
     @classmethod
-    def read(cls, path: str | Path) -> TrainingCheckpoint:
-        """A training checkpoint of ours from `path` (weights-only); ValueError in words."""
+    def read(cls, path: str | Path, whole: bool = True) -> TrainingCheckpoint:
+        """A training checkpoint of ours from `path` (weights-only); ValueError in words.
+        `whole=False` leaves a sharded run's tensors in their folder (`shards_folder`), for a
+        sharded resume to read each rank's part."""
         try:
-            content = load_object(path)
+            content = load_object(path, whole=whole)
         except ValueError as error:  # a refused, truncated or foreign file, said in words
             raise ValueError(f"--run.resume: {error}") from None
-        return cls.from_dict(content, str(path))
+        checkpoint = cls.from_dict(content, str(path))
+        checkpoint.location = Path(path)
+        return checkpoint
+
+    @property
+    def shards_folder(self) -> Path | None:
+        if self.shards is None or self.location is None:
+            return None
+        return self.location.with_name(self.shards)
 
     def data_normalisation(self) -> tuple[list[float] | None, list[float] | None]:
         data = self.config.get("data") or {}

@@ -23,6 +23,7 @@ from torch import nn
 
 from droppos.data.device_decode import decode_batch
 from droppos.data.transforms import mean_std, normalise_on_device
+from droppos.engine.collectives import computed_by_rank0
 from droppos.engine.context import RunContext
 from droppos.engine.loop import StepResult
 from droppos.interop.backbone import load_original_checkpoint
@@ -138,9 +139,9 @@ class PretrainingMethod:
     ) -> dict[str, Any]:
         found: dict[str, Any] = {"metrics": self.epoch_metrics(epoch)}
         every = self.config.run.pictures_every
-        if every and (epoch + 1) % every == 0 and self.context.is_main:
-            pictures = self.pictures(epoch)
-            if pictures:
+        if every and (epoch + 1) % every == 0 and self.draws_jigsaw():
+            pictures = self.pictures(epoch)  # on every rank: a sharded model runs collectively
+            if pictures and self.context.is_main:
                 found["images"] = pictures
         return found
 
@@ -188,8 +189,9 @@ class PretrainingMethod:
         mean, std = self.normalisation()
         if self.picture_images is None:
             images = picture_batch(
-                data.source, encoder.img_size, encoder.in_chans, PICTURES, mean, std
-            )
+                data.source, encoder.img_size, encoder.in_chans, PICTURES, mean, std,
+                computed_by_rank0,
+            )  # fmt: skip
             self.picture_images = images.to(self.device)
         drawn = draw_pictures(
             type(self), self.config.model, self.model, self.picture_images, mean, std,
@@ -197,8 +199,9 @@ class PretrainingMethod:
         )  # fmt: skip
         if not drawn:
             return {}
-        folder = Path(self.config.run.output_dir) / "pictures"
-        save_pictures(drawn, folder, f"epoch-{epoch + 1:04d}")
+        if self.context.is_main:
+            folder = Path(self.config.run.output_dir) / "pictures"
+            save_pictures(drawn, folder, f"epoch-{epoch + 1:04d}")
         return {f"jigsaw/{i}": np.asarray(picture) for i, picture in enumerate(drawn)}
 
 

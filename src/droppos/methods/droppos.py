@@ -318,6 +318,12 @@ class DropPosModel(ViTEncoder):
             latent = self.forward_encoder(images, mask, drop)
         return self.token_weights(images, mask, drop, latent)
 
+    @torch.no_grad()
+    def attention_map(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, L]: softmax over all patches of cos(f_cls, f_j) / tau on the full image."""
+        every = torch.arange(self.num_patches, device=images.device).expand(len(images), -1)
+        return attentive_weights(self.forward_features(images), every, self.config.attentive_tau)
+
     def forward(
         self,
         images: torch.Tensor,
@@ -325,7 +331,7 @@ class DropPosModel(ViTEncoder):
         patch_noise: torch.Tensor | None = None,
         position_noise: torch.Tensor | None = None,
         token_weights: torch.Tensor | None = None,
-        weights_only: bool = False,
+        output: Literal["step", "loss_weights", "attention"] = "step",
     ) -> DropPosOutput | torch.Tensor:
         """One pre-training step's forward.
 
@@ -333,16 +339,20 @@ class DropPosModel(ViTEncoder):
         compiled forward never recompiles when sigma changes (default: the config's initial
         sigma); patch_noise [N, L] and position_noise [N, V] fix the masks from outside (lower
         noise = kept); token_weights [N, V]: m from `loss_weights`, not to compute it twice.
-        `weights_only` returns `loss_weights(...)` instead: the engine computes it through the
-        wrapped (compiled, distributed) model, never around it.
+        `output` asks for something else than the step's `DropPosOutput`: `loss_weights` (m
+        [N, V], no gradient) or `attention` (the attentive weights of all L patches of the full
+        image [N, L], for pictures). They go through `forward` so that the engine computes them
+        through the wrapped (compiled, sharded) model, never around it.
         """
         cfg = self.config
         n, device = images.shape[0], images.device
+        if output == "attention":
+            return self.attention_map(images)
         if patch_noise is None:
             patch_noise = torch.rand(n, self.num_patches, device=device)
         if position_noise is None:
             position_noise = torch.rand(n, cfg.num_visible, device=device)
-        if weights_only:
+        if output == "loss_weights":
             return self.loss_weights(images, patch_noise, position_noise)
         if target_map is None:
             target_map = smoothing_map(self.encoder_config.grid_size, cfg.smoothing_sigma, device)
@@ -441,8 +451,8 @@ class DropPos(PretrainingMethod):
 
     def ahead(self, engine_model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         images, (patch_noise, position_noise) = self.on_device(batch)
-        weights = engine_model(images, patch_noise=patch_noise, position_noise=position_noise,
-                               weights_only=True)  # fmt: skip
+        masks = {"patch_noise": patch_noise, "position_noise": position_noise}
+        weights = engine_model(images, **masks, output="loss_weights")
         normalisers = {"position": weights.float().sum()}
         cfg: DropPosConfig = self.config.model
         if cfg.pixel_branch is not None:
@@ -491,9 +501,7 @@ class DropPos(PretrainingMethod):
         attentive weights of every patch of the full image."""
         model.eval()
         out = model(images, patch_noise=noise[0], position_noise=noise[1])
-        every = torch.arange(model.num_patches, device=images.device).expand(len(images), -1)
-        tau = model.config.attentive_tau
-        attention = attentive_weights(model.forward_features(images), every, tau)
+        attention = model(images, output="attention")
         return JigsawView(
             grid=model.encoder_config.grid_size,
             patch_size=model.encoder_config.patch_size,

@@ -16,6 +16,7 @@ from droppos.data.mask_noise import MaskNoise
 from droppos.data.pipeline import AugmentedDataset
 from droppos.data.transforms import pretrain_transform
 from droppos.engine import context as run_context
+from droppos.engine.collectives import computed_by_rank0
 from droppos.engine.loop import TrainLoop, build_loop, train_command
 from droppos.engine.sections import (
     DataSection,
@@ -77,11 +78,13 @@ def pretraining_loop(config: PretrainConfig) -> TrainLoop:
     """
     config.validate()
     method = method_of(config.model)
-    context = run_context.start(config.run, seed_per_rank=True)
+    context = run_context.start(config.run)
     model = method.build_model(config.model).to(context.device)
     step = method(model, config, context)
     data, encoder = config.data, config.model.encoder
-    source = build_source(data.source, "train", data.max_image_pixels, data.decode)
+    source = build_source(
+        data.source, "train", data.max_image_pixels, data.decode, computed_by_rank0
+    )
     if data.decode == "device" and not source.holds_files:
         raise ValueError(
             f"--data.decode device decodes files on the device, and {data.source!r} holds none; "

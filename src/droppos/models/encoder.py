@@ -16,6 +16,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from droppos.models.pos_embed import sincos_2d
 
@@ -85,7 +86,7 @@ def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float) -
     """timm pre-norm blocks as in DropPos and MAE: qkv bias, LayerNorm eps 1e-6, fused attention."""
     norm = partial(nn.LayerNorm, eps=1e-6)
     return nn.ModuleList(
-        Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm)
+        EncoderBlock(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm)
         for _ in range(depth)
     )
 
@@ -101,7 +102,18 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def block_at_rows(block: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+class EncoderBlock(Block):
+    """timm's pre-norm Block (its parameter names), which can also compute only some rows."""
+
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, T, D] -> the block's output [N, T, D], or with `rows` [N, R] its output at those
+        rows only [N, R, D] (through `forward`, so a sharded block gathers its parameters)."""
+        if rows is None:
+            return super().forward(x)
+        return _block_at_rows(self, x, rows)
+
+
+def _block_at_rows(block: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """`block(x)` [N, T, D] gathered at `rows` [N, R], computed without the other rows' queries.
 
     Keys and values come from every token, so attention is exactly the full block's; the
@@ -110,7 +122,7 @@ def block_at_rows(block: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.Te
     attn = block.attn
     index = rows[..., None].expand(-1, -1, x.shape[-1])
     if getattr(attn, "gate", None) is not None:  # a gated variant: nothing to save safely
-        return torch.gather(block(x), 1, index)
+        return torch.gather(Block.forward(block, x), 1, index)
     n, t, _ = x.shape
     heads, head_dim = attn.num_heads, attn.head_dim
     width = heads * head_dim
@@ -155,6 +167,7 @@ class ViTEncoder(nn.Module):
         self.register_buffer("pos_embed", sincos_2d(dim, config.grid_size)[None], persistent=True)
         self.blocks = transformer_blocks(dim, config.depth, config.num_heads, config.mlp_ratio)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.grad_checkpointing = False
         self._init_encoder()
 
     def _init_encoder(self) -> None:
@@ -181,9 +194,16 @@ class ViTEncoder(nn.Module):
     def run_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
         """Positioned tokens [N, T, D] -> `[CLS] + tokens` encoded and normed [N, 1+T, D]."""
         x = self.prepend_cls(tokens)
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return self.norm(x)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each encoder block in backward instead of keeping its activations (timm's
+        switch of the same name; no gradient changes)."""
+        self.grad_checkpointing = enable
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Whole image, every position embedded: [N, C, H, W] -> final-norm features [N, 1+L, D]."""
@@ -202,7 +222,7 @@ class ViTEncoder(nn.Module):
         for block in self.blocks[:-1]:
             x = block(x)
         rows = torch.cat([torch.zeros_like(ids[:, :1]), ids + 1], dim=1)
-        return self.norm(block_at_rows(self.blocks[-1], x, rows))
+        return self.norm(self.blocks[-1](x, rows=rows))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_features(images)

@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from droppos.data.catalog import build_source
+from droppos.data.sources import Share, alone
 from droppos.data.transforms import eval_transform
 
 PANELS = ("input", "visible", "predicted places", "error (cells)", "attentive weights")
@@ -172,14 +173,14 @@ def save_pictures(pictures: list[Image.Image], folder: str | Path, stem: str) ->
 
 def picture_batch(
     source: str, img_size: int | tuple[int, int], in_chans: int, count: int,
-    mean: tuple[float, ...], std: tuple[float, ...],
+    mean: tuple[float, ...], std: tuple[float, ...], share: Share = alone,
 ) -> torch.Tensor:  # fmt: skip
     """`count` images spread over the val split of `source` (else its train split), in the
     deterministic evaluation view: [count, C, H, W]."""
     try:
-        dataset = build_source(source, "val")
+        dataset = build_source(source, "val", share=share)
     except ValueError:
-        dataset = build_source(source, "train")
+        dataset = build_source(source, "train", share=share)
     transform = eval_transform(img_size, in_chans, mean, std)
     size = len(dataset)  # type: ignore[arg-type]
     picks = sorted({round(i * size / count) for i in range(count)} - {size})
