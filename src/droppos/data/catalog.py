@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from droppos.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from droppos.data.shards import ShardDataset, shard_paths
@@ -42,6 +43,7 @@ def build_source(
     ValueError with a one-line message on a bad source.
     """
     split = canonical_split(split)
+    options: dict[str, Any] = {"max_pixels": max_pixels, "decode": decode, "share": share}
     if source == "demo":
         return DemoDataset(split)
     if source == "fashion-mnist" or source.startswith("fashion-mnist:"):
@@ -53,7 +55,7 @@ def build_source(
     if path.is_file():
         if path.suffix.lower() != ".txt":
             raise ValueError(f"data source {source!r} is not a .txt file list: {SOURCE_HELP}")
-        return _file_list(path, [path.with_suffix(""), path.parent], max_pixels, decode, share)
+        return _file_list(path, [path.with_suffix(""), path.parent], options)
     if not path.is_dir():
         raise ValueError(f"data source {source!r} does not exist: {SOURCE_HELP}")
     if any(path.glob("*.tar")):  # WebDataset-style shards (droppos write-shards)
@@ -62,13 +64,13 @@ def build_source(
             raise ValueError(f"data source {source!r} has no {split}-*.tar shards")
         return ShardDataset(shards, max_pixels, decode, share)
     if not has_splits(path):
-        return ImageFolderDataset(path, max_pixels, decode, share)
+        return ImageFolderDataset(path, **options)
     if (path / f"{split}.txt").is_file():
-        return _file_list(path / f"{split}.txt", [path / split, path], max_pixels, decode, share)
+        return _file_list(path / f"{split}.txt", [path / split, path], options)
     if (path / split).is_dir():
-        return ImageFolderDataset(path / split, max_pixels, decode, share)
+        return ImageFolderDataset(path / split, **options)
     if split == "val" and (path / "test").is_dir():
-        return ImageFolderDataset(path / "test", max_pixels, decode, share)
+        return ImageFolderDataset(path / "test", **options)
     raise ValueError(
         f"data source {source!r} is split into train/val but has no '{split}/' folder "
         f"or '{split}.txt' list"
@@ -92,11 +94,7 @@ def source_splits(source: str) -> list[str]:
 
 
 def _file_list(
-    list_file: Path,
-    candidate_roots: list[Path],
-    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-    decode: str = "pil",
-    share: Share = alone,
+    list_file: Path, candidate_roots: list[Path], options: dict[str, Any]
 ) -> FileListDataset:
     """The original code reads ``DATA/train.txt`` relative to ``DATA/train``; fall back to the
     list's own folder when the listed paths resolve there instead."""
@@ -104,6 +102,6 @@ def _file_list(
     if first is not None:
         for root in candidate_roots:
             if (root / first).is_file():
-                return FileListDataset(root, list_file, max_pixels, decode, share)
+                return FileListDataset(root, list_file, **options)
     # raises a message naming the path
-    return FileListDataset(candidate_roots[-1], list_file, max_pixels, decode, share)
+    return FileListDataset(candidate_roots[-1], list_file, **options)

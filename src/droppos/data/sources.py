@@ -91,10 +91,17 @@ class _FileSource(ImageSource):
 
     samples: list[tuple[str, int]]
 
-    def __init__(self, root: str | os.PathLike[str], max_pixels: int | None, decode: str) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        decode: str = "pil",
+        share: Share = alone,
+    ) -> None:
         self.root = Path(root).expanduser()
         self.max_pixels = max_pixels
         self.decode = decode
+        self.share = share
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -125,18 +132,13 @@ class ImageFolderDataset(_FileSource):
     sorted by name, with label -1.
     """
 
-    def __init__(
-        self,
-        root: str | os.PathLike[str],
-        max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-        decode: str = "pil",
-        share: Share = alone,
-    ) -> None:
-        super().__init__(root, max_pixels, decode)
+    def __init__(self, root: str | os.PathLike[str], **options: Any) -> None:
+        """`options`: max_pixels, decode, share (as every file source takes them)."""
+        super().__init__(root, **options)
         if not self.root.is_dir():
             raise ValueError(f"image folder {str(self.root)!r} is not a directory")
         self.origin = str(self.root.resolve())
-        classes, samples = share(lambda: list_folder(self.root))
+        classes, samples = self.share(lambda: list_folder(self.root))
         self.classes = classes
         self.samples = [(path, label) for path, label in samples]
         self.num_classes = len(self.classes) if self.classes else 0
@@ -170,19 +172,15 @@ class FileListDataset(_FileSource):
     """
 
     def __init__(
-        self,
-        root: str | os.PathLike[str],
-        list_file: str | os.PathLike[str],
-        max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-        decode: str = "pil",
-        share: Share = alone,
+        self, root: str | os.PathLike[str], list_file: str | os.PathLike[str], **options: Any
     ) -> None:
-        super().__init__(root, max_pixels, decode)
+        """`options`: max_pixels, decode, share (as every file source takes them)."""
+        super().__init__(root, **options)
         self.list_file = Path(list_file).expanduser()
         if not self.list_file.is_file():
             raise ValueError(f"file list {str(self.list_file)!r} not found")
         self.origin = f"{self.list_file.resolve()} in {self.root.resolve()}"
-        entries = share(lambda: _parse_file_list(self.list_file))
+        entries = self.share(lambda: _parse_file_list(self.list_file))
         if not entries:
             raise ValueError(f"file list {str(self.list_file)!r} has no entries")
         first = self.root / entries[0][0]
