@@ -85,3 +85,24 @@ def test_the_fsdp_memory_benchmark_measures_every_configuration(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["processes"] for r in rows] == [1, 2, 2, 2]
     assert all(r["peak_mib_per_process"] > 100 for r in rows)
+
+
+def test_the_gpu_script_runs_every_part_in_smoke_mode(tmp_path):
+    """CI runs `benchmarks/gpu.py --smoke` (the whole script on the CPU, tiny): what the lent
+    GPU will run is the code that ran here."""
+    out = tmp_path / "gpu.json"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT.with_name("gpu.py")), "--smoke", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["facts"]["measured_peak_tflops"] > 0
+    rows = {(r["row"], r["batch"], r["accum"]) for r in report["steps"]}
+    assert ("DropPos", 8, 1) in rows and ("timm ViT-B, supervised", 8, 1) in rows
+    assert {"MAE", "DropPos, attentive visible", "DropPos, attentive off"} <= {r[0] for r in rows}
+    assert all(r["gflop_per_step"] > 0 and r["images_per_second"] > 0 for r in report["steps"])
+    assert {r["decode"] for r in report["loader"]} == {"pil", "draft", "tensor", "device"}
+    assert len(report["sync_debug"]) == 4
+    assert report["end_to_end"]["images_per_second"] > 0
+    assert "| DropPos | 8 x 1 |" in done.stdout and "end to end" in done.stdout

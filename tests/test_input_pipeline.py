@@ -245,7 +245,9 @@ def assert_same_crops_as_the_pil_path(folder, decode, crop):
         with seeded_cpu_rngs(100 + i):
             reference = unnormalised(plain[i][0]) * 255
         assert cropped.dtype == torch.uint8
-        assert (cropped.float() - reference).abs().mean() < 0.1  # same crop, same flip
+        # same crop, same flip: only bicubic rounding and the JPEG decoders (Pillow's libjpeg,
+        # torchvision's libjpeg-turbo: IDCT and chroma upsampling) differ, by under half a level
+        assert (cropped.float() - reference).abs().mean() < 0.5
 
 
 def test_the_device_path_draws_the_pil_paths_crops_and_decodes_them_alike(tmp_path):
@@ -290,3 +292,85 @@ def test_the_tensor_path_takes_the_pil_paths_crops_for_the_same_seed(tmp_path):
     for i in range(6):
         jpeg(tmp_path / f"{i}.jpg", 300, 200, seed=i)
     assert_same_crops_as_the_pil_path(tmp_path, "tensor", pretrain_transform(64, decode="tensor"))
+
+
+def edge_case_folder(folder: Path) -> Path:
+    """Photos as ImageNet holds them: plain, CMYK, greyscale and progressive JPEGs, a PNG
+    named .JPEG, a palette PNG, and one truncated JPEG, among plain ones."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(6):
+        jpeg(folder / f"{i}.jpg", 120, 90, seed=i)
+    photo = Image.open(folder / "0.jpg").convert("RGB")
+    photo.convert("CMYK").save(folder / "6-cmyk.jpg", quality=90)
+    photo.convert("L").save(folder / "7-grey.jpg", quality=90)
+    photo.save(folder / "8-progressive.jpg", quality=90, progressive=True)
+    photo.save(folder / "9-png-named.JPEG", format="PNG")
+    photo.convert("P").save(folder / "a-palette.png")
+    whole = (folder / "1.jpg").read_bytes()
+    (folder / "b-truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    return folder
+
+
+def test_the_device_path_decodes_every_readable_kind_as_the_pil_path_does(tmp_path):
+    from droppos.data.device_decode import ChooseCrop, decode_batch
+
+    folder = edge_case_folder(tmp_path / "photos")
+    (folder / "b-truncated.jpg").unlink()
+    choose = ChooseCrop((0.2, 1.0))
+    assert_same_crops_as_the_pil_path(
+        folder,
+        "device",
+        lambda image: decode_batch([choose(image)], (64, 64), 3, torch.device("cpu"))[0],
+    )
+
+
+def test_the_tensor_path_decodes_cmyk_and_palette_files_as_colours(tmp_path):
+    from droppos.data.transforms import pretrain_transform
+
+    folder = edge_case_folder(tmp_path / "photos")
+    (folder / "b-truncated.jpg").unlink()
+    assert_same_crops_as_the_pil_path(folder, "tensor", pretrain_transform(64, decode="tensor"))
+
+
+def test_an_unreadable_file_on_the_device_path_is_replaced_and_counted_as_on_the_pil_path(
+    tmp_path, capfd
+):
+    from droppos.cli.main import parser_for, to_config
+    from droppos.data import set_epoch
+    from droppos.methods.pretrain import pretraining_loop
+
+    folder = edge_case_folder(tmp_path / "photos")
+    batches, counts = {}, {}
+    for decode in ("pil", "device"):
+        args = tiny_args(tmp_path / decode, folder, "--data.decode", decode)
+        args[args.index("--optim.batch_size") + 1] = "3"
+        args[args.index("--model.encoder.img_size") + 1] = "32"
+        parser = parser_for(args)
+        loop = pretraining_loop(to_config(parser, parser.parse_args(args), "pretrain"))
+        try:
+            set_epoch(loop.loader, 0)
+            batches[decode] = [loop.method.to_device(b).images for b in loop.loader]
+            counts[decode] = loop.loader.dataset.replaced
+        finally:
+            loop.close()
+    assert counts == {"pil": 1, "device": 1}  # the truncated file, once, on either path
+    assert "b-truncated.jpg" in capfd.readouterr().err
+    for pil, device in zip(batches["pil"], batches["device"], strict=True):
+        assert (pil - device).abs().mean() < 0.02  # the same neighbour, the same crops
+
+
+def test_workers_prepare_as_many_batches_ahead_as_asked(tmp_path, class_folder, capsys):
+    from droppos.cli.main import main, parser_for, to_config
+    from droppos.methods.pretrain import pretraining_loop
+
+    args = tiny_args(tmp_path / "run", class_folder, "--data.prefetch_factor", "4")
+    args[args.index("--data.num_workers") + 1] = "1"
+    parser = parser_for(args)
+    loop = pretraining_loop(to_config(parser, parser.parse_args(args), "pretrain"))
+    try:
+        assert loop.loader.prefetch_factor == 4
+    finally:
+        loop.close()
+    args[args.index("--data.prefetch_factor") + 1] = "0"
+    assert main(args) == 2
+    assert "--data.prefetch_factor must be >= 1" in capsys.readouterr().err

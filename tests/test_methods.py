@@ -83,7 +83,7 @@ class PatchMean(PretrainingMethod):
         return None, {"patches": torch.tensor(float(len(batch[1]) * keep), device=self.device)}
 
     def forward(self, engine_model: nn.Module, batch: Any, cache: None) -> Any:
-        images, (noise,) = self.on_device(batch)
+        images, (noise,) = batch.images, batch.noise
         error, count = engine_model(images, noise)
         return self.step_result(
             {"patches": count},

@@ -56,3 +56,13 @@ def test_full_image_pass_computes_only_cls_and_visible_rows_exactly():
         rows = torch.cat([torch.zeros(3, 1, dtype=torch.long), ids_keep + 1], dim=1)
         expected = torch.gather(full, 1, rows[..., None].expand(-1, -1, full.shape[-1]))
         torch.testing.assert_close(model.forward_features_at(images, ids_keep), expected)
+
+
+def test_the_weights_are_computed_in_fp32_under_bf16_autocast():
+    features = torch.randn(4, 17, 32, generator=torch.Generator().manual_seed(0))
+    ids_keep = torch.argsort(torch.rand(4, 16), dim=1)[:, :8]
+    reference = attentive_weights(features, ids_keep, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = attentive_weights(features, ids_keep, 0.1)
+    assert under_autocast.dtype == torch.float32
+    assert torch.equal(under_autocast, reference)

@@ -1,5 +1,6 @@
 """DropPos: pre-train Vision Transformers by reconstructing dropped positions (NeurIPS 2023)."""
 
+from droppos import _openmp  # noqa: F401  (first: before torch is imported)
 from droppos._version import __version__
 from droppos.interop.backbone import load_original_checkpoint
 from droppos.methods import create_model, method_named, method_names, register_method

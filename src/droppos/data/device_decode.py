@@ -2,49 +2,75 @@
 
 A worker reads the file's bytes and its header, draws the crop and the flip exactly as every
 other path does (`draw_crop_and_flip`, so the same crops), and sends the still encoded bytes with
-those five numbers. On the device, `decode_batch` decodes the whole batch (on a GPU with nvJPEG
+those numbers. On the device, `decode_batch` decodes the whole batch (on a GPU with nvJPEG
 through `torchvision.io.decode_jpeg(device="cuda")`), crops, resizes and flips each image there.
 The CPU work per image shrinks to reading a file, so a GPU is fed by far fewer cores. On a CPU
 device the same code decodes in the training process.
+
+A file this path cannot decode behaves as on the others: a batch nvJPEG refuses is decoded image
+by image; an image nvJPEG cannot take (CMYK, palette, progressive where the hardware decoder
+refuses it) or refuses is decoded on the CPU (torchvision, then Pillow); one nothing can decode
+is unreadable, and `replace` (the training set's `replacement`) gives the neighbour the Pillow
+path would have given, counted the same way.
 """
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.data._utils.collate import collate, default_collate_fn_map
-from torchvision.io import decode_image as torchvision_decode_image
 from torchvision.io import decode_jpeg
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
 from torchvision.transforms.v2 import functional as F2
 
-from droppos.data.decode import BadImageError, LazyImage, ToChannels, draw_crop_and_flip, eight_bit
+from droppos.data.decode import (
+    BadImageError,
+    CropDraw,
+    LazyImage,
+    ToChannels,
+    decode_pil,
+    decode_with_torchvision,
+    draw_crop_and_flip,
+)
+
+NVJPEG_MODES = ("RGB", "L")  # what the GPU decoder takes as it is
 
 
 @dataclass
 class EncodedCrop:
-    """One sample on its way to the device: encoded bytes [B] (uint8) and the crop to take,
-    `params` = [top, left, height, width, flip] in the source's pixels."""
+    """One sample on its way to the device: encoded bytes [B] (uint8), the crop to take in the
+    source's pixels, and what the worker knew of the file (its name, whether it is a JPEG, its
+    header's mode, its index in the training set): numbers the training process never has to
+    read back from a tensor."""
 
     data: torch.Tensor
-    params: torch.Tensor
+    crop: CropDraw
     name: str = ""
+    jpeg: bool = False
+    mode: str = "RGB"
+    index: int = -1
 
 
 class ChooseCrop:
     """Worker side of the device path: LazyImage -> EncodedCrop."""
 
+    takes_context = True  # AugmentedDataset passes the sample's SampleContext (its index)
+
     def __init__(self, scale: tuple[float, float]) -> None:
         self.scale = scale
 
-    def __call__(self, image: LazyImage) -> EncodedCrop:
+    def __call__(self, image: LazyImage, context: Any = None) -> EncodedCrop:
         width, height = image.size
         crop = draw_crop_and_flip(height, width, self.scale)
-        encoded = torch.frombuffer(bytearray(image.read_bytes()), dtype=torch.uint8)
-        params = torch.tensor([crop.top, crop.left, crop.height, crop.width, int(crop.flip)])
-        return EncodedCrop(encoded, params, image.name)
+        data = image.read_bytes()
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        index = -1 if context is None else context.index
+        return EncodedCrop(encoded, crop, image.name, data[:2] == b"\xff\xd8", image.mode, index)
 
 
 def collate_encoded(batch: list[Any]) -> Any:
@@ -53,31 +79,68 @@ def collate_encoded(batch: list[Any]) -> Any:
     return collate(batch, collate_fn_map=mapping)
 
 
+Replace = Callable[[EncodedCrop, BadImageError], torch.Tensor]
+
+
 def decode_batch(
-    items: list[EncodedCrop], size: tuple[int, int], channels: int, device: torch.device
+    items: list[EncodedCrop],
+    size: tuple[int, int],
+    channels: int,
+    device: torch.device,
+    replace: Replace | None = None,
 ) -> torch.Tensor:
     """EncodedCrops -> uint8 [N, channels, H, W] on `device`: decoded (batched nvJPEG on a GPU
-    for JPEGs), cropped, resized (bicubic, antialiased) and flipped there."""
-    jpeg = [item.data[:2].tolist() == [0xFF, 0xD8] for item in items]
-    images: list[torch.Tensor | None] = [None] * len(items)
-    if device.type == "cuda" and any(jpeg):
-        picked = [i for i, is_jpeg in enumerate(jpeg) if is_jpeg]
-        decoded = decode_jpeg([items[i].data for i in picked], device=device)
-        for i, image in zip(picked, decoded):
-            images[i] = image
+    for the JPEGs it takes), cropped, resized (bicubic, antialiased) and flipped there. An image
+    nothing decodes raises BadImageError, or is `replace`d (a finished crop of a neighbour)."""
+    decoded: list[torch.Tensor | None] = [None] * len(items)
+    if device.type == "cuda":
+        _decode_on_gpu(items, decoded, device)
     to_channels = ToChannels(channels)
     out = []
-    for item, image in zip(items, images):
-        if image is None:
-            try:
-                image = torchvision_decode_image(item.data).to(device, non_blocking=True)
-            except RuntimeError as error:
-                raise BadImageError(item.name, str(error).splitlines()[0]) from None
-        image = to_channels(eight_bit(image))
-        top, left, h, w, flip = item.params.tolist()
+    for item, image in zip(items, decoded):
+        try:
+            if image is None:
+                image = _decode_on_cpu(item).to(device, non_blocking=True)
+        except BadImageError as error:
+            if replace is None:
+                raise
+            out.append(replace(item, error))
+            continue
+        box = item.crop
         crop = F2.resized_crop(
-            image, top, left, h, w, list(size),
+            to_channels(image), box.top, box.left, box.height, box.width, list(size),
             interpolation=InterpolationMode.BICUBIC, antialias=True,
         )  # fmt: skip
-        out.append(crop.flip(-1) if flip else crop)
+        out.append(crop.flip(-1) if box.flip else crop)
     return torch.stack(out)
+
+
+def _decode_on_gpu(
+    items: list[EncodedCrop], decoded: list[torch.Tensor | None], device: torch.device
+) -> None:
+    """nvJPEG for the JPEGs it takes, all in one call; image by image when that call fails.
+    What stays None goes to the CPU."""
+    picked = [i for i, item in enumerate(items) if item.jpeg and item.mode in NVJPEG_MODES]
+    if not picked:
+        return
+    try:
+        for i, image in zip(picked, decode_jpeg([items[i].data for i in picked], device=device)):
+            decoded[i] = image
+        return
+    except RuntimeError:
+        pass
+    for i in picked:
+        try:
+            decoded[i] = decode_jpeg(items[i].data, device=device)
+        except RuntimeError:
+            decoded[i] = None
+
+
+def _decode_on_cpu(item: EncodedCrop) -> torch.Tensor:
+    """torchvision's decoder (libjpeg-turbo, libpng), then Pillow's; BadImageError if neither."""
+    try:
+        return decode_with_torchvision(item.data, item.mode)
+    except RuntimeError:
+        pass
+    image = decode_pil(io.BytesIO(bytes(item.data.numpy())), item.name, max_pixels=None)
+    return F.pil_to_tensor(image)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from droppos.data.device_decode import decode_batch
-from droppos.data.transforms import mean_std, normalise_on_device
+from droppos.data.transforms import DeviceNormaliser, mean_std
 from droppos.engine.collectives import computed_by_rank0
 from droppos.engine.context import RunContext
 from droppos.engine.loop import StepResult
@@ -32,6 +33,15 @@ from droppos.models.encoder import EncoderConfig, pair
 from droppos.visual.jigsaw import JigsawView, draw_jigsaw, picture_batch, save_pictures
 
 PICTURES = 4  # images drawn every --run.pictures_every epochs
+
+
+@dataclass
+class PretrainBatch:
+    """A micro-batch on the device: images [N, C, H, W] normalised, and the method's per-sample
+    noise vectors ([N, length] each, in `noise_lengths` order)."""
+
+    images: torch.Tensor
+    noise: tuple[torch.Tensor, ...]
 
 
 class PretrainingMethod:
@@ -113,6 +123,9 @@ class PretrainingMethod:
         self.context = context
         self.device = context.device
         self.picture_images: torch.Tensor | None = None
+        self._normalise = DeviceNormaliser(*self.normalisation(), self.device)
+        self._decode_stream: Any = None
+        self.training_set: Any = None  # set by the pretrain command: replacements of bad images
         self.init_state()
 
     def init_state(self) -> None:
@@ -121,10 +134,14 @@ class PretrainingMethod:
     def start_epoch(self, epoch: int, batch: int) -> None:
         return None
 
-    def ahead(self, engine_model: nn.Module, batch: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    def ahead(
+        self, engine_model: nn.Module, batch: PretrainBatch
+    ) -> tuple[Any, dict[str, torch.Tensor]]:
+        """No-grad work before the step (with accumulation): (cache for `forward`, this
+        micro-batch's loss normalisers)."""
         raise NotImplementedError
 
-    def forward(self, engine_model: nn.Module, batch: Any, cache: Any) -> StepResult:
+    def forward(self, engine_model: nn.Module, batch: PretrainBatch, cache: Any) -> StepResult:
         raise NotImplementedError
 
     def after_step(self, step: int) -> None:
@@ -163,17 +180,42 @@ class PretrainingMethod:
         data, encoder = self.config.data, self.config.model.encoder
         return mean_std(encoder.in_chans, data.mean, data.std)
 
-    def on_device(self, batch: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """A loader batch `(images, labels, *noise)` on the device: images normalised there
-        when they arrive as uint8 (the tensor path) or still encoded (the device path)."""
+    def to_device(self, batch: Any) -> PretrainBatch:
+        """A loader batch `(images, labels, *noise)` on the device, once per micro-batch:
+        images normalised there when they arrive as uint8 (the tensor path) or still encoded
+        (the device path: decoded there, on a side stream on a GPU, so that the decode of the
+        next micro-batch runs beside the current one's computation)."""
         images, _, *noise = batch
-        encoder = self.config.model.encoder
         if isinstance(images, list):  # --data.decode device: still encoded
-            images = decode_batch(images, pair(encoder.img_size), encoder.in_chans, self.device)
+            images = self._decode(images)
         else:
             images = images.to(self.device, non_blocking=True)
-        images = normalise_on_device(images, *self.normalisation())
-        return images, tuple(n.to(self.device, non_blocking=True) for n in noise)
+        noise = tuple(n.to(self.device, non_blocking=True) for n in noise)
+        return PretrainBatch(self._normalise(images), noise)
+
+    def _decode(self, items: list[Any]) -> torch.Tensor:
+        encoder = self.config.model.encoder
+        size, channels = pair(encoder.img_size), encoder.in_chans
+
+        def one(item: Any) -> torch.Tensor:
+            return decode_batch([item], size, channels, self.device)[0]
+
+        def replace(item: Any, error: Any) -> torch.Tensor:
+            if self.training_set is None:
+                raise error
+            return self.training_set.replacement(item.index, error, one)
+
+        if self.device.type != "cuda":
+            return decode_batch(items, size, channels, self.device, replace)
+        if self._decode_stream is None:
+            self._decode_stream = torch.cuda.Stream(self.device)
+        current = torch.cuda.current_stream(self.device)
+        self._decode_stream.wait_stream(current)
+        with torch.cuda.stream(self._decode_stream):
+            images = decode_batch(items, size, channels, self.device, replace)
+        current.wait_stream(self._decode_stream)
+        images.record_stream(current)
+        return images
 
     @staticmethod
     def step_result(

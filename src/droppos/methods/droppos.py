@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from droppos.methods.base import PretrainingMethod
+from droppos.methods.base import PretrainBatch, PretrainingMethod
 from droppos.methods.registry import register_method
 from droppos.models.encoder import EncoderConfig, ViTEncoder, init_weights, transformer_blocks
 from droppos.models.pixel_decoder import PixelDecoderConfig, PixelDecoderParts, reconstruct_pixels
@@ -449,19 +449,23 @@ class DropPos(PretrainingMethod):
     def start_epoch(self, epoch: int, batch: int) -> None:
         self.target_map = self.targets.at_epoch(epoch, self.device)
 
-    def ahead(self, engine_model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-        images, (patch_noise, position_noise) = self.on_device(batch)
+    def ahead(
+        self, engine_model: nn.Module, batch: PretrainBatch
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        images, (patch_noise, position_noise) = batch.images, batch.noise
         masks = {"patch_noise": patch_noise, "position_noise": position_noise}
         weights = engine_model(images, **masks, output="loss_weights")
         normalisers = {"position": weights.float().sum()}
         cfg: DropPosConfig = self.config.model
         if cfg.pixel_branch is not None:
-            masked = cfg.encoder.num_patches - cfg.num_visible
-            normalisers["pixel"] = torch.tensor(float(images.shape[0] * masked), device=self.device)
+            masked = len(images) * (cfg.encoder.num_patches - cfg.num_visible)
+            normalisers["pixel"] = torch.full((), float(masked), device=self.device)
         return weights, normalisers
 
-    def forward(self, engine_model: nn.Module, batch: Any, cache: torch.Tensor | None) -> Any:
-        images, (patch_noise, position_noise) = self.on_device(batch)
+    def forward(
+        self, engine_model: nn.Module, batch: PretrainBatch, cache: torch.Tensor | None
+    ) -> Any:
+        images, (patch_noise, position_noise) = batch.images, batch.noise
         output = engine_model(
             images,
             target_map=self.target_map,

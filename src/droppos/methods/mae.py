@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from droppos.methods.base import PretrainingMethod
+from droppos.methods.base import PretrainBatch, PretrainingMethod
 from droppos.methods.registry import register_method
 from droppos.models.encoder import EncoderConfig, ViTEncoder, init_weights
 from droppos.models.pixel_decoder import PixelDecoderConfig, PixelDecoderParts, reconstruct_pixels
@@ -123,14 +123,15 @@ class MAE(PretrainingMethod):
     def noise_lengths(cls, config: MAEConfig) -> tuple[int, ...]:
         return (config.encoder.num_patches,)
 
-    def ahead(self, engine_model: nn.Module, batch: Any) -> tuple[None, dict[str, torch.Tensor]]:
+    def ahead(
+        self, engine_model: nn.Module, batch: PretrainBatch
+    ) -> tuple[None, dict[str, torch.Tensor]]:
         cfg: MAEConfig = self.config.model
-        masked = cfg.encoder.num_patches - cfg.num_visible
-        count = float(len(batch[1]) * masked)
-        return None, {"pixel": torch.tensor(count, device=self.device)}
+        masked = len(batch.images) * (cfg.encoder.num_patches - cfg.num_visible)
+        return None, {"pixel": torch.full((), float(masked), device=self.device)}
 
-    def forward(self, engine_model: nn.Module, batch: Any, cache: None) -> Any:
-        images, (patch_noise,) = self.on_device(batch)
+    def forward(self, engine_model: nn.Module, batch: PretrainBatch, cache: None) -> Any:
+        images, (patch_noise,) = batch.images, batch.noise
         output = engine_model(images, patch_noise=patch_noise)
         return self.step_result(
             {"pixel": output.masked.sum().float()},

@@ -97,10 +97,11 @@ def pretraining_loop(config: PretrainConfig) -> TrainLoop:
         source,
         transform,
         seed=config.run.seed,
-        torch_rng_only=data.decode == "tensor",
+        torch_rng_only=True,  # every path's crop and flip come from torch's generator alone
         on_bad_image=data.on_bad_image,
         extras=[MaskNoise(method.noise_lengths(config.model))],
     )
+    step.training_set = train_set  # the device path replaces what it cannot decode from it
     collate = collate_encoded if data.decode == "device" else None
     return build_loop(step, context, config, train_set, collate_fn=collate)
 

@@ -15,7 +15,9 @@ def attentive_weights(features: torch.Tensor, ids_keep: torch.Tensor, tau: float
 
     Returns [N, V]: softmax_j(cos(f_cls, f_j) / tau) over all L patches, gathered at the visible
     ones and renormalised to sum to 1 per image. Gather-then-renormalise equals a softmax over the
-    visible patches' similarities, which is what is computed (in fp32).
+    visible patches' similarities, which is what is computed, in fp32 even under autocast (which
+    would run the similarity's matrix product in bf16: at tau 0.1 that error is multiplied by 10
+    inside the exponential).
     """
     if features.ndim != 3 or ids_keep.ndim != 2 or features.shape[0] != ids_keep.shape[0]:
         raise ValueError(
@@ -24,6 +26,7 @@ def attentive_weights(features: torch.Tensor, ids_keep: torch.Tensor, tau: float
         )
     if tau <= 0:
         raise ValueError(f"attentive tau must be > 0, got {tau}")
-    features = F.normalize(features.float(), dim=-1)
-    similarity = torch.einsum("nd,nld->nl", features[:, 0], features[:, 1:])
-    return torch.softmax(torch.gather(similarity, 1, ids_keep) / tau, dim=1)
+    with torch.autocast(features.device.type, enabled=False):
+        features = F.normalize(features.float(), dim=-1)
+        similarity = torch.einsum("nd,nld->nl", features[:, 0], features[:, 1:])
+        return torch.softmax(torch.gather(similarity, 1, ids_keep) / tau, dim=1)
