@@ -301,6 +301,18 @@ def test_resume_refuses_another_model(tmp_path, image_folder, capsys):
     assert "model.encoder.depth: 1 -> 2" in err and len(err.splitlines()) == 1
 
 
+def test_resume_refuses_another_seed(tmp_path, image_folder, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_args(out, image_folder, "--optim.epochs", "1")) == 0
+    before = (out / "last.pth").read_bytes()
+    capsys.readouterr()
+    args = tiny_args(out, image_folder, "--optim.epochs", "2", "--run.seed", "7")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--run.seed 0" in err and len(err.splitlines()) == 1
+    assert (out / "last.pth").read_bytes() == before  # nothing touched
+
+
 def test_resume_converts_the_same_global_batch_split_differently(
     tmp_path, image_folder, monkeypatch
 ):
@@ -413,3 +425,31 @@ def test_a_log_written_to_a_file_has_plain_lines_only(tmp_path, image_folder):
     assert "\r" not in done.stdout + done.stderr
     assert len(done.stdout.splitlines()) == 4  # start, two epochs, done
     assert len(done.stdout) + len(done.stderr) < 5000
+
+
+def test_finetuning_into_the_pretraining_folder_never_replaces_its_checkpoint(
+    tmp_path, image_folder, capsys
+):
+    """The refusal's advice once was `--run.resume null`, which then overwrote pre/last.pth."""
+    pre = tmp_path / "pre"
+    assert main(tiny_args(pre, image_folder, "--optim.epochs", "1")) == 0
+    before = (pre / "last.pth").read_bytes()
+    for extra in ([], ["--run.resume", "null"]):
+        capsys.readouterr()
+        args = ["finetune", "--model.checkpoint", str(pre / "last.pth"), "--data.source",
+                str(image_folder), "--run.output_dir", str(pre), "--optim.epochs", "1",
+                *extra]  # fmt: skip
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--run.resume null" not in err
+        assert (pre / "last.pth").read_bytes() == before
+
+
+def test_starting_afresh_over_a_run_is_refused_and_keeps_its_files(tmp_path, image_folder, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_args(out, image_folder, "--optim.epochs", "1")) == 0
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(tiny_args(out, image_folder, "--optim.epochs", "1", "--run.resume", "null")) == 2
+    assert "holds a run" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files

@@ -259,9 +259,9 @@ def test_a_real_sigterm_to_the_command_exits_0_with_a_checkpoint(tmp_path, folde
 def test_temporary_files_of_killed_saves_are_cleaned(tmp_path, folder_with_bad_images):
     out = tmp_path / "run"
     out.mkdir()
-    (out / ".last.pth.k2j4x9").write_bytes(b"half a checkpoint")
+    (out / ".last.pth.k2j4x9.droppos-partial").write_bytes(b"half a checkpoint")
     assert main(tiny_args(out, folder_with_bad_images, "--data.max_bad_fraction", "1")) == 0
-    assert not list(out.glob(".*.pth.*"))
+    assert not list(out.glob(".*.droppos-partial"))
 
 
 def test_disk_full_keeps_the_previous_checkpoint_and_says_so(

@@ -151,6 +151,8 @@ def resolve_presets(argv: list[str]) -> list[str]:
     that is neither a file nor a preset is a UsageError listing the presets."""
     resolved = list(argv)
     for i, arg in enumerate(resolved[:-1]):
+        if arg == "--config" and Path(resolved[i + 1]).is_file():
+            check_config_file(Path(resolved[i + 1]))
         if arg == "--config" and not Path(resolved[i + 1]).exists():
             name = resolved[i + 1].removesuffix(".yaml")
             if name not in preset_names():
@@ -160,6 +162,28 @@ def resolve_presets(argv: list[str]) -> list[str]:
                 )
             resolved[i + 1] = str(resources.files(PACKAGE) / "configs" / f"{name}.yaml")
     return resolved
+
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def check_config_file(path: Path) -> None:
+    """A `--config` file droppos will read: a small YAML mapping without aliases. An alias
+    (`*name`) lets a few lines expand to gigabytes ("billion laughs"), and no configuration
+    needs one; an empty file would otherwise be reported as an empty "Unexpected config"."""
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise UsageError(f"--config {path}: {path.stat().st_size} bytes is not a config file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text)):
+            raise UsageError(
+                f"--config {path} uses YAML aliases (*name), which droppos does not expand: "
+                "write the values out"
+            )
+    except (UnicodeDecodeError, yaml.YAMLError):
+        return  # the parser reports it, with the line of the error
+    if not text.strip():
+        raise UsageError(f"--config {path} is empty: give a YAML file of options, or drop it")
 
 
 def section_default(config_class: type, name: str) -> Any:

@@ -18,6 +18,7 @@ from droppos.data.sources import (
     alone,
     canonical_split,
     list_entries,
+    visible_subdirs,
 )
 
 SOURCE_HELP = (
@@ -58,7 +59,7 @@ def build_source(
         return _file_list(path, [path.with_suffix(""), path.parent], options)
     if not path.is_dir():
         raise ValueError(f"data source {source!r} does not exist: {SOURCE_HELP}")
-    if any(path.glob("*.tar")):  # WebDataset-style shards (droppos write-shards)
+    if is_shard_folder(path, source):  # WebDataset-style shards (droppos write-shards)
         shards = shard_paths(path, split)
         if not shards:
             raise ValueError(f"data source {source!r} has no {split}-*.tar shards")
@@ -67,13 +68,43 @@ def build_source(
         return ImageFolderDataset(path, **options)
     if (path / f"{split}.txt").is_file():
         return _file_list(path / f"{split}.txt", [path / split, path], options)
+    train = path / "train"
+    classes = [d.name for d in visible_subdirs(train)] if train.is_dir() else None
+    if split == "train" or not classes:
+        classes = None  # other splits are labelled by train's class names: one meaning each
     if (path / split).is_dir():
-        return ImageFolderDataset(path / split, **options)
+        return ImageFolderDataset(path / split, classes=classes, **options)
     if split == "val" and (path / "test").is_dir():
-        return ImageFolderDataset(path / "test", **options)
+        return ImageFolderDataset(path / "test", classes=classes, **options)
     raise ValueError(
         f"data source {source!r} is split into train/val but has no '{split}/' folder "
         f"or '{split}.txt' list"
+    )
+
+
+def is_shard_folder(path: Path, source: str) -> bool:
+    """Whether a folder is a source of tar shards: it holds split-named shards
+    (`train-000000.tar`, as `write-shards` names them), or tars and nothing else a source could
+    be (no sub-folders, no images, no lists). A stray tar beside image folders (an ImageNet root
+    still holding `ILSVRC2012_img_val.tar`) does not turn them into shards; split-named shards
+    beside split folders are ambiguous, and refused."""
+    split_named = any(next(path.glob(f"{name}-*.tar"), None) for name in _SPLIT_NAMES)
+    folders = has_splits(path) or any(
+        p.is_dir() and not p.name.startswith(".") for p in path.iterdir()
+    )
+    if split_named and folders:
+        raise ValueError(
+            f"data source {source!r} holds both tar shards and image folders: point "
+            "--data.source at the shards' folder or at the images' alone"
+        )
+    if split_named:
+        return True
+    loose = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+    tars = [p for p in loose if p.suffix.lower() == ".tar"]
+    return (
+        bool(tars)
+        and not folders
+        and all(p.suffix.lower() in (".tar", ".json", ".txt") for p in loose)
     )
 
 

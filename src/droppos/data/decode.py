@@ -11,17 +11,19 @@ crop and flip with `draw_crop_and_flip`, so all four take the same crops for the
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO, Literal
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
+from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as torchvision_decode_image
 
 DecodeMode = Literal["pil", "draft", "tensor", "device"]
@@ -98,6 +100,18 @@ def eight_bit(image: torch.Tensor) -> torch.Tensor:
     return image
 
 
+# The raster formats a training image can be in. Pillow is never left to guess among all its
+# plugins: some of them run other programs (EPS and PS start Ghostscript), so a file named .jpg
+# that holds PostScript must be unreadable, not interpreted. (Pillow's JPEG reader also opens
+# the multi-picture JPEGs some cameras write.)
+RASTER_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+
+
+def open_raster(stream: BinaryIO | str | os.PathLike[str]) -> Image.Image:
+    """`Image.open`, restricted to `RASTER_FORMATS` (anything else: UnidentifiedImageError)."""
+    return Image.open(stream, formats=RASTER_FORMATS)
+
+
 def decode_pil(
     stream: BinaryIO,
     name: str | os.PathLike[str],
@@ -108,7 +122,7 @@ def decode_pil(
     through three identical channels)."""
     try:
         with _own_size_limit():
-            img = Image.open(stream)
+            img = open_raster(stream)
             check_size(name, img.size, max_pixels)
             img.load()
     except BadImageError:
@@ -118,12 +132,32 @@ def decode_pil(
     return to_grey_or_rgb(img)
 
 
+def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
+    """A binary stream of a regular file. Opened without blocking and checked before any read:
+    a FIFO or a device named `.png` would otherwise hang the reader forever (OSError)."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, a device or a socket)")
+        os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def read_regular(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a regular file (see `open_regular`)."""
+    with open_regular(path) as stream:
+        return stream.read()
+
+
 def load_image(
     path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 ) -> Image.Image:
     """`decode_pil` of a file (closed afterwards)."""
     try:
-        with open(path, "rb") as stream:
+        with open_regular(path) as stream:
             return decode_pil(stream, path, max_pixels)
     except OSError as error:
         raise BadImageError(path, error.strerror or str(error)) from None
@@ -137,14 +171,28 @@ def decode_tensor(
     (torchvision 0.29 announces that TorchCodec will take over its image decoders; this is the
     one place to change when it does.) The size is read from the header first."""
     try:
-        with _own_size_limit(), Image.open(io.BytesIO(data)) as header:
+        with _own_size_limit(), open_raster(io.BytesIO(data)) as header:
             check_size(name, header.size, max_pixels)
-        image = torchvision_decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            mode = header.mode
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return decode_with_torchvision(encoded, mode)
     except BadImageError:
         raise
     except Exception as error:
         raise BadImageError(name, describe_decode_error(error)) from None
-    return eight_bit(image)
+
+
+# Modes whose channels are not colours as they stand: CMYK JPEGs would come back as four
+# channels (read as RGB + alpha), palette PNGs as their index map. torchvision converts these
+# to RGB when asked to.
+_NEEDS_RGB = {"CMYK", "YCbCr", "P", "PA", "LAB", "HSV"}
+
+
+def decode_with_torchvision(encoded: torch.Tensor, mode: str | None) -> torch.Tensor:
+    """Encoded bytes [B] (uint8) -> uint8 [C, H, W], greyscale or RGB, for a file whose header
+    says `mode` (Pillow's name); raises torchvision's error for a file it cannot decode."""
+    read = ImageReadMode.RGB if mode in _NEEDS_RGB else ImageReadMode.UNCHANGED
+    return eight_bit(torchvision_decode_image(encoded, mode=read))
 
 
 class LazyImage:
@@ -164,23 +212,26 @@ class LazyImage:
     ) -> None:
         self.source, self.name = source, str(name)
         try:
-            with self._open() as header:
+            with _own_size_limit(), self._open() as header:  # the limit is --data's, not Pillow's
                 self.size: tuple[int, int] = header.size
+                self.mode: str = header.mode
         except Exception as error:
             raise BadImageError(name, describe_decode_error(error)) from None
         check_size(name, self.size, max_pixels)
 
     def _open(self) -> Image.Image:
         if isinstance(self.source, bytes):
-            return Image.open(io.BytesIO(self.source))
-        return Image.open(self.source)
+            return open_raster(io.BytesIO(self.source))
+        if not stat.S_ISREG(os.stat(self.source).st_mode):  # a FIFO would hang the open
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, a device or a socket)")
+        return open_raster(self.source)
 
     def read_bytes(self) -> bytes:
         """The encoded file."""
         if isinstance(self.source, bytes):
             return self.source
         try:
-            return Path(self.source).read_bytes()
+            return read_regular(self.source)
         except OSError as error:
             raise BadImageError(self.name, error.strerror or str(error)) from None
 
@@ -219,10 +270,13 @@ def read_image(
         raise ValueError(f"--data.decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
     if not isinstance(source, bytes):
         try:
-            source = Path(source).read_bytes()
+            source = read_regular(source)
         except OSError as error:
             raise BadImageError(name, error.strerror or str(error)) from None
     return decode_tensor(source, name, max_pixels)
+
+
+_GREY_WEIGHTS: dict[torch.device, torch.Tensor] = {}
 
 
 class ToChannels:
@@ -239,8 +293,12 @@ class ToChannels:
             return image
         if self.channels == 3:
             return image.expand(3, -1, -1).contiguous()
-        weights = torch.tensor([299, 587, 114], dtype=torch.int32, device=image.device)
-        grey = (image.to(torch.int32) * weights[:, None, None]).sum(dim=0, keepdim=True) + 500
+        weights = _GREY_WEIGHTS.get(image.device)
+        if weights is None:  # once per device: not a copy per image
+            weights = _GREY_WEIGHTS[image.device] = torch.tensor(
+                [299, 587, 114], dtype=torch.int32
+            ).to(image.device)[:, None, None]
+        grey = (image.to(torch.int32) * weights).sum(dim=0, keepdim=True) + 500
         return (grey // 1000).to(torch.uint8)
 
     def __repr__(self) -> str:

@@ -21,7 +21,7 @@ import random
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from torch.utils.data import Dataset, get_worker_info
 from droppos.data.decode import BadImageError
 
 OnBadImage = Literal["skip", "fail"]
+T = TypeVar("T")
 MAX_SLOTS = 256  # worker processes per rank that can count; more share the last slot
 MAX_TRIES = 16  # consecutive bad files before the data source itself is suspect
 
@@ -126,11 +127,23 @@ class AugmentedDataset(Dataset):
         return len(self.source)  # type: ignore[arg-type]
 
     def augmented(self, index: int) -> tuple[Any, int]:
-        """Sample `index` of the source, augmented as that index always is."""
+        """Sample `index` of the source, augmented as that index always is (a transform that
+        `takes_context` also receives the sample's SampleContext)."""
         image, label = self.source[index]
         seed = sample_seed(self.seed, self.epoch, index)
         with seeded_cpu_rngs(seed, torch_only=self.torch_rng_only):
+            if getattr(self.transform, "takes_context", False):
+                return self.transform(image, SampleContext(self.seed, self.epoch, index)), label
             return self.transform(image), label
+
+    def replacement(self, index: int, error: BadImageError, accept: Callable[[Any], T]) -> T:
+        """For sample `index`, found unreadable after the loader (decoded on the device): what
+        `__getitem__` does for a file unreadable in the worker. It is noted (counted, warned
+        about), and the next neighbour (index+1, ...), augmented as its own index, that
+        `accept` takes (it raises BadImageError for one it cannot use) comes instead."""
+        if self.on_bad_image is None:
+            raise error
+        return self._first_readable(index, lambda item: accept(item[0]), error)
 
     def __getitem__(self, index: int) -> tuple[Any, ...]:
         item = self._readable(index)
@@ -142,25 +155,37 @@ class AugmentedDataset(Dataset):
     def _readable(self, index: int) -> tuple[Any, int]:
         if self.on_bad_image is None:
             return self.augmented(index)
+        return self._first_readable(index, lambda item: item)
+
+    def _first_readable(
+        self, index: int, accept: Callable[[Any], T], error: BadImageError | None = None
+    ) -> T:
+        """`accept` of the first readable sample among index, index+1, ... (`error`: index's
+        own failure, when it was met already), each failure noted or, with `fail`, raised."""
         size = len(self)
         for attempt in range(min(MAX_TRIES, size)):
-            try:
-                return self.augmented((index + attempt) % size)
-            except BadImageError as error:
-                if self.on_bad_image == "fail":
-                    raise BadImageError(
-                        f"{error} (--data.on_bad_image fail; use skip to train past it)"
-                    ) from None
-                self._note(error)
+            if attempt or error is None:
+                try:
+                    return accept(self.augmented((index + attempt) % size))
+                except BadImageError as failed:
+                    error = failed
+            if self.on_bad_image == "fail":
+                raise BadImageError(
+                    f"{error} (--data.on_bad_image fail; use skip to train past it)"
+                ) from None
+            self._note(error, own=attempt == 0)
         raise BadImageError(
             f"{MAX_TRIES} consecutive unreadable images from index {index}: is the data "
             "source the right folder?"
         )
 
-    def _note(self, error: BadImageError) -> None:
-        info = get_worker_info()
-        slot = MAX_SLOTS if info is None else min(info.id, MAX_SLOTS - 1)
-        self._counts[slot] += 1
+    def _note(self, error: BadImageError, own: bool) -> None:
+        """Warn once per file; count a file only as its own index's failure (`own`), so that a
+        bad file is counted once an epoch however many bad neighbours' indices reach it."""
+        if own:
+            info = get_worker_info()
+            slot = MAX_SLOTS if info is None else min(info.id, MAX_SLOTS - 1)
+            self._counts[slot] += 1
         if error.path not in self._warned:
             self._warned.add(error.path)
             print(f"warning: skipping {error}; a neighbour image takes its place", file=sys.stderr)

@@ -22,7 +22,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from droppos.data.decode import (
@@ -30,9 +29,10 @@ from droppos.data.decode import (
     BadImageError,
     DecodedImage,
     describe_decode_error,
+    open_raster,
     read_image,
 )
-from droppos.data.sources import ImageSource, Share, alone
+from droppos.data.sources import ImageSource, Share, alone, check_labels
 
 INDEX_SUFFIX = ".idx.json"
 CLASSES_FILE = "classes.txt"
@@ -51,30 +51,78 @@ def shard_paths(folder: str | Path, split: str) -> list[Path]:
 
 
 def index_shard(path: Path) -> list[dict[str, Any]]:
-    """[{key, offset, size, label}] of one shard, read from its cached index when it is newer
-    than the shard, else by walking the tar headers once (data is skipped, not read)."""
+    """[{key, offset, size, label}] of one shard, read from its cached index when that was made
+    from this very file and holds sane entries, else by
+    walking the tar headers once (data is skipped, not read). A file that is not a whole tar
+    (empty, gzip, garbage, truncated, even at a member's boundary) is refused in one line."""
+    status = path.stat()
+    # "This very file": its size, modification time and inode change time, in nanoseconds. A
+    # copy keeps the first two when asked (`cp -p`, rsync -t), never the third.
+    made_from = [status.st_size, status.st_mtime_ns, status.st_ctime_ns]
     cache = path.with_name(path.name + INDEX_SUFFIX)
-    if cache.is_file() and cache.stat().st_mtime >= path.stat().st_mtime:
-        with contextlib.suppress(ValueError, OSError):  # unreadable: index the shard again
-            return json.loads(cache.read_text())
+    if cache.is_file():
+        with contextlib.suppress(ValueError, OSError, TypeError, KeyError):
+            saved = json.loads(cache.read_text())
+            if saved["shard"] == made_from:
+                entries = saved["entries"]
+                if all(_sane(entry, status.st_size) for entry in entries):
+                    return entries
     images: dict[str, tuple[int, int]] = {}
     labels: dict[str, int] = {}
-    with tarfile.open(path, "r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, suffix = member.name.rpartition(".")
-            if suffix.lower() in IMAGE_SUFFIXES:
-                images[key] = (member.offset_data, member.size)
-            elif suffix == "cls":
-                labels[key] = int(tar.extractfile(member).read().decode().strip())  # type: ignore[union-attr]
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, suffix = member.name.rpartition(".")
+                if suffix.lower() in IMAGE_SUFFIXES:
+                    images[key] = (member.offset_data, member.size)
+                elif suffix == "cls":
+                    text = tar.extractfile(member).read(64)  # type: ignore[union-attr]
+                    try:
+                        labels[key] = int(text.decode().strip())
+                    except (UnicodeDecodeError, ValueError):
+                        raise ValueError(
+                            f"{path}: {member.name} does not hold an integer class label"
+                        ) from None
+            end = tar.offset
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise ValueError(f"{path} is not a readable tar shard ({error})") from None
+    if status.st_size < end + 2 * tarfile.BLOCKSIZE:  # no end-of-archive blocks: cut short
+        raise ValueError(
+            f"{path} is truncated (it ends after {len(images)} images, without the end of "
+            "the archive): copy it again"
+        )
     entries = [
         {"key": key, "offset": offset, "size": size, "label": labels.get(key, -1)}
         for key, (offset, size) in images.items()
     ]
+    content = {"shard": made_from, "entries": entries}
     with contextlib.suppress(OSError):  # a read-only data set: index again next time
-        write_atomically(cache, json.dumps(entries))
+        write_atomically(cache, json.dumps(content))
     return entries
+
+
+def read_class_names(path: Path) -> list[str]:
+    """classes.txt: one class name a line, UTF-8 (else one line naming the file)."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {error.start}): write one class name a line"
+        ) from None
+
+
+def _sane(entry: Any, shard_size: int) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("key"), str)
+        and all(isinstance(entry.get(k), int) for k in ("offset", "size", "label"))
+        and entry["offset"] >= 0
+        and entry["size"] >= 0
+        and entry["offset"] + entry["size"] <= shard_size
+        and entry["label"] >= -1
+    )
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -120,10 +168,11 @@ class ShardDataset(ImageSource):
         if not self.members:
             raise ValueError(f"no images in the shards {self.shards[0]} ...")
         labels = [member[3] for member in self.members]
+        check_labels(labels, str(self.shards[0].parent))
         labelled = min(labels) >= 0
         self.num_classes = max(labels) + 1 if labelled else 0
         names = self.shards[0].parent / CLASSES_FILE
-        self.classes = names.read_text().splitlines() if labelled and names.is_file() else None
+        self.classes = read_class_names(names) if labelled and names.is_file() else None
         self._handles: dict[int, Any] = {}
         self._pid = os.getpid()
 
@@ -151,7 +200,7 @@ class ShardDataset(ImageSource):
         """The member's bytes as they are, named by the format its header shows."""
         data, name, label = self._read(index)
         try:
-            with Image.open(io.BytesIO(data)) as header:
+            with open_raster(io.BytesIO(data)) as header:
                 kind = header.format or ""
         except Exception as error:
             raise BadImageError(name, describe_decode_error(error)) from None

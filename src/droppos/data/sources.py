@@ -15,7 +15,7 @@ import functools
 import gzip
 import io
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,9 +23,24 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from droppos.data.decode import DEFAULT_MAX_IMAGE_PIXELS, DecodedImage, read_image
+from droppos.data.decode import DEFAULT_MAX_IMAGE_PIXELS, DecodedImage, read_image, read_regular
+
+# More classes than any labelled image set has (ImageNet-21k: 21,843): a label past it is a bad
+# file, refused before an evaluation allocates a row per class.
+MAX_CLASSES = 1_000_000
+
+
+def check_labels(labels: Iterable[int], where: str) -> None:
+    """Raise ValueError (one line, naming `where`) for a label past MAX_CLASSES."""
+    largest = max(labels, default=-1)
+    if largest >= MAX_CLASSES:
+        raise ValueError(
+            f"{where}: label {largest} is beyond any classification set (at most "
+            f"{MAX_CLASSES:,} classes); is it a class index?"
+        )
+
 
 DEFAULT_FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian dataset-fashion-mnist
 FASHION_MNIST_CLASSES = (
@@ -112,14 +127,14 @@ class _FileSource(ImageSource):
 
     def encoded(self, index: int) -> tuple[bytes, str, int]:
         path, label = self.samples[index]
-        return Path(path).read_bytes(), Path(path).suffix.lstrip(".").lower(), int(label)
+        return read_regular(path), Path(path).suffix.lstrip(".").lower(), int(label)
 
 
 def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMG_EXTENSIONS
 
 
-def _visible_subdirs(root: Path) -> list[Path]:
+def visible_subdirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
@@ -132,28 +147,66 @@ class ImageFolderDataset(_FileSource):
     sorted by name, with label -1.
     """
 
-    def __init__(self, root: str | os.PathLike[str], **options: Any) -> None:
-        """`options`: max_pixels, decode, share (as every file source takes them)."""
+    def __init__(
+        self, root: str | os.PathLike[str], classes: list[str] | None = None, **options: Any
+    ) -> None:
+        """`classes`: the class names whose indices label this folder's sub-folders (another
+        split's, so that a label means the same class in every split); by default its own.
+        `options`: max_pixels, decode, share (as every file source takes them)."""
         super().__init__(root, **options)
         if not self.root.is_dir():
             raise ValueError(f"image folder {str(self.root)!r} is not a directory")
         self.origin = str(self.root.resolve())
-        classes, samples = self.share(lambda: list_folder(self.root))
+        classes, samples = self.share(lambda: list_folder(self.root, classes))
         self.classes = classes
         self.samples = [(path, label) for path, label in samples]
         self.num_classes = len(self.classes) if self.classes else 0
 
 
-def list_folder(root: Path) -> tuple[list[str] | None, list[tuple[str, int]]]:
-    """(class names or None, [(path, label)]) of an image folder (see ImageFolderDataset)."""
-    subdirs = _visible_subdirs(root)
+def images_under(top: Path, seen: set[str]) -> list[str]:
+    """Image files anywhere under `top`, in torchvision's ImageFolder order (folders by path,
+    files by name), following a linked folder only if its real folder is not in `seen` (which
+    grows): a link back up (`a/up -> ..`) or across (`b/x -> ../a`) neither multiplies the
+    samples nor loops."""
+    found = []
+    for folder, subfolders, files in os.walk(top, followlinks=True):
+        kept = []
+        for name in sorted(subfolders):
+            real = os.path.realpath(os.path.join(folder, name))
+            if real not in seen:
+                seen.add(real)
+                kept.append(name)
+        subfolders[:] = kept
+        found.append((folder, sorted(files)))
+    return [
+        os.path.join(folder, name)
+        for folder, files in sorted(found)
+        for name in files
+        if name.lower().endswith(IMG_EXTENSIONS)
+    ]
+
+
+def list_folder(
+    root: Path, classes: list[str] | None = None
+) -> tuple[list[str] | None, list[tuple[str, int]]]:
+    """(class names or None, [(path, label)]) of an image folder (see ImageFolderDataset);
+    with `classes`, sub-folders are labelled by their index there and must all be in it."""
+    subdirs = visible_subdirs(root)
     if subdirs:
-        classes = [d.name for d in subdirs]
-        # torchvision's walker, but with hidden folders (.ipynb_checkpoints...) left out.
-        samples = make_dataset(
-            str(root), {c: i for i, c in enumerate(classes)}, extensions=IMG_EXTENSIONS,
-            allow_empty=True,
-        )  # fmt: skip
+        own = [d.name for d in subdirs]
+        if classes is not None:
+            unknown = [name for name in own if name not in classes]
+            if unknown:
+                raise ValueError(
+                    f"{str(root)!r} has class folders the training split lacks: "
+                    f"{', '.join(unknown[:5])}; every split must use the training split's classes"
+                )
+        classes = classes if classes is not None else own
+        index = {name: i for i, name in enumerate(classes)}
+        seen = {os.path.realpath(folder) for folder in [root, *subdirs]}
+        samples = [
+            (path, index[name]) for name in sorted(own) for path in images_under(root / name, seen)
+        ]
         if samples:
             return classes, samples
     # no class folders, or only image-less ones: flat
@@ -191,6 +244,7 @@ class FileListDataset(_FileSource):
             )
         self.samples = [(str(self.root / p), label) for p, label in entries]
         labels = [label for _, label in self.samples]
+        check_labels(labels, str(self.list_file))
         self.num_classes = max(labels) + 1 if labels[0] >= 0 else 0
         self.classes = None
 

@@ -25,11 +25,32 @@ class WriteShardsConfig:
             raise ValueError(f"--shard_size must be >= 1, got {self.shard_size}")
 
 
+def check_output(output: Path, source: str) -> None:
+    """Refuse (ValueError, one line) an output folder that would mix old and new shards or
+    overwrite the source being read: shards are never appended to, nor written over data."""
+    source_path = Path(source).expanduser()
+    if source_path.exists() and output.exists():
+        inside = output.resolve() == source_path.resolve() or source_path.resolve().is_relative_to(
+            output.resolve()
+        )
+        if inside or output.resolve().is_relative_to(source_path.resolve()):
+            raise ValueError(
+                f"--output {output} overlaps --source {source}: write the shards to a folder "
+                "of their own"
+            )
+    if output.is_dir() and any(output.iterdir()):
+        raise ValueError(
+            f"--output {output} is not empty (older shards there would be read with the new "
+            "ones): give a new or empty folder"
+        )
+
+
 def write_shards(config: WriteShardsConfig) -> dict[str, list[Path]]:
     """Write each split of the source as `output/{split}-NNNNNN.tar`; returns the files written.
     A source without splits is written as train; original files are copied, not re-encoded."""
     config.validate()
     output = Path(config.output)
+    check_output(output, config.source)
     written: dict[str, list[Path]] = {}
     for split in source_splits(config.source):
         source = build_source(config.source, split)
@@ -42,9 +63,8 @@ def write_shards(config: WriteShardsConfig) -> dict[str, list[Path]]:
             write_shard(path, ((f"{i:09d}", *source.encoded(i)) for i in indices))
             paths.append(path)
         written[split] = paths
-        classes = output / CLASSES_FILE
-        if source.classes and not classes.exists():
-            classes.write_text("\n".join(source.classes) + "\n")
+        if source.classes:
+            (output / CLASSES_FILE).write_text("\n".join(source.classes) + "\n")
     return written
 
 

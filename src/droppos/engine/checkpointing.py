@@ -23,15 +23,24 @@ SHARDS = re.compile(r"shards-step\d{8}-(\d{3,})")
 
 
 def find_resume(output_dir: str | Path, resume: str | None) -> Path | None:
-    """`resume`: a path, `auto` (the output folder's `last.pth` if there is one) or None."""
-    if resume in (None, "", "none", "null", "never"):
-        return None
+    """`resume`: a path, `auto` (the output folder's `last.pth` if there is one) or None.
+
+    A run never writes over another: starting afresh (None), or from a checkpoint elsewhere,
+    in a folder whose `last.pth` holds a run is refused (ValueError), as that run's files
+    would be replaced."""
+    held = Path(output_dir) / LAST
     if resume == "auto":
-        candidate = Path(output_dir) / LAST
-        return candidate if candidate.is_file() else None
-    path = Path(resume)
-    if not path.is_file():
+        return held if held.is_file() else None
+    fresh = resume in (None, "", "none", "null", "never")
+    path = None if fresh else Path(resume)
+    if path is not None and not path.is_file():
         raise FileNotFoundError(f"--run.resume: no checkpoint at {path}")
+    if held.is_file() and (path is None or not path.samefile(held)):
+        how = "start afresh" if path is None else f"go on from {path}"
+        raise ValueError(
+            f"{output_dir} holds a run ({held}); to {how} over it would replace its files: "
+            "choose another --run.output_dir (or move that run away first)"
+        )
     return path
 
 
@@ -66,7 +75,8 @@ def check_resume(
 ) -> tuple[Progress, list[str]]:
     """Where to go on from `checkpoint` in a run of `config` and `geometry`, and notes to print.
 
-    Refused (ValueError, one line): a different model configuration; a different split of the
+    Refused (ValueError, one line): a different model configuration; another `--run.seed` (the
+    seed fixes every crop and mask: two would mix in one run); a different split of the
     global batch, unless the method's steps do not depend on the split and the global batch
     and steps per epoch are unchanged (then the per-rank batch position is converted exactly).
     Other changed options (lr, epochs, ...) are allowed and named in a note.
@@ -77,7 +87,15 @@ def check_resume(
         raise ValueError(
             f"--run.resume: {path} was trained with another model ("
             + "; ".join(f"model.{c}" for c in changed_model[:4])
-            + "); pick another --run.output_dir or set --run.resume null"
+            + "); pick another --run.output_dir"
+        )
+    saved_seed = saved_config.get("run", {}).get("seed")
+    seed = config.get("run", {}).get("seed")
+    if saved_seed is not None and seed is not None and saved_seed != seed:
+        raise ValueError(
+            f"--run.resume: {path} was trained with --run.seed {saved_seed}; going on with "
+            f"{seed} would mix two seeds' crops and masks in one run: resume with "
+            f"--run.seed {saved_seed}, or start afresh in another --run.output_dir"
         )
     progress = Progress(**vars(checkpoint.progress))
     saved = checkpoint.geometry

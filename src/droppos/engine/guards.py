@@ -23,6 +23,7 @@ import torch
 
 from droppos.engine.collectives import sum_over_ranks
 from droppos.engine.distributed import DistEnv
+from droppos.interop.schema import PARTIAL_SUFFIX
 
 LOCK = ".droppos.lock"
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
@@ -281,10 +282,11 @@ def _process_gone(pid: Any) -> bool:
 
 
 def remove_temporary_files(folder: str | Path) -> list[Path]:
-    """Temporary files of saves that a kill interrupted (`.last.pth.k2j4x9`): only the lock's
-    holder calls this, so no save is in progress."""
+    """Partial files of saves that a kill interrupted (`.last.pth.k2j4x9.droppos-partial`), and
+    nothing else (a user's `.model.pth.bak` stays): only the lock's holder calls this, so no
+    save is in progress."""
     removed = []
-    for path in Path(folder).glob(".*.pth.*"):
+    for path in Path(folder).glob(f".*{PARTIAL_SUFFIX}"):
         if path.is_file():
             path.unlink(missing_ok=True)
             removed.append(path)

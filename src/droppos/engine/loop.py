@@ -92,6 +92,11 @@ class TrainingMethod(Protocol):
         """No-grad work computed before the step: (cache for `forward`, local normalisers)."""
         ...
 
+    def to_device(self, batch: Any) -> Any:
+        """A loader batch on the device (images decoded and normalised there when they come
+        encoded or as uint8): called once per micro-batch, before `ahead` and `forward`."""
+        ...
+
     def forward(self, engine_model: nn.Module, batch: Any, cache: Any) -> StepResult: ...
 
     def after_step(self, step: int) -> None: ...
@@ -154,6 +159,7 @@ class TrainLoop:
     skipped_in_a_row: int = 0
     bad_images_at_epoch_start: int = 0
     step_flags: StepFlags = field(init=False)
+    upcoming: OnDevice | None = None
 
     def __post_init__(self) -> None:
         self.step_flags = StepFlags(self.env.device)
@@ -228,7 +234,7 @@ class TrainLoop:
         except (KeyError, RuntimeError, ValueError, AssertionError) as error:
             raise ValueError(
                 f"--run.resume: {path} does not fit this run ({str(error).splitlines()[0][:200]}); "
-                "pick another --run.output_dir or set --run.resume null"
+                "pick another --run.output_dir"
             ) from None
         self.progress = progress
         self.checkpointer.resumed_from = path
@@ -243,7 +249,10 @@ class TrainLoop:
         )
         summary: dict[str, Any] = {}
         started = time.perf_counter()
-        resumed = self.checkpointer.resumed_from is not None
+        # The run's own last.pth is its last good checkpoint only when it resumed from it (a
+        # `--run.resume PATH` into a fresh folder has none there yet: the note names PATH).
+        origin, own = self.checkpointer.resumed_from, self.output_dir / LAST
+        resumed = origin is not None and own.is_file() and origin.samefile(own)
         self.checkpointer.last_saved_step = self.progress.step if resumed else None
         try:
             with self.signals:
@@ -308,14 +317,16 @@ class TrainLoop:
             dynamic_ncols=True,
             leave=False,
         )
-        for micro_batches in self.optimizer_steps():
+        steps = self.optimizer_steps()
+        following = next(steps, None)
+        self.upcoming = None
+        while following is not None:
+            micro_batches, following = following, next(steps, None)
             set_lr(
                 self.optimizer,
                 lr_at_step(pos.step, total_steps, warmup_steps, self.peak_lr, self.optim.min_lr),
             )
-            flags = self.local_flags() if self.env.distributed else None
-            loss, metrics, images = self.accumulate(micro_batches, flags)
-            grad_norm, applied = self.optimizer_step(loss)
+            loss, metrics, images, grad_norm, applied = self.train_step(micro_batches, following)
             pos.step += 1
             pos.batch += accum
             bar.update(1)
@@ -376,6 +387,21 @@ class TrainLoop:
         self.save(extra.get("files"), keep=bool(keep_every) and pos.epoch % keep_every == 0)
         return metrics
 
+    def train_step(
+        self, micro_batches: list[Any], following: list[Any] | None
+    ) -> tuple[torch.Tensor, Sums, int, torch.Tensor, bool]:
+        """One optimiser step on `micro_batches`, sending the first batch of the `following`
+        step to the device while this one computes (the next call picks it up). Returns the
+        loss, the metric sums, the image count, the gradient norm and whether it was applied."""
+        micro_batches = list(micro_batches)
+        if self.upcoming is not None:  # sent to the device during the previous step
+            micro_batches[0], self.upcoming = self.upcoming, None
+        flags = self.local_flags() if self.env.distributed else None
+        upcoming = following[0] if following is not None else None
+        loss, metrics, images = self.accumulate(micro_batches, flags, upcoming)
+        grad_norm, applied = self.optimizer_step(loss)
+        return loss, metrics, images, grad_norm, applied
+
     def optimizer_steps(self) -> Iterator[list[Any]]:
         """The loader's batches grouped by optimiser step; a ragged tail is left out."""
         group: list[Any] = []
@@ -389,12 +415,29 @@ class TrainLoop:
                 group, remaining = [], remaining - 1
 
     def accumulate(
-        self, micro_batches: list[Any], flags: dict[str, float] | None = None
+        self,
+        micro_batches: list[Any],
+        flags: dict[str, float] | None = None,
+        upcoming: Any = None,
     ) -> tuple[torch.Tensor, Sums, int]:
         """Forward and backward every micro-batch of one step, with global normalisers (their
-        all-reduce also carries the ranks' `flags`, read back by `poll`)."""
+        all-reduce also carries the ranks' `flags`, read back by `poll`).
+
+        Each micro-batch goes to the device once (`TrainingMethod.to_device`), and the next one
+        is sent (decoded, on the device path) right after the current forward is queued, before
+        its backward: the transfer overlaps the computation. `upcoming`, the next step's first
+        loader batch, is sent after this step's last forward; the next call finds it there.
+        """
         method, device, model = self.method, self.env.device, self.engine_model
         last = len(micro_batches) - 1
+        counts = [batch_size(b.raw if isinstance(b, OnDevice) else b) for b in micro_batches]
+        batches = list(micro_batches)
+
+        def ready(j: int) -> Any:
+            if not isinstance(batches[j], OnDevice):
+                batches[j] = OnDevice(method.to_device(batches[j]), batches[j])
+            return batches[j].batch
+
         caches: list[Any] = [None] * len(micro_batches)
         riding = self.step_flags.outgoing(flags) if flags is not None else {}
 
@@ -405,20 +448,24 @@ class TrainLoop:
         normalisers: dict[str, torch.Tensor] | None = None
         if last > 0:  # every denominator of the step is needed before the first backward
             local: dict[str, torch.Tensor] = {}
-            for j, batch in enumerate(micro_batches):
+            for j in range(len(batches)):
                 with autocast(device, self.precision):
-                    caches[j], sums = method.ahead(model, batch)
+                    caches[j], sums = method.ahead(model, ready(j))
                 for name, value in sums.items():
                     local[name] = local.get(name, 0) + value.float()
             normalisers = reduce(local)
         loss = torch.zeros((), device=device)
         metrics: Sums = {}
         images = 0
-        for j, batch in enumerate(micro_batches):
+        for j in range(len(batches)):
             sync = self.strategy.no_sync(model) if j < last else contextlib.nullcontext()
             with sync:
                 with autocast(device, self.precision):
-                    result = method.forward(model, batch, caches[j])
+                    result = method.forward(model, ready(j), caches[j])
+                if j < last:
+                    ready(j + 1)
+                elif upcoming is not None:
+                    self.upcoming = OnDevice(method.to_device(upcoming), upcoming)
                 if normalisers is None:
                     normalisers = reduce(result.normalisers)
                 share = result.share(normalisers)
@@ -427,7 +474,7 @@ class TrainLoop:
             for name, (num, den) in result.metrics.items():
                 old = metrics.get(name)
                 metrics[name] = (num, den) if old is None else (old[0] + num, old[1] + den)
-            images += batch_size(batch)
+            images += counts[j]
         return loss, metrics, images
 
     def optimizer_step(self, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -469,6 +516,14 @@ def checkpoint_activations(model: nn.Module) -> None:
     enable(True)
 
 
+@dataclass
+class OnDevice:
+    """A loader batch already sent to the device (`batch`), with what the loader gave (`raw`)."""
+
+    batch: Any
+    raw: Any
+
+
 def batch_size(batch: Any) -> int:
     first = batch[0] if isinstance(batch, list | tuple) else batch
     return len(first) if isinstance(first, list) else int(first.shape[0])
@@ -497,6 +552,7 @@ def build_loop(
         shuffle=True,
         seed=run_options.seed,
         num_workers=data.num_workers,
+        prefetch_factor=data.prefetch_factor,
         drop_last=True,
         replicas=(env.world_size, env.rank),
         device_type=env.device.type,

@@ -8,6 +8,7 @@ laptop CPU); the paper's ImageNet recipes are YAML presets in `configs/`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -35,27 +36,40 @@ class DataSection:
     (`relative/path label` lines) or a folder of tar shards."""
     num_workers: int = 1
     """Loader worker processes per rank (0 loads in the main process)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead (with workers): raise it when the GPU waits on
+    bursts of slow images, at the cost of host memory."""
     mean: tuple[float, ...] | None = None
     """Normalisation mean; null = the checkpoint's when an evaluation reads one that records
     it, else ImageNet's for RGB and 0.5 for greyscale."""
     std: tuple[float, ...] | None = None
     """Normalisation std; null = as for mean (the checkpoint's, else the defaults)."""
     on_bad_image: Literal["skip", "fail"] = "skip"
-    """A training image that cannot be read: skip (warn, count, use its neighbour) or fail."""
+    """A training image (pre-training, fine-tuning) that cannot be read: skip (warn, count, use
+    its neighbour) or fail. Images an evaluation measures (kNN, probes, validation) always stop
+    it at the first, naming the file: an accuracy over a silently changed set would be wrong."""
     max_bad_fraction: float = 0.01
-    """Stop when more than this fraction of an epoch's images were unreadable."""
+    """Stop when more than this fraction of an epoch's training images were unreadable."""
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     """Images with more pixels are unreadable (checked before decoding)."""
     timeout: float = 600.0
-    """Seconds a loader worker may take for one batch before the run stops (0 = no limit)."""
+    """Seconds a loader worker may take for one batch before the command stops (0 = no
+    limit; every command's loaders, evaluations included)."""
 
     def validate(self) -> None:
         if self.num_workers < 0:
             raise ValueError(f"--data.num_workers must be >= 0, got {self.num_workers}")
+        if self.prefetch_factor < 1:
+            raise ValueError(f"--data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ValueError(
                 f"--data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}"
             )
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if values is not None and not all(math.isfinite(v) for v in values):
+                raise ValueError(f"--data.{name} must be finite numbers, got {list(values)}")
+        if self.std is not None and min(self.std, default=1) <= 0:
+            raise ValueError(f"--data.std must be > 0, got {list(self.std)}")
         if self.max_image_pixels < 1 or self.timeout < 0:
             raise ValueError("--data.max_image_pixels must be >= 1 and --data.timeout >= 0")
         for name in ("mean", "std"):
@@ -130,6 +144,13 @@ class RunSection:
     """auto = bf16 on GPUs and on CPUs with native bf16, else fp32."""
     progress: bool = True
     """Progress bars (only when the output is a terminal; plain lines otherwise)."""
+    threads: int = 0
+    """CPU threads of this process's arithmetic; 0 = auto: the cores it may use, shared among
+    torchrun's processes on the machine. Ignored when OMP_NUM_THREADS is set."""
+
+    def validate(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"--run.threads must be >= 0 (0 = auto), got {self.threads}")
 
 
 @dataclass
@@ -167,6 +188,7 @@ class TrainRunSection(RunSection):
     """With on_nonfinite skip: this many non-finite steps in a row stop the run."""
 
     def validate(self) -> None:
+        super().validate()
         if self.max_skipped_steps < 1:
             raise ValueError(f"--run.max_skipped_steps must be >= 1, got {self.max_skipped_steps}")
         if min(self.save_every_steps, self.keep_every_epochs, self.pictures_every) < 0:

@@ -96,7 +96,7 @@ def inference_batches(
     device = context.device
     loader = build_loader(
         dataset, data.batch_size, shuffle=False, num_workers=data.num_workers,
-        device_type=device.type,
+        prefetch_factor=data.prefetch_factor, device_type=device.type, timeout=data.timeout,
     )  # fmt: skip
     for images, labels in tqdm(loader, desc=desc, disable=not context.progress, leave=False):
         yield images.to(device, non_blocking=True), labels

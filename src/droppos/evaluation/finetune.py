@@ -202,7 +202,9 @@ class FinetuneMethod:
             config.data.batch_size,
             shuffle=False,
             num_workers=config.data.num_workers,
+            prefetch_factor=config.data.prefetch_factor,
             device_type=env.device.type,
+            timeout=config.data.timeout,
         )
         aug = config.augment
         self.mixup = None
@@ -228,13 +230,18 @@ class FinetuneMethod:
     def start_epoch(self, epoch: int, batch: int) -> None:
         self.epoch, self.batch = epoch, batch
 
+    def to_device(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) of a loader batch on the device, once per micro-batch."""
+        device = self.context.device
+        return batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+
     def ahead(self, engine_model: nn.Module, batch: Any) -> tuple[None, dict[str, torch.Tensor]]:
-        return None, {"images": torch.tensor(float(len(batch[1])), device=self.context.device)}
+        count = float(len(batch[1]))
+        return None, {"images": torch.full((), count, device=self.context.device)}
 
     def forward(self, engine_model: nn.Module, batch: Any, cache: None) -> StepResult:
-        device, env = self.context.device, self.context.env
-        images = batch[0].to(device, non_blocking=True)
-        labels = batch[1].to(device, non_blocking=True)
+        env = self.context.env
+        images, labels = batch
         step_seed = sample_seed(
             self.config.run.seed, self.epoch, self.batch * env.world_size + env.rank
         )
@@ -248,7 +255,7 @@ class FinetuneMethod:
             engine_model(images), targets, self.config.augment.label_smoothing
         )
         return StepResult(
-            normalisers={"images": torch.tensor(float(len(labels)), device=device)},
+            normalisers={"images": torch.full((), float(len(labels)), device=labels.device)},
             share=lambda total: loss_sum / total["images"],
             metrics={},
         )

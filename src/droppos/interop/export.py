@@ -79,6 +79,16 @@ def export_checkpoint(
     (average pool, `fc_norm`, `head`). ValueError/FileNotFoundError for a user mistake.
     """
     ExportConfig(str(checkpoint), str(output), timm_name, num_heads).validate()
+    held = [
+        name
+        for name in (WEIGHTS, SIDECAR, MAE_FORMAT, MMSEG_FORMAT)
+        if (Path(output) / name).exists()
+    ]
+    if held:
+        raise ValueError(
+            f"--output {output} already holds an export ({', '.join(held)}): choose another "
+            "folder, or remove those files first"
+        )
     backbone = load_backbone(checkpoint, num_heads)
     name = timm_name or timm_architecture(backbone.encoder)
     if not (name.startswith("vit_") and timm.is_model(name)):

@@ -43,16 +43,32 @@ PRETRAIN, FINETUNE = "pretrain", "finetune"
 # -- reading and writing files -----------------------------------------------------------------
 
 
+# Every partial file droppos writes ends so (`.last.pth.k2j4x9.droppos-partial`): a name no user
+# would choose, so that cleaning up after a killed save can never remove a user's own file.
+PARTIAL_SUFFIX = ".droppos-partial"
+
+
+def umask_mode() -> int:
+    """The mode a plain `open(..., "w")` would give a new file (mkstemp's is always 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save_atomic(state: Mapping[str, Any], path: str | Path) -> Path:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    """Write to a temporary file in the same folder, fsync, then rename over `path` (with the
+    mode the user's umask gives new files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent
+    )
     try:
         with os.fdopen(handle, "wb") as stream:
             torch.save(dict(state), stream)
             stream.flush()
             os.fsync(stream.fileno())
+        os.chmod(temporary, umask_mode())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -92,9 +108,39 @@ def load_object(path: str | Path, whole: bool = True) -> Mapping[str, Any]:
             f"cannot read {path} as a checkpoint: it holds a {type(content).__name__}, "
             "not a dictionary of weights"
         )
+    check_tensors(content, path)
     if whole and isinstance(content.get("shards"), str):
         return with_shards(content, path)
     return content
+
+
+def check_tensors(content: Any, path: Path, where: str = "") -> None:
+    """Every tensor in a loaded file stores the elements it claims. A saved tensor can claim
+    a shape its storage does not hold (stride 0: a 2 KB file that "holds" terabytes): any
+    whole-tensor operation on it (the NaN check, a copy into a model) would allocate the claim.
+    Refused, naming the entry."""
+    if isinstance(content, torch.Tensor):
+        if content.numel() == 0:
+            return
+        reach = 1 + sum(
+            (size - 1) * stride for size, stride in zip(content.shape, content.stride())
+        )
+        stored = content.untyped_storage().nbytes() // max(1, content.element_size())
+        if (
+            any(stride == 0 and size > 1 for size, stride in zip(content.shape, content.stride()))
+            or (content.storage_offset() + reach > stored)
+            or content.numel() > stored
+        ):
+            raise ValueError(
+                f"cannot read {path} as a checkpoint: {where or 'a tensor'} claims "
+                f"{content.numel()} elements but stores {stored} (a crafted or damaged file)"
+            )
+    elif isinstance(content, Mapping):
+        for key, value in content.items():
+            check_tensors(value, path, f"{where}.{key}" if where else str(key))
+    elif isinstance(content, list | tuple):
+        for i, value in enumerate(content):
+            check_tensors(value, path, f"{where}[{i}]")
 
 
 def with_shards(content: Mapping[str, Any], path: Path) -> dict[str, Any]:
@@ -302,7 +348,7 @@ class TrainingCheckpoint:
         if header is None or "position" not in content or not has_weights:
             raise ValueError(
                 f"cannot resume from {where}: not a {PACKAGE} training checkpoint (pick another "
-                "--run.output_dir, or --run.resume null to start afresh)"
+                "--run.output_dir)"
             )
         return cls(
             header=header,

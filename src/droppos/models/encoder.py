@@ -29,6 +29,9 @@ def pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (int(value[0]), int(value[1]))
 
 
+MAX_DEPTH, MAX_WIDTH, MAX_PATCHES, MAX_CHANNELS, MAX_MLP_RATIO = 256, 16384, 65536, 64, 16.0
+
+
 @dataclass
 class EncoderConfig:
     """Shape of the ViT encoder. Defaults are ViT-B/16 at 224."""
@@ -52,6 +55,16 @@ class EncoderConfig:
         if isinstance(self.img_size, list):  # from YAML or JSON
             self.img_size = pair(self.img_size)
         h, w = pair(self.img_size)
+        # Past these no ViT has been trained; a checkpoint's metadata that claims more is a bad
+        # (or hostile) file, refused before any weight is allocated.
+        side = max(1, self.patch_size)
+        bounds = {"depth": (self.depth, MAX_DEPTH), "embed_dim": (self.embed_dim, MAX_WIDTH),
+                  "patches": ((h // side) * (w // side), MAX_PATCHES),
+                  "in_chans": (self.in_chans, MAX_CHANNELS),
+                  "mlp_ratio": (self.mlp_ratio, MAX_MLP_RATIO)}  # fmt: skip
+        for name, (value, bound) in bounds.items():
+            if value > bound:
+                raise ValueError(f"encoder {name} {value} is beyond any ViT (at most {bound})")
         if min(h, w, self.patch_size, self.in_chans, self.embed_dim, self.num_heads) < 1:
             raise ValueError(
                 "encoder img_size, patch_size, in_chans, embed_dim and num_heads must be "
