@@ -21,6 +21,7 @@ from droppos.data.shards import index_shard, write_shard
 from droppos.engine.guards import remove_temporary_files
 from droppos.interop.schema import PARTIAL_SUFFIX, load_object, save_atomic
 from droppos.models import EncoderConfig
+from droppos.visual.jigsaw import picture_batch
 
 POSTSCRIPT = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
 
@@ -301,3 +302,71 @@ def test_export_never_replaces_an_earlier_export_without_a_word(tmp_path, capsys
     assert main(["export", "--checkpoint", "missing.pth", "--output", str(folder)]) == 2
     assert "already holds an export" in capsys.readouterr().err
     assert (folder / "model.safetensors").read_bytes() == b"an earlier export"
+
+
+def test_a_folder_of_someone_elses_files_is_refused_unless_the_user_says_to_use_it(
+    tmp_path, capsys
+):
+    theirs = tmp_path / "results"
+    theirs.mkdir()
+    (theirs / "config.yaml").write_text("their: settings\n")
+    (theirs / "summary.json").write_text('{"their": "numbers"}\n')
+    args = ["pretrain", "--optim.epochs", "1", "--run.output_dir", str(theirs)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds files but no droppos run" in err and len(err.splitlines()) == 1
+    assert (theirs / "config.yaml").read_text() == "their: settings\n"
+    assert main([*args[:-2], "--run.output_dir", str(theirs), "--run.reuse_folder", "true",
+                 "--model.encoder.depth", "1", "--data.num_workers", "0"]) == 0  # fmt: skip
+    assert (theirs / "last.pth").is_file()
+
+
+def test_reading_shards_writes_nothing_into_the_data_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("DROPPOS_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    data.mkdir()
+    with tarfile.open(data / "train-000000.tar", "w") as tar:  # shards from another tool
+        for name, content in (("a.png", PNG_BYTES), ("a.cls", b"0"), ("b.png", PNG_BYTES),
+                              ("b.cls", b"1")):  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    before = sorted(p.name for p in data.iterdir())
+    assert len(build_source(str(data), "train")) == 2
+    assert sorted(p.name for p in data.iterdir()) == before
+    assert list((tmp_path / "cache").rglob("*.idx.json"))  # indexed once, kept in the cache
+
+
+class _RunsACommand:
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+def test_a_pickle_that_would_run_a_command_is_named_not_met_with_torchs_advice(tmp_path):
+    path = tmp_path / "last.pth"
+    torch.save({"model": _RunsACommand()}, path)
+    with pytest.raises(ValueError) as refused:
+        load_object(path)
+    said = str(refused.value)
+    assert "posix.system" in said and "never does" in said
+    assert "weights_only" not in said and "\n" not in said
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"pid": 1e300, "host": "here"}', "\x00\xff"])
+def test_a_lock_file_holding_nonsense_gets_one_line_not_a_traceback(tmp_path, capsys, content):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".droppos.lock").write_text(content)
+    code = main(["pretrain", "--optim.epochs", "1", "--model.encoder.depth", "1",
+                 "--data.num_workers", "0", "--run.output_dir", str(out)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert code == 0 or (code != 0 and len(err.strip().splitlines()) == 1)
+
+
+def test_the_epochs_pictures_pass_over_an_unreadable_pick(tmp_path):
+    folder = tmp_path / "images"
+    _images(folder, count=8)
+    (folder / "4.png").write_bytes(b"not a png")  # picks are 0, 2, 4, 6 of 8
+    images = picture_batch(str(folder), 8, 3, 4, (0.5,) * 3, (0.5,) * 3)
+    assert images.shape == (4, 3, 8, 8)

@@ -194,7 +194,7 @@ def test_export_and_knn_refuse_nan_weights(tmp_path, capsys):
     path = tmp_path / "diverged.pth"
     torch.save({"model": state}, path)
     export = ["export", "--checkpoint", str(path), "--output", str(tmp_path / "x")]
-    knn = ["knn", "--model.checkpoint", str(path), "--run.output_dir", str(tmp_path)]
+    knn = ["knn", "--model.checkpoint", str(path), "--run.output_dir", str(tmp_path / "knn")]
     for command in (export, knn):
         assert main(command) == 2
         err = capsys.readouterr().err.strip()

@@ -13,6 +13,7 @@ stream objects is not supported.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -24,6 +25,7 @@ from typing import Any
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from droppos._version import PACKAGE
 from droppos.data.decode import (
     DEFAULT_MAX_IMAGE_PIXELS,
     BadImageError,
@@ -50,17 +52,30 @@ def shard_paths(folder: str | Path, split: str) -> list[Path]:
     return found
 
 
-def index_shard(path: Path) -> list[dict[str, Any]]:
-    """[{key, offset, size, label}] of one shard, read from its cached index when that was made
-    from this very file and holds sane entries, else by
-    walking the tar headers once (data is skipped, not read). A file that is not a whole tar
-    (empty, gzip, garbage, truncated, even at a member's boundary) is refused in one line."""
+def cache_folder() -> Path:
+    """Where a reader keeps the shard indexes it makes: `$DROPPOS_CACHE`, else
+    `$XDG_CACHE_HOME/droppos`, else `~/.cache/droppos`. Never the data folder: reading data
+    writes nothing into it."""
+    if os.environ.get("DROPPOS_CACHE"):
+        return Path(os.environ["DROPPOS_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / PACKAGE
+
+
+def index_shard(path: Path, beside: bool = False) -> list[dict[str, Any]]:
+    """[{key, offset, size, label}] of one shard, read from an index made from this very file
+    with sane entries (the one `write-shards` left beside it, else the reader's cache), else
+    by walking the tar headers once (data is skipped, not read) and caching that in
+    `cache_folder()` (or beside the shard, for `write-shards`' own output: `beside`). A file
+    that is not a whole tar (empty, gzip, garbage, truncated, even at a member's boundary) is
+    refused in one line."""
     status = path.stat()
     # "This very file": its size, modification time and inode change time, in nanoseconds. A
     # copy keeps the first two when asked (`cp -p`, rsync -t), never the third.
     made_from = [status.st_size, status.st_mtime_ns, status.st_ctime_ns]
-    cache = path.with_name(path.name + INDEX_SUFFIX)
-    if cache.is_file():
+    next_to = path.with_name(path.name + INDEX_SUFFIX)
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:20]
+    cached = cache_folder() / "shard-index" / f"{digest}{INDEX_SUFFIX}"
+    for cache in (next_to, cached):
         with contextlib.suppress(ValueError, OSError, TypeError, KeyError):
             saved = json.loads(cache.read_text())
             if saved["shard"] == made_from:
@@ -98,8 +113,10 @@ def index_shard(path: Path) -> list[dict[str, Any]]:
         for key, (offset, size) in images.items()
     ]
     content = {"shard": made_from, "entries": entries}
-    with contextlib.suppress(OSError):  # a read-only data set: index again next time
-        write_atomically(cache, json.dumps(content))
+    with contextlib.suppress(OSError):  # no writable cache: index again next time
+        target = next_to if beside else cached
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(target, json.dumps(content))
     return entries
 
 
@@ -229,7 +246,7 @@ def write_shard(path: Path, samples: Iterable[tuple[str, bytes, str, int]]) -> N
         for key, data, suffix, label in samples:
             _add(tar, f"{key}.{suffix}", data)
             _add(tar, f"{key}.cls", str(label).encode())
-    index_shard(path)
+    index_shard(path, beside=True)
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -13,6 +13,7 @@ from droppos.engine.distributed import DistEnv, init_distributed
 from droppos.engine.logging import show_progress
 from droppos.engine.precision import resolve_precision
 from droppos.engine.sections import RunSection
+from droppos.interop.schema import PARTIAL_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,36 @@ def compute_threads(requested: int) -> int:
     return max(1, CORES // local_processes)
 
 
-def check_output_dir(folder: Path) -> None:
+# Left in every output folder a droppos command writes to: what tells a folder of droppos
+# runs (which commands may write into again) from a folder of someone else's files.
+RUN_MARKER = ".droppos-run"
+
+
+def holds_a_run(folder: Path) -> bool:
+    """Whether `folder` is droppos's: its marker, or (from before the marker) a checkpoint or
+    a lock."""
+    return any((folder / name).exists() for name in (RUN_MARKER, "last.pth", ".droppos.lock"))
+
+
+def check_output_dir(folder: Path, reuse: bool = False) -> None:
     """Refuse, before any work, an output folder that is a file or cannot be written (a
-    command would otherwise find out only when it saves, after the work)."""
+    command would otherwise find out only when it saves, after the work), and one that holds
+    files but no droppos run (its `config.yaml` or `summary.json` would be overwritten)
+    unless `reuse` (`--run.reuse_folder`)."""
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--run.output_dir {folder} is a file, not a folder: choose another")
+    if folder.is_dir() and not reuse and not holds_a_run(folder):
+        foreign = sorted(
+            p.name
+            for p in folder.iterdir()
+            if not (p.name.startswith(".droppos") or p.name.endswith(PARTIAL_SUFFIX))
+        )
+        if foreign:
+            raise ValueError(
+                f"--run.output_dir {folder} holds files but no droppos run ("
+                f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): choose a new "
+                "or empty folder, or pass --run.reuse_folder true to write into it"
+            )
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -85,11 +111,14 @@ def start(run: RunSection) -> RunContext:
     CPU threads (`compute_threads`), and seed torch with the same seed on every rank: every
     rank initialises the same model (FSDP keeps each rank's own shard of it; nothing is
     broadcast)."""
-    check_output_dir(Path(run.output_dir))
+    check_output_dir(Path(run.output_dir), run.reuse_folder)
     threads = compute_threads(run.threads)
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(threads)
     env = init_distributed(run.device)
+    if env.is_main:
+        Path(run.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run.output_dir) / RUN_MARKER).touch()
     precision = resolve_precision(run.precision, env.device)
     torch.manual_seed(run.seed)
     return RunContext(

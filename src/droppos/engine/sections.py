@@ -136,6 +136,9 @@ class RunSection:
 
     output_dir: str = "runs/eval"
     """Folder for this run's outputs."""
+    reuse_folder: bool = False
+    """Write into an output folder that already holds files but no droppos run (they may be
+    overwritten); without it such a folder is refused."""
     seed: int = 0
     """Seed of everything random (augmentation, masks, initialisation)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

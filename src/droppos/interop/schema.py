@@ -176,7 +176,12 @@ def file_kind(path: Path) -> str | None:
 def why_unreadable(error: BaseException) -> str:
     """A torch.load / safetensors failure in words a user can act on."""
     text = str(error).strip()
-    if "Unsupported global" in text or "WeightsUnpickler" in text:
+    if (
+        "Unsupported global" in text
+        or "WeightsUnpickler" in text
+        or "unsupported GLOBAL" in text
+        or "Weights only load failed" in text
+    ):
         blocked = re.search(r"GLOBAL ([\w.]+)", text)
         what = f" ({blocked.group(1)})" if blocked else ""
         return (

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 from droppos.data.catalog import build_source
+from droppos.data.decode import BadImageError
 from droppos.data.sources import Share, alone
 from droppos.data.transforms import eval_transform
 
@@ -176,7 +178,8 @@ def picture_batch(
     mean: tuple[float, ...], std: tuple[float, ...], share: Share = alone,
 ) -> torch.Tensor:  # fmt: skip
     """`count` images spread over the val split of `source` (else its train split), in the
-    deterministic evaluation view: [count, C, H, W]."""
+    deterministic evaluation view: [count, C, H, W]. An unreadable pick gives way to its next
+    readable neighbour (a picture is no reason to stop a run)."""
     try:
         dataset = build_source(source, "val", share=share)
     except ValueError:
@@ -184,4 +187,17 @@ def picture_batch(
     transform = eval_transform(img_size, in_chans, mean, std)
     size = len(dataset)  # type: ignore[arg-type]
     picks = sorted({round(i * size / count) for i in range(count)} - {size})
-    return torch.stack([transform(dataset[i][0]) for i in picks])
+    found = (_readable_from(dataset, i, size) for i in picks)
+    images = [image for image in found if image is not None]
+    if not images:
+        raise BadImageError(f"no readable image among the first picks of {source}")
+    return torch.stack([transform(image) for image in images])
+
+
+def _readable_from(dataset: Any, start: int, size: int) -> Any:
+    for index in range(start, min(size, start + 16)):
+        try:
+            return dataset[index][0]
+        except BadImageError:
+            continue
+    return None
