@@ -6,7 +6,9 @@ from __future__ import annotations
 import io
 import os
 import stat
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -370,3 +372,18 @@ def test_the_epochs_pictures_pass_over_an_unreadable_pick(tmp_path):
     (folder / "4.png").write_bytes(b"not a png")  # picks are 0, 2, 4, 6 of 8
     images = picture_batch(str(folder), 8, 3, 4, (0.5,) * 3, (0.5,) * 3)
     assert images.shape == (4, 3, 8, 8)
+
+
+@pytest.mark.parametrize("decode", ["draft", "device"])
+def test_a_pixel_limit_above_pillows_own_holds_on_the_draft_and_device_paths(tmp_path, decode):
+    def chunk(kind, data):
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    path = tmp_path / "wide.png"  # 20000 x 20000: past twice Pillow's default bomb limit
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    lazy = read_image(path, path, 500_000_000, decode)  # the user's limit: 500 M pixels
+    assert lazy.size == (20000, 20000)
+    with pytest.raises(BadImageError, match=r"more than --data\.max_image_pixels"):
+        read_image(path, path, 100_000_000, decode)

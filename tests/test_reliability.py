@@ -170,6 +170,19 @@ def test_a_non_finite_step_stops_before_anything_is_saved(
     strict_json_lines(out / "metrics.jsonl")
 
 
+def test_a_non_finite_step_after_resume_from_elsewhere_names_the_checkpoint_that_exists(
+    tmp_path, folder_with_bad_images, monkeypatch, capsys
+):
+    first, second = tmp_path / "first", tmp_path / "second"
+    args = tiny_args(first, folder_with_bad_images, "--data.max_bad_fraction", "1")
+    assert main([*args, "--optim.epochs", "1"]) == 0
+    poison_step(monkeypatch, at_step=1)
+    resumed = tiny_args(second, folder_with_bad_images, "--data.max_bad_fraction", "1")
+    assert main([*resumed, "--run.resume", str(first / "last.pth")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(first / "last.pth") in err and str(second / "last.pth") not in err
+
+
 def test_skip_mode_skips_and_counts_non_finite_steps(
     tmp_path, folder_with_bad_images, monkeypatch, capsys
 ):
