@@ -4,7 +4,7 @@ Importing this package registers the built-in ones; a new method is its module p
 in the import below.
 """
 
-from droppos.methods import droppos, mae  # noqa: F401  (registers the built-in methods)
+from droppos.methods import droppos, mae, mp3  # noqa: F401  (registers the built-in methods)
 from droppos.methods.base import PretrainingMethod
 from droppos.methods.registry import (
     create_model,

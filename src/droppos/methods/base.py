@@ -29,7 +29,9 @@ from droppos.engine.context import RunContext
 from droppos.engine.loop import StepResult
 from droppos.interop.backbone import load_original_checkpoint
 from droppos.interop.schema import PretrainedModel, from_plain, to_plain
+from droppos.methods.monitors import Monitors
 from droppos.models.encoder import EncoderConfig, pair
+from droppos.objective.smoothing import PositionTargets
 from droppos.visual.jigsaw import JigsawView, draw_jigsaw, picture_batch, save_pictures
 
 PICTURES = 4  # images drawn every --run.pictures_every epochs
@@ -55,6 +57,8 @@ class PretrainingMethod:
     Model: ClassVar[type[nn.Module]]
     """Its model, built from a `Config` (a ViTEncoder subclass: timm names for the encoder)."""
     split_invariant = True  # masks and augmentation are per sample, nothing per rank
+    position_accuracy_of: ClassVar[str] = "its tokens"
+    """What a `position_accuracy` metric of the method counts, for the closing line."""
 
     # -- what every method declares ------------------------------------------------------------
 
@@ -126,6 +130,7 @@ class PretrainingMethod:
         self._normalise = DeviceNormaliser(*self.normalisation(), self.device)
         self._decode_stream: Any = None
         self.training_set: Any = None  # set by the pretrain command: replacements of bad images
+        self._monitors: Monitors | bool | None = None  # built when first due; False: none
         self.init_state()
 
     def init_state(self) -> None:
@@ -155,6 +160,11 @@ class PretrainingMethod:
         self, engine_model: nn.Module, epoch: int, metrics: dict[str, float]
     ) -> dict[str, Any]:
         found: dict[str, Any] = {"metrics": self.epoch_metrics(epoch)}
+        if self.monitors_due(epoch):
+            if self._monitors is None:
+                self._monitors = Monitors.for_run(self.config, self.context) or False
+            if self._monitors:  # on every rank: features are extracted sharded
+                found["metrics"].update(self._monitors.measure(self.model))
         every = self.config.run.pictures_every
         if every and (epoch + 1) % every == 0 and self.draws_jigsaw():
             pictures = self.pictures(epoch)  # on every rank: a sharded model runs collectively
@@ -162,8 +172,26 @@ class PretrainingMethod:
                 found["images"] = pictures
         return found
 
+    def monitors_due(self, epoch: int) -> bool:
+        """`--run.monitor_every N`: after every N-th epoch and the last; 0: the last only;
+        -1: never."""
+        every = getattr(self.config.run, "monitor_every", -1)
+        last = epoch + 1 == self.config.optim.epochs
+        return every >= 0 and (last or (every > 0 and (epoch + 1) % every == 0))
+
     def epoch_line(self, metrics: dict[str, float]) -> str:
-        return f"loss {metrics.get('loss', float('nan')):.4f}"
+        """The console's epoch line: the loss, the position accuracy of a method that reports
+        one, and the monitors when they ran."""
+        line = f"loss {metrics.get('loss', float('nan')):.4f}"
+        accuracy = metrics.get("position_accuracy")
+        if accuracy is not None:
+            chance = metrics["chance_position_accuracy"]
+            line += f" position accuracy {accuracy:.3f} (chance {chance:.3f})"
+        if "monitor_knn_top1" in metrics:
+            line += f" | monitors: kNN {metrics['monitor_knn_top1']:.1f}"
+        if "monitor_position_top1" in metrics:
+            line += f", position probe {metrics['monitor_position_top1']:.1f}"
+        return line
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -271,3 +299,29 @@ def draw_pictures(
     view = method.jigsaw(model, images, noise)
     model.train(was_training)
     return [] if view is None else draw_jigsaw(images, view, mean, std)
+
+
+class PositionPretext(PretrainingMethod):
+    """A method that classifies patches into grid positions against soft targets: its model
+    section has `smoothing_sigma` and `smoothing_decay`; the engine hands the epoch's target map
+    [L, L] to the model (as a tensor, so a compiled graph is built once) and logs the sigma and
+    the chance level of its `position_accuracy`."""
+
+    def init_state(self) -> None:
+        cfg = self.config.model
+        self.targets = PositionTargets(
+            cfg.encoder.grid_size,
+            cfg.smoothing_sigma,
+            decay=cfg.smoothing_decay,
+            total_epochs=self.config.optim.epochs,
+        )
+        self.target_map: torch.Tensor | None = None
+
+    def start_epoch(self, epoch: int, batch: int) -> None:
+        self.target_map = self.targets.at_epoch(epoch, self.device)
+
+    def epoch_metrics(self, epoch: int) -> dict[str, float]:
+        return {
+            "sigma": self.targets.sigma(epoch),
+            "chance_position_accuracy": 1.0 / self.config.model.encoder.num_patches,
+        }

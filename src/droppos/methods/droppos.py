@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from droppos.methods.base import PretrainBatch, PretrainingMethod
+from droppos.methods.base import PositionPretext, PretrainBatch
 from droppos.methods.registry import register_method
 from droppos.models.encoder import EncoderConfig, ViTEncoder, init_weights, transformer_blocks
 from droppos.models.pixel_decoder import PixelDecoderConfig, PixelDecoderParts, reconstruct_pixels
@@ -38,7 +38,7 @@ from droppos.objective.masking import (
     random_patch_mask,
     random_position_drop,
 )
-from droppos.objective.smoothing import PositionTargets, smoothing_map
+from droppos.objective.smoothing import smoothing_map
 from droppos.visual.jigsaw import JigsawView
 
 MaskTokenKind = Literal["learnable", "zeros", "wrong_pos"]
@@ -408,12 +408,13 @@ class DropPosModel(ViTEncoder):
 
 
 @register_method
-class DropPos(PretrainingMethod):
+class DropPos(PositionPretext):
     """The DropPos step: soft targets of the epoch in, global position (and pixel) loss out."""
 
     name = "droppos"
     Config = DropPosConfig
     Model = DropPosModel
+    position_accuracy_of = "dropped tokens"
 
     @classmethod
     def demo_config(cls) -> DropPosConfig:
@@ -435,19 +436,6 @@ class DropPos(PretrainingMethod):
     @classmethod
     def noise_lengths(cls, config: DropPosConfig) -> tuple[int, ...]:
         return (config.encoder.num_patches, config.num_visible)
-
-    def init_state(self) -> None:
-        cfg: DropPosConfig = self.config.model
-        self.targets = PositionTargets(
-            cfg.encoder.grid_size,
-            cfg.smoothing_sigma,
-            decay=cfg.smoothing_decay,
-            total_epochs=self.config.optim.epochs,
-        )
-        self.target_map: torch.Tensor | None = None
-
-    def start_epoch(self, epoch: int, batch: int) -> None:
-        self.target_map = self.targets.at_epoch(epoch, self.device)
 
     def ahead(
         self, engine_model: nn.Module, batch: PretrainBatch
@@ -481,20 +469,6 @@ class DropPos(PretrainingMethod):
             lambda total: output.global_loss(total["position"], total.get("pixel")),
             output.metric_sums(),
         )
-
-    def epoch_metrics(self, epoch: int) -> dict[str, float]:
-        return {
-            "sigma": self.targets.sigma(epoch),
-            "chance_position_accuracy": 1.0 / self.config.model.encoder.num_patches,
-        }
-
-    def epoch_line(self, metrics: dict[str, float]) -> str:
-        line = super().epoch_line(metrics)
-        accuracy = metrics.get("position_accuracy")
-        if accuracy is None:
-            return line
-        chance = metrics["chance_position_accuracy"]
-        return f"{line} position accuracy {accuracy:.3f} (chance {chance:.3f})"
 
     @classmethod
     @torch.no_grad()

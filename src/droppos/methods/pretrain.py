@@ -44,6 +44,23 @@ class PretrainDataSection(DataSection):
         check_crop_scale("--data.crop_scale", self.crop_scale)
 
 
+@dataclass
+class PretrainRunSection(TrainRunSection):
+    """Where outputs go, precision, checkpoints, logging and monitors of a pre-training run."""
+
+    monitor_every: int = 5
+    """Measure the features (a kNN top-1 on held-out images, a position-probe top-1) after
+    every N epochs and after the last; 0: after the last only (the ImageNet presets); -1:
+    never."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.monitor_every < -1:
+            raise ValueError(
+                f"--run.monitor_every must be >= -1 (-1 = never), got {self.monitor_every}"
+            )
+
+
 def demo_models() -> dict[str, Any]:
     """Each registered method's demo model: what `--model.name NAME` starts from."""
     return {name: method_named(name).demo_config for name in method_names()}
@@ -60,7 +77,7 @@ class PretrainConfig(Sections):
     )
     data: PretrainDataSection = field(default_factory=PretrainDataSection)
     optim: OptimSection = field(default_factory=OptimSection)
-    run: TrainRunSection = field(default_factory=TrainRunSection)
+    run: PretrainRunSection = field(default_factory=PretrainRunSection)
 
     def validate(self) -> None:
         """Catch user mistakes before any work starts (each error says what to change)."""
@@ -127,7 +144,8 @@ def run(config: PretrainConfig) -> str | None:
     if "position_accuracy" in summary:
         chance = summary["chance_position_accuracy"]
         return (
-            f"{done}position accuracy on dropped tokens {summary['position_accuracy']:.3f} "
+            f"{done}position accuracy on {loop.method.position_accuracy_of} "
+            f"{summary['position_accuracy']:.3f} "
             f"(chance {chance:.3f})"
         )
     return f"{done}loss {summary['loss']:.4f}"

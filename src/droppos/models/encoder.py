@@ -118,39 +118,53 @@ def init_weights(module: nn.Module) -> None:
 class EncoderBlock(Block):
     """timm's pre-norm Block (its parameter names), which can also compute only some rows."""
 
-    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """x [N, T, D] -> the block's output [N, T, D], or with `rows` [N, R] its output at those
-        rows only [N, R, D] (through `forward`, so a sharded block gathers its parameters)."""
-        if rows is None:
+    def forward(
+        self, x: torch.Tensor, rows: torch.Tensor | None = None, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [N, T, D] -> the block's output [N, T, D]; with `rows` [N, R] its output at those
+        rows only [N, R, D]; with `context` [N, C] its output when only the rows `context` are
+        attended to (keys and values from them alone; every row queries). Both through
+        `forward`, so that a sharded block gathers its parameters."""
+        if rows is None and context is None:
             return super().forward(x)
-        return _block_at_rows(self, x, rows)
+        return _block_at_rows(self, x, rows, context)
 
 
-def _block_at_rows(block: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """`block(x)` [N, T, D] gathered at `rows` [N, R], computed without the other rows' queries.
+def _block_at_rows(
+    block: Block, x: torch.Tensor, rows: torch.Tensor | None, context: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`block(x)` [N, T, D] computed for the query rows `rows` [N, R] only (all rows when None),
+    attending to the rows `context` [N, C] only (all rows when None).
 
-    Keys and values come from every token, so attention is exactly the full block's; the
-    queries, output projection and MLP of rows nobody reads are never computed.
+    Without `context`, keys and values come from every token, so attention is exactly the full
+    block's; the queries, output projection and MLP of rows nobody reads are never computed.
+    With it, keys and values are computed for the context rows alone (MP3's attention).
     """
     attn = block.attn
-    index = rows[..., None].expand(-1, -1, x.shape[-1])
     if getattr(attn, "gate", None) is not None:  # a gated variant: nothing to save safely
+        if context is not None:
+            raise NotImplementedError("context attention needs timm's plain Attention")
+        index = rows[..., None].expand(-1, -1, x.shape[-1])  # type: ignore[index]
         return torch.gather(Block.forward(block, x), 1, index)
-    n, t, _ = x.shape
+
+    def gather(values: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        if ids is None:
+            return values
+        return torch.gather(values, 1, ids[..., None].expand(-1, -1, values.shape[-1]))
+
+    n = x.shape[0]
     heads, head_dim = attn.num_heads, attn.head_dim
     width = heads * head_dim
-    picked = torch.gather(x, 1, index)
+    picked = gather(x, rows)
     normed = block.norm1(x)
-    normed_picked = torch.gather(normed, 1, index)
     q_weight, kv_weight = attn.qkv.weight.split([width, 2 * width])
     q_bias, kv_bias = (
         (None, None) if attn.qkv.bias is None else attn.qkv.bias.split([width, 2 * width])
     )
-    q = F.linear(normed_picked, q_weight, q_bias).view(n, -1, heads, head_dim).transpose(1, 2)
-    k, v = (
-        F.linear(normed, kv_weight, kv_bias).view(n, t, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
-    )
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q = F.linear(gather(normed, rows), q_weight, q_bias).view(n, -1, heads, head_dim)
+    kv = F.linear(gather(normed, context), kv_weight, kv_bias).view(n, -1, 2, heads, head_dim)
+    k, v = kv.permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(q.transpose(1, 2)), attn.k_norm(k)
     dropout = attn.attn_drop.p if block.training else 0.0
     out = (
         F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)

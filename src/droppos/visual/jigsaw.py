@@ -113,6 +113,8 @@ class JigsawView:
     dropped: torch.Tensor
     logits: torch.Tensor
     attention: torch.Tensor
+    titles: tuple[str, ...] = PANELS
+    """The five panels' titles (a method names its own visible set and heat map)."""
 
 
 @torch.no_grad()
@@ -158,7 +160,7 @@ def draw_jigsaw(
             cell_map(errors, grid, p),
             cell_map(heat(weights / max(weights.max(), 1e-12)), grid, p),
         ]
-        pictures.append(compose(panels, PANELS))
+        pictures.append(compose(panels, view.titles))
     return pictures
 
 
