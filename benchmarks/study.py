@@ -488,13 +488,21 @@ def plot(summaries: list[dict[str, Any]], rows: list[Row], root: Path, report: P
     plt.close(figure)
 
 
-def ensure_fashion_mnist() -> None:
-    """Install Debian's dataset-fashion-mnist when it is missing (the study's data)."""
+def ensure_fashion_mnist(install: bool) -> None:
+    """The study's data: Debian's dataset-fashion-mnist. Installed only when asked
+    (`--install-data`); otherwise the command to run is said and the study stops."""
     if Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
         return
     sudo = [] if os.geteuid() == 0 else ["sudo"]
+    commands = (["apt-get", "update"], ["apt-get", "install", "-y", "dataset-fashion-mnist"])
+    if not install:
+        said = " && ".join(" ".join([*sudo, *command]) for command in commands)
+        raise SystemExit(
+            f"the study needs Fashion-MNIST: run `{said}`, or pass --install-data to let the "
+            "study run it, or --source fashion-mnist:DIR for the IDX files elsewhere"
+        )
     print("installing the Debian package dataset-fashion-mnist", flush=True)
-    for command in (["apt-get", "update"], ["apt-get", "install", "-y", "dataset-fashion-mnist"]):
+    for command in commands:
         subprocess.run([*sudo, *command], check=True, capture_output=True)
 
 
@@ -514,10 +522,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=None, help="cap the seeds of every row")
     parser.add_argument("--smoke", action="store_true",
                         help="a few steps on the embedded demo set (what CI runs)")  # fmt: skip
+    parser.add_argument("--install-data", action="store_true",
+                        help="apt-get install dataset-fashion-mnist if missing")  # fmt: skip
     args = parser.parse_args(argv)
     WHERE.source, WHERE.device, WHERE.workers = args.source, torch.device(args.device), args.workers
     if not args.smoke and args.source == "fashion-mnist":
-        ensure_fashion_mnist()
+        ensure_fashion_mnist(args.install_data)
     rows = [ROWS_BY_NAME[name] for name in args.rows]
     views = EvalViews(args.smoke)
     started = time.perf_counter()

@@ -103,7 +103,7 @@ def crash_after_saves(monkeypatch, count):
 def test_an_interrupted_run_resumes_to_the_same_weights(
     tmp_path, image_folder, monkeypatch, extra, crash_at
 ):
-    main(tiny_args(tmp_path / "straight", image_folder, *extra))
+    assert main(tiny_args(tmp_path / "straight", image_folder, *extra)) == 0
 
     interrupted = tmp_path / "interrupted"
     with monkeypatch.context() as patch:
@@ -317,7 +317,7 @@ def test_resume_converts_the_same_global_batch_split_differently(
     tmp_path, image_folder, monkeypatch
 ):
     straight = tmp_path / "straight"
-    main(tiny_args(straight, image_folder, "--optim.batch_size", "8"))
+    assert main(tiny_args(straight, image_folder, "--optim.batch_size", "8")) == 0
     split = tmp_path / "split"
     accumulated = ("--optim.batch_size", "4", "--optim.accum_steps", "2",
                    "--run.save_every_steps", "1")  # fmt: skip

@@ -196,7 +196,12 @@ def test_skip_mode_skips_and_counts_non_finite_steps(
     assert all(v.isfinite().all() for v in weights.values() if v.is_floating_point())
     for record in strict_json_lines(out / "metrics.jsonl"):
         assert record.get("loss") is None or np.isfinite(record["loss"])
-    assert json.loads((out / "summary.json").read_text(), parse_constant=float.__call__)
+
+    def refuse(value):
+        raise ValueError(f"non-finite {value} in summary.json")
+
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=refuse)
+    assert np.isfinite(summary["loss"]) and "skipped_steps" not in summary  # the last epoch's
 
 
 def test_export_and_knn_refuse_nan_weights(tmp_path, capsys):
@@ -332,8 +337,10 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, folder_with_bad_ima
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (("--optim.e", "3"), "unknown option --optim.e"),
+        (("--optim.e", "3"), "unknown option --optim.e; did you mean --optim.epochs?"),
         (("--optim.epochz", "3"), "did you mean --optim.epochs?"),
+        (("--optm.epochs", "3"), "did you mean --optim.epochs?"),
+        (("--data.epochs", "3"), "did you mean --optim.epochs?"),
         (("--optim.epochs", "abc"), "--optim.epochs: expected int, got 'abc'"),
         (("--run.precision", "fp8"), "expected one of 'auto', 'fp32', 'bf16', 'fp16'"),
         (("--config", "vit_huge_in1k"), "presets: finetune_vit_base_in1k"),

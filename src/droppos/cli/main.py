@@ -105,6 +105,21 @@ class Parser(ArgumentParser):
         raise UsageError(usage_line(message, self))
 
 
+def closest_option(option: str, known: list[str]) -> str | None:
+    """The option a typo most likely meant: one the typed text begins (`--optim.e` ->
+    `--optim.epochs`, the shortest such), else the closest spelling in any section
+    (`--optm.epochs` -> `--optim.epochs`), else None. Never applied, only suggested."""
+    started = [k for k in known if k.startswith(option) and k != option]
+    if started:
+        return min(started, key=len)
+    close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    leaf = option.rsplit(".", 1)[-1]  # the right name in the wrong section
+    elsewhere = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
+    return elsewhere[0] if elsewhere else None
+
+
 def usage_line(message: str, parser: ArgumentParser) -> str:
     """jsonargparse's message, cut to the line that matters, with a suggestion for a typo."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
@@ -120,8 +135,8 @@ def usage_line(message: str, parser: ArgumentParser) -> str:
     if unknown:
         option = "--" + unknown.group(1).split("=")[0].removeprefix("--")
         known = [o for a in parser._actions for o in a.option_strings if "." in o]
-        close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]}?" if close else ""
+        close = closest_option(option, known)
+        hint = f"; did you mean {close}?" if close else ""
         return f"unknown option {option}{hint} (--help lists them)"
     for line in lines:  # a wrong value: jsonargparse names the key, then the reason
         if line.startswith(("Parser key", "Key ")):

@@ -181,9 +181,6 @@ class TrainRunSection(RunSection):
     """Optimizer steps between progress/JSON-line updates (each costs one host sync)."""
     tensorboard: bool = True
     """Mirror the metrics to TensorBoard (output_dir/tensorboard)."""
-    pictures_every: int = 5
-    """Every N epochs, draw the jigsaw DropPos solves on a few images into output_dir/pictures
-    and TensorBoard (0 = never)."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A non-finite loss or gradient norm: stop (nothing non-finite is saved) or skip the step
     (reads one value from the device per step)."""
@@ -194,10 +191,7 @@ class TrainRunSection(RunSection):
         super().validate()
         if self.max_skipped_steps < 1:
             raise ValueError(f"--run.max_skipped_steps must be >= 1, got {self.max_skipped_steps}")
-        if min(self.save_every_steps, self.keep_every_epochs, self.pictures_every) < 0:
-            raise ValueError(
-                "--run.save_every_steps, --run.keep_every_epochs and --run.pictures_every must "
-                "be >= 0"
-            )
+        if min(self.save_every_steps, self.keep_every_epochs) < 0:
+            raise ValueError("--run.save_every_steps and --run.keep_every_epochs must be >= 0")
         if self.log_every < 1:
             raise ValueError(f"--run.log_every must be >= 1, got {self.log_every}")

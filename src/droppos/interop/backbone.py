@@ -134,8 +134,11 @@ class Backbone:
 
     @property
     def global_pool(self) -> str:
-        """How a fine-tuned head pools (its LayerNorm marks the average-pooled MAE head)."""
-        return "avg" if self.has_fc_norm else "token"
+        """How the exported model pools: a fine-tuned head as it was trained (its LayerNorm
+        marks MAE's average-pooled head, else `[CLS]`); an encoder without a head by the mean
+        final-norm patch token, the feature droppos's kNN and linear probe read by default, so
+        that a timm user gets the feature behind droppos's numbers."""
+        return "avg" if self.has_fc_norm or self.num_classes == 0 else "token"
 
 
 def load_backbone(
