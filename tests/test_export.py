@@ -230,3 +230,17 @@ def test_mmseg_attention_with_the_exported_biases_equals_the_encoders():
             got = mmseg_beit_attention(x, state, f"layers.{i}.attn", block.attn.num_heads)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
         assert f"layers.{i}.attn.qkv.bias" not in state
+
+
+def test_the_hf_folder_loads_offline_into_transformers_with_the_same_features(
+    tmp_path, pretrained, monkeypatch
+):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    export(pretrained, tmp_path)
+    model = transformers.ViTModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False)
+    images = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        theirs = model.eval()(pixel_values=images).last_hidden_state
+        ours = droppos_encoder(pretrained).forward_features(images)
+    torch.testing.assert_close(theirs, ours, **TOLERANCE)

@@ -16,6 +16,7 @@ One export writes, into one folder:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,14 @@ from safetensors.torch import save_file
 
 from droppos.data.transforms import default_mean_std
 from droppos.interop.backbone import Backbone, build_vit, load_backbone
-from droppos.interop.formats import mae_state, mmseg_state
+from droppos.interop.formats import hf_vit_config, hf_vit_state, mae_state, mmseg_state
 from droppos.interop.schema import SIDECAR, ExportSidecar, provenance
 from droppos.models.encoder import EncoderConfig, pair
 from droppos.models.sizes import ENCODER_SIZES
 
 DEFAULT_CHECKPOINT = "runs/pretrain/last.pth"
 WEIGHTS, MAE_FORMAT, MMSEG_FORMAT = "model.safetensors", "mae_format.pth", "mmseg_mae.pth"
+HF_FOLDER = "hf"  # the Hugging Face folder: its own config.json and model.safetensors
 
 
 @dataclass
@@ -81,7 +83,7 @@ def export_checkpoint(
     ExportConfig(str(checkpoint), str(output), timm_name, num_heads).validate()
     held = [
         name
-        for name in (WEIGHTS, SIDECAR, MAE_FORMAT, MMSEG_FORMAT)
+        for name in (WEIGHTS, SIDECAR, MAE_FORMAT, MMSEG_FORMAT, HF_FOLDER)
         if (Path(output) / name).exists()
     ]
     if held:
@@ -120,7 +122,16 @@ def export_checkpoint(
     sidecar(backbone, name, source).write(folder)
     torch.save(mae_state(state), files.mae_format)
     torch.save(mmseg_state(state), files.mmseg_format)
+    write_hf_folder(folder / HF_FOLDER, state, files.model_args)
     return files
+
+
+def write_hf_folder(folder: Path, state: dict[str, torch.Tensor], args: dict[str, Any]) -> None:
+    """A folder `transformers.ViTModel.from_pretrained(folder)` loads offline: the encoder
+    under Hugging Face's names and its `config.json` (transformers is not needed to write it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(hf_vit_state(state), str(folder / WEIGHTS), metadata={"format": "pt"})
+    (folder / SIDECAR).write_text(json.dumps(hf_vit_config(args), indent=2) + "\n")
 
 
 def timm_architecture(encoder: EncoderConfig) -> str:
@@ -175,6 +186,8 @@ def run(config: ExportConfig) -> str:
     return (
         f"exported {config.checkpoint} to {files.folder}: {files.weights.name} + "
         f"{files.config.name} (timm {files.timm_name}), {files.mae_format.name} (Detectron2 "
-        f"ViTDet / MAE), {files.mmseg_format.name} (MMSegmentation MAE)\n"
+        f"ViTDet / MAE), {files.mmseg_format.name} (MMSegmentation MAE), {HF_FOLDER}/ "
+        f"(Hugging Face ViTModel)\n"
         f'load: timm.create_model("local-dir:{files.folder}", pretrained=True, num_classes=...)'
+        f' or transformers.ViTModel.from_pretrained("{files.folder / HF_FOLDER}")'
     )

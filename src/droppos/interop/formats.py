@@ -52,3 +52,65 @@ def mae_state(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """MAE's release format, `{"model": state dict}` under timm names: what Detectron2's ViTDet
     (`train.init_checkpoint`) and MAE/BEiT-style code load."""
     return {"model": dict(state)}
+
+
+# timm block names -> Hugging Face `transformers` ViTModel names (its classic layout, which every
+# transformers version loads, converting to its own where it renamed them).
+HF_RENAMES = (
+    (r"^cls_token$", "embeddings.cls_token"),
+    (r"^pos_embed$", "embeddings.position_embeddings"),
+    (r"^patch_embed\.proj\.", "embeddings.patch_embeddings.projection."),
+    (r"^blocks\.(\d+)\.norm1\.", r"encoder.layer.\1.layernorm_before."),
+    (r"^blocks\.(\d+)\.norm2\.", r"encoder.layer.\1.layernorm_after."),
+    (r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.layer.\1.attention.output.dense."),
+    (r"^blocks\.(\d+)\.mlp\.fc1\.", r"encoder.layer.\1.intermediate.dense."),
+    (r"^blocks\.(\d+)\.mlp\.fc2\.", r"encoder.layer.\1.output.dense."),
+    (r"^norm\.", "layernorm."),
+)
+
+
+def hf_vit_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A timm ViT encoder's state dict -> `transformers.ViTModel` names: the fused `qkv` is
+    split into query, key and value; a classifier (`head`, `fc_norm`) is left out (a
+    ViTForImageClassification pools `[CLS]`, which droppos's average-pooled heads do not)."""
+    renamed: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        if name.startswith(("fc_norm.", "head.")):
+            continue
+        qkv = re.match(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", name)
+        if qkv:
+            layer, kind = qkv.groups()
+            for part, chunk in zip(("query", "key", "value"), value.chunk(3), strict=True):
+                key = f"encoder.layer.{layer}.attention.attention.{part}.{kind}"
+                renamed[key] = chunk.clone().contiguous()
+            continue
+        for pattern, replacement in HF_RENAMES:
+            if re.match(pattern, name):
+                renamed[re.sub(pattern, replacement, name)] = value.contiguous()
+                break
+        else:
+            raise ValueError(f"no Hugging Face name for the ViT weight {name!r}")
+    return renamed
+
+
+def hf_vit_config(model_args: Mapping[str, Any]) -> dict[str, Any]:
+    """`config.json` of a `transformers.ViTModel` of this shape (timm's pre-norm block, GELU,
+    LayerNorm eps 1e-6, biased qkv, no dropout)."""
+    height, width = model_args["img_size"]
+    dim = model_args["embed_dim"]
+    return {
+        "architectures": ["ViTModel"],
+        "model_type": "vit",
+        "hidden_size": dim,
+        "num_hidden_layers": model_args["depth"],
+        "num_attention_heads": model_args["num_heads"],
+        "intermediate_size": int(dim * model_args["mlp_ratio"]),
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "layer_norm_eps": 1e-6,
+        "image_size": height if height == width else [height, width],
+        "patch_size": model_args["patch_size"],
+        "num_channels": model_args["in_chans"],
+        "qkv_bias": True,
+    }
