@@ -244,3 +244,34 @@ def test_the_hf_folder_loads_offline_into_transformers_with_the_same_features(
         theirs = model.eval()(pixel_values=images).last_hidden_state
         ours = droppos_encoder(pretrained).forward_features(images)
     torch.testing.assert_close(theirs, ours, **TOLERANCE)
+
+
+def test_a_hugging_face_folder_is_a_checkpoint_every_command_reads(tmp_path, pretrained):
+    export(pretrained, tmp_path)
+    ours, theirs = load_backbone(pretrained), load_backbone(tmp_path / "hf")
+    assert theirs.kind == "Hugging Face ViTModel" and theirs.encoder == ours.encoder
+    assert all(torch.equal(ours.state[k], theirs.state[k]) for k in theirs.state)
+    assert set(theirs.state) == {k for k in ours.state if not k.startswith(("head.", "fc_norm."))}
+
+
+def test_a_locally_saved_vitmae_folder_loads_as_an_encoder(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTMAEConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        image_size=16, patch_size=4, num_channels=1,
+    )  # fmt: skip
+    mae = transformers.ViTMAEForPreTraining(config)
+    mae.save_pretrained(tmp_path / "mae")
+    backbone = load_backbone(tmp_path / "mae")
+    assert backbone.kind == "Hugging Face ViTMAEModel"
+    assert (backbone.encoder.depth, backbone.encoder.embed_dim, backbone.encoder.mlp_ratio) == (
+        2, 32, 2.0,
+    )  # fmt: skip
+    saved = load_file(str(tmp_path / "mae" / "model.safetensors"))  # Hugging Face's names
+    prefix = "vit.encoder.layer.1.attention.attention"
+    expected = torch.cat([saved[f"{prefix}.{part}.weight"] for part in ("query", "key", "value")])
+    torch.testing.assert_close(backbone.state["blocks.1.attn.qkv.weight"], expected)
+    assert not any(k.startswith("decoder") for k in backbone.state)
+    out = tmp_path / "knn"
+    assert main(["knn", "--model.checkpoint", str(tmp_path / "mae"), "--run.output_dir",
+                 str(out), "--run.progress", "false"]) == 0  # fmt: skip

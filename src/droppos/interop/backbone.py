@@ -11,6 +11,7 @@ the user. `build_vit` turns a backbone into timm's `VisionTransformer`.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from droppos._version import PACKAGE
+from droppos.interop.formats import from_hf_vit_state
 from droppos.interop.schema import (
     ExportSidecar,
     PretrainedModel,
@@ -154,6 +156,8 @@ def load_backbone(
             raise ValueError("a random backbone needs a shape")
         return random_backbone(random_shape)
     path = Path(checkpoint)
+    if path.is_dir() and (path / "config.json").is_file():
+        return hf_backbone(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"no checkpoint at {path} (pre-train first, or pass --model.checkpoint PATH|random)"
@@ -188,6 +192,45 @@ def load_backbone(
         std=_tuple(meta.get("std")),
         classes=meta.get("classes"),
     )
+
+
+HF_KINDS = {"vit": "Hugging Face ViTModel", "vit_mae": "Hugging Face ViTMAEModel"}
+
+
+def hf_backbone(folder: Path) -> Backbone:
+    """A folder saved by `transformers` (`save_pretrained`) of a ViTModel or a ViTMAEModel (or
+    their *For* classes): the encoder under timm's names, its shape from `config.json`. Its
+    LayerNorm eps is droppos's 1e-6 (ViTMAE's config says 1e-12: a difference below 1e-5 in the
+    features). ValueError, naming the folder, for any other kind or shape."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{folder}/config.json is not readable JSON ({error})") from None
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if kind not in HF_KINDS:
+        raise ValueError(
+            f"{folder} holds a Hugging Face {kind!r} model; droppos reads ViT and ViTMAE folders"
+        )
+    if config.get("hidden_act", "gelu") != "gelu" or not config.get("qkv_bias", True):
+        raise ValueError(f"{folder}: only GELU ViTs with a biased qkv are droppos encoders")
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"{folder} has no model.safetensors (save it with safe_serialization)")
+    state = from_hf_vit_state(load_object(weights))
+    size = config.get("image_size", 224)
+    encoder = EncoderConfig(
+        img_size=tuple(size) if isinstance(size, list) else size,
+        patch_size=config.get("patch_size", 16),
+        in_chans=config.get("num_channels", 3),
+        embed_dim=config["hidden_size"],
+        depth=config["num_hidden_layers"],
+        num_heads=config["num_attention_heads"],
+        mlp_ratio=config["intermediate_size"] / config["hidden_size"],
+    )
+    broken = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+    if broken:
+        raise ValueError(f"{folder} holds NaN or infinite weights ({', '.join(broken[:3])})")
+    return Backbone(encoder=encoder, state=state, source=str(folder), kind=HF_KINDS[kind])
 
 
 def random_backbone(shape: EncoderConfig) -> Backbone:

@@ -114,3 +114,44 @@ def hf_vit_config(model_args: Mapping[str, Any]) -> dict[str, Any]:
         "num_channels": model_args["in_chans"],
         "qkv_bias": True,
     }
+
+
+# ... and back: Hugging Face's saved ViT / ViTMAE names -> timm's.
+FROM_HF_RENAMES = (
+    (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^encoder\.layer\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
+    (r"^encoder\.layer\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"blocks.\1.mlp.fc1."),
+    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"blocks.\1.mlp.fc2."),
+    (r"^layernorm\.", "norm."),
+)
+
+
+def from_hf_vit_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A `transformers` ViTModel / ViTMAEModel state dict (its saved names, with or without the
+    `vit.` prefix of the *For* classes) -> timm ViT encoder names; decoders, poolers and
+    classifiers are left out."""
+    renamed: dict[str, torch.Tensor] = {}
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for name, value in state.items():
+        name = name.removeprefix("vit.")
+        if name.startswith(("decoder.", "pooler.", "classifier.")):
+            continue
+        split = re.match(r"^encoder\.layer\.(\d+)\.attention\.attention\.(\w+)\.(\w+)$", name)
+        if split:
+            layer, part, kind = split.groups()
+            parts.setdefault((layer, kind), {})[part] = value
+            continue
+        for pattern, replacement in FROM_HF_RENAMES:
+            if re.match(pattern, name):
+                renamed[re.sub(pattern, replacement, name)] = value
+                break
+    for (layer, kind), found in parts.items():
+        if set(found) != {"query", "key", "value"}:
+            raise ValueError(f"layer {layer} lacks a query, key or value {kind}")
+        qkv = torch.cat([found["query"], found["key"], found["value"]])
+        renamed[f"blocks.{layer}.attn.qkv.{kind}"] = qkv
+    return renamed
