@@ -387,3 +387,13 @@ def test_a_pixel_limit_above_pillows_own_holds_on_the_draft_and_device_paths(tmp
     assert lazy.size == (20000, 20000)
     with pytest.raises(BadImageError, match=r"more than --data\.max_image_pixels"):
         read_image(path, path, 100_000_000, decode)
+
+
+def test_a_source_too_small_for_one_step_says_how_many_images_it_found(tmp_path, capsys):
+    folder = tmp_path / "few"
+    _images(folder / "a", count=3)
+    args = ["pretrain", "--data.source", str(folder), "--optim.batch_size", "8",
+            "--data.num_workers", "0", "--run.output_dir", str(tmp_path / "run")]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds 3 image(s)" in err and "needs 8 images" in err and len(err.splitlines()) == 1

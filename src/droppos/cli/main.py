@@ -31,7 +31,7 @@ from droppos.engine.distributed import shutdown_distributed
 from droppos.engine.guards import RunStopped
 from droppos.evaluation import finetune, knn, linprobe, order_sensitivity, position_probe
 from droppos.interop import export
-from droppos.methods import pretrain, visualize
+from droppos.methods import method_named, method_names, pretrain, visualize
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -105,6 +105,19 @@ class Parser(ArgumentParser):
         raise UsageError(usage_line(message, self))
 
 
+def methods_taking(option: str) -> list[str]:
+    """The pre-training methods whose `--model.*` section has `option` (`--model.smoothing_sigma`
+    -> droppos, mp3): what to say when another method's option was given."""
+    parts = option.removeprefix("--").split(".")
+    if len(parts) < 2 or parts[0] != "model" or parts[1] in ("name", "encoder"):
+        return []
+    return [
+        name
+        for name in method_names()
+        if parts[1] in {f.name for f in fields(method_named(name).Config)}
+    ]
+
+
 def closest_option(option: str, known: list[str]) -> str | None:
     """The option a typo most likely meant: one the typed text begins (`--optim.e` ->
     `--optim.epochs`, the shortest such), else the closest spelling in any section
@@ -135,6 +148,12 @@ def usage_line(message: str, parser: ArgumentParser) -> str:
     if unknown:
         option = "--" + unknown.group(1).split("=")[0].removeprefix("--")
         known = [o for a in parser._actions for o in a.option_strings if "." in o]
+        owners = methods_taking(option) if (parser.prog or "").endswith("pretrain") else []
+        if owners:
+            return (
+                f"unknown option {option}: it is an option of --model.name "
+                f"{' / '.join(owners)}, not of the chosen method (--help lists its options)"
+            )
         close = closest_option(option, known)
         hint = f"; did you mean {close}?" if close else ""
         return f"unknown option {option}{hint} (--help lists them)"
@@ -154,11 +173,20 @@ def usage_line(message: str, parser: ArgumentParser) -> str:
     return lines[0] if lines else "invalid command line (--help lists the options)"
 
 
-def preset_names() -> list[str]:
+def preset_names(command: str | None = None) -> list[str]:
+    """The packaged presets (`configs/*.yaml`), or those of `command` only."""
     folder = resources.files(PACKAGE) / "configs"
-    return sorted(
+    names = sorted(
         p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")
     )
+    return [n for n in names if command is None or preset_command(n) == command]
+
+
+def preset_command(name: str) -> str:
+    """The command a preset is for: its name's prefix (`finetune_vit_base_in1k`), else
+    pretrain."""
+    prefix = name.split("_", 1)[0]
+    return prefix if prefix in ("finetune", "linprobe", "knn") else "pretrain"
 
 
 def resolve_presets(argv: list[str]) -> list[str]:
@@ -174,6 +202,13 @@ def resolve_presets(argv: list[str]) -> list[str]:
                 raise UsageError(
                     f"--config {resolved[i + 1]}: no such file, and not a preset; presets: "
                     + ", ".join(preset_names())
+                )
+            command = resolved[0] if resolved and resolved[0] in COMMANDS else None
+            if command is not None and preset_command(name) != command:
+                raise UsageError(
+                    f"--config {name} is a preset of `droppos {preset_command(name)}`, not of "
+                    f"`droppos {command}`; {command}'s presets: "
+                    + (", ".join(preset_names(command)) or "none")
                 )
             resolved[i + 1] = str(resources.files(PACKAGE) / "configs" / f"{name}.yaml")
     return resolved
@@ -247,7 +282,7 @@ def command_parser(command: str, chosen: dict[str, str] | None = None) -> Argume
     sub.add_argument(
         "--config",
         action=ActionConfigFile,
-        help=f"YAML file or preset name ({', '.join(preset_names())})",
+        help=f"YAML file or preset name ({', '.join(preset_names(command)) or 'none'})",
     )
     sections = sorted(  # the backbone or model first, `run` last, as a reader expects
         (f for f in fields(spec.config) if is_dataclass(section_default(spec.config, f.name))),

@@ -119,12 +119,18 @@ class TrainingMethod(Protocol):
         ...
 
 
-def optimizer_steps_per_epoch(batches: int, batch_size: int, accum_steps: int) -> int:
-    """Full accumulation cycles per epoch; a user error when not even one fits."""
+def optimizer_steps_per_epoch(
+    batches: int, batch_size: int, accum_steps: int, images: int | None = None, world: int = 1
+) -> int:
+    """Full accumulation cycles per epoch; a user error when not even one fits (saying how
+    many images the source holds, when known, and what one optimiser step needs)."""
     if batches < accum_steps:
+        found = f"the data source holds {images} image(s): " if images is not None else ""
+        need = batch_size * accum_steps * world
         raise ValueError(
-            f"the dataset gives {batches} batch(es) of {batch_size} per rank, fewer "
-            f"than --optim.accum_steps {accum_steps}; lower the batch size"
+            f"{found}{batches} full batch(es) of {batch_size} per process, fewer than "
+            f"--optim.accum_steps {accum_steps} (one optimiser step needs {need} images); "
+            "lower --optim.batch_size or --optim.accum_steps, or add images"
         )
     return batches // accum_steps
 
@@ -559,7 +565,9 @@ def build_loop(
         timeout=data.timeout,
         collate_fn=collate_fn,
     )
-    steps_per_epoch = optimizer_steps_per_epoch(len(loader), optim.batch_size, optim.accum_steps)
+    steps_per_epoch = optimizer_steps_per_epoch(
+        len(loader), optim.batch_size, optim.accum_steps, len(train_set), env.world_size
+    )
     strategy = strategy_for(env, run_options.strategy, context.precision)
     if run_options.activation_checkpointing:
         checkpoint_activations(method.model)
