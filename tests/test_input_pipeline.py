@@ -125,31 +125,36 @@ def ks_statistic(a, b):
     return np.abs(cdf_a - cdf_b).max()
 
 
-def test_the_tensor_path_crops_with_the_same_law_as_the_pil_path():
-    from torchvision import transforms as T
+def test_every_paths_crop_draw_follows_random_resized_crops_law():
+    """droppos's one crop draw (every decode path calls it) against torchvision v2's
+    RandomResizedCrop, drawn independently: the same law of scale and aspect ratio, boxes
+    inside the image, and a fair flip coin."""
     from torchvision.transforms import v2
 
-    image = Image.new("RGB", (500, 375))
+    from droppos.data.decode import draw_crop_and_flip
+
     tensor = torch.zeros(3, 375, 500, dtype=torch.uint8)
     sampler = v2.RandomResizedCrop(224, scale=(0.2, 1.0))
     torch.manual_seed(0)
-    pil = [T.RandomResizedCrop.get_params(image, (0.2, 1.0), (3 / 4, 4 / 3)) for _ in range(4000)]
+    reference = [tuple(sampler.make_params([tensor]).values())[:4] for _ in range(4000)]
     torch.manual_seed(1)
-    ours = [tuple(sampler.make_params([tensor]).values())[:4] for _ in range(4000)]
-    for sample in (pil, ours):
-        assert all(top >= 0 and left >= 0 and top + h <= 375 and left + w <= 500
-                   for top, left, h, w in sample)  # fmt: skip
+    draws = [draw_crop_and_flip(375, 500, (0.2, 1.0)) for _ in range(4000)]
+    ours = [(d.top, d.left, d.height, d.width) for d in draws]
+    assert all(top >= 0 and left >= 0 and top + h <= 375 and left + w <= 500
+               for top, left, h, w in ours)  # fmt: skip
     area = 500 * 375
 
     def scales_and_ratios(sample):
         params = np.array(sample, dtype=np.float64)
         return params[:, 2] * params[:, 3] / area, np.log(params[:, 3] / params[:, 2])
 
-    (pil_scale, pil_ratio), (our_scale, our_ratio) = map(scales_and_ratios, (pil, ours))
+    (ref_scale, ref_ratio), (our_scale, our_ratio) = map(scales_and_ratios, (reference, ours))
     critical = 1.95 * np.sqrt(2 / 4000)  # KS at alpha = 0.001
-    assert ks_statistic(pil_scale, our_scale) < critical
-    assert ks_statistic(pil_ratio, our_ratio) < critical
+    assert ks_statistic(ref_scale, our_scale) < critical
+    assert ks_statistic(ref_ratio, our_ratio) < critical
     assert our_scale.min() >= 0.19 and our_scale.max() <= 1.0 + 1e-9  # sides are rounded
+    flips = np.mean([d.flip for d in draws])
+    assert abs(flips - 0.5) < 4 * np.sqrt(0.25 / 4000)
 
 
 def test_pretraining_reads_the_tensor_path_with_bad_images_and_16_bit_files(tmp_path, capfd):
