@@ -127,8 +127,8 @@ def _decode_on_gpu(
         for i, image in zip(picked, decode_jpeg([items[i].data for i in picked], device=device)):
             decoded[i] = image
         return
-    except RuntimeError:
-        pass
+    except RuntimeError:  # one file nvJPEG refuses fails the whole batch call
+        pass  # so decode the batch image by image, below
     for i in picked:
         try:
             decoded[i] = decode_jpeg(items[i].data, device=device)
@@ -140,7 +140,7 @@ def _decode_on_cpu(item: EncodedCrop) -> torch.Tensor:
     """torchvision's decoder (libjpeg-turbo, libpng), then Pillow's; BadImageError if neither."""
     try:
         return decode_with_torchvision(item.data, item.mode)
-    except RuntimeError:
+    except RuntimeError:  # a format or mode libjpeg/libpng refuse: Pillow's turn
         pass
     image = decode_pil(io.BytesIO(bytes(item.data.numpy())), item.name, max_pixels=None)
     return F.pil_to_tensor(image)
