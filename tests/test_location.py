@@ -20,7 +20,14 @@ from droppos.evaluation.position_probe import (
     probed_patch_features,
     train_position_probe,
 )
-from droppos.visual.jigsaw import assign_cells, place_patches, to_patches
+from droppos.visual.jigsaw import (
+    ERROR_KEY,
+    assign_cells,
+    heat,
+    heat_scale,
+    place_patches,
+    to_patches,
+)
 
 GRID, L = (4, 4), 16
 QUIET = ["--data.num_workers", "0", "--run.progress", "false"]
@@ -114,14 +121,38 @@ def test_pretraining_draws_the_jigsaw_into_the_output_folder_and_tensorboard(pre
 
 def test_visualize_writes_pngs_of_the_expected_size(tmp_path, pretrained):
     out = tmp_path / "pictures"
-    args = ["visualize", "--checkpoint", str(pretrained / "last.pth"), "--output", str(out)]
-    assert main([*args, "--images", "3"]) == 0
+    args = [
+        "visualize",
+        "--model.checkpoint",
+        str(pretrained / "last.pth"),
+        "--run.output_dir",
+        str(out),
+    ]
+    assert main([*args, "--data.images", "3"]) == 0
     pictures = sorted(out.glob("*.png"))
     assert len(pictures) == 3
     with Image.open(pictures[0]) as picture:
-        picture.load()
-        # five panels of the 28x28 demo images enlarged 4x (112 px), 6 px apart, a title row
-        assert picture.size == (5 * 112 + 6 * 6, 112 + 16 + 2 * 6)
+        pixels = np.asarray(picture.convert("RGB"))
+    # five panels of the 28x28 demo images enlarged 7x (196 px), 8 px apart; above them a title
+    # row, below them a caption, the error map's key and the heat map's scale
+    panel = 7 * 28
+    assert pixels.shape[1] == 5 * panel + 6 * 8
+    assert pixels.shape[0] > panel + 3 * 20
+    key = pixels[24 + panel :]  # the rows under the panels
+    for colour, _ in ERROR_KEY:  # every colour of the error map has its swatch in the key
+        assert (key == colour).all(axis=-1).any(), colour
+    scale = key[:, -8 - panel : -8]
+    assert (scale == heat(np.array(1.0))).all(axis=-1).any()  # the scale reaches white
+
+
+def test_one_dominant_weight_does_not_blacken_the_heat_map():
+    weights = np.full(16, 1 / 32)
+    weights[5] = 0.5
+    top = heat_scale(weights)
+    assert top < weights.max()  # the white end is not the single outlier
+    assert weights[0] / top > 1 / 5  # so the other cells are drawn red, not black
+    assert heat(np.array(weights[0] / top))[0] > 150
+    assert heat_scale(np.zeros(16)) == 1.0  # nothing to scale: no division by zero
 
 
 def test_probe_position_reads_our_checkpoints_and_a_plain_timm_state_dict(

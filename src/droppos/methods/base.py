@@ -263,9 +263,10 @@ class PretrainingMethod:
                 computed_by_rank0,
             )  # fmt: skip
             self.picture_images = images.to(self.device)
+        caption = f"{self.name}, epoch {epoch + 1} of {self.config.optim.epochs}"
         drawn = draw_pictures(
             type(self), self.config.model, self.model, self.picture_images, mean, std,
-            self.config.run.seed,
+            self.config.run.seed, caption,
         )  # fmt: skip
         if not drawn:
             return {}
@@ -292,13 +293,15 @@ def draw_pictures(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     seed: int,
+    caption: str = "",
 ) -> list[Any]:
-    """One picture per image of the jigsaw `model` solves (none if the method solves none)."""
+    """One picture per image of the jigsaw `model` solves (none if the method solves none),
+    captioned with what it shows (checkpoint or run, epoch)."""
     was_training = model.training
     noise = picture_noise(method, config, len(images), seed, images.device)
     view = method.jigsaw(model, images, noise)
     model.train(was_training)
-    return [] if view is None else draw_jigsaw(images, view, mean, std)
+    return [] if view is None else draw_jigsaw(images, view, mean, std, caption)
 
 
 class PositionPretext(PretrainingMethod):

@@ -3,10 +3,11 @@
 One picture per image, five panels side by side: the input; the patches the encoder saw (an
 orange frame marks those whose position was dropped); the visible patches placed where the model
 *predicts* they belong (each cell taken once, most confident first); a per-patch error map
-(grid distance between predicted and true cell: green 0, yellow 1, red 2 or more; grey kept
-their position, dark = hidden); and the attentive-reconstruction weights as a heat map. Drawn
-with Pillow alone, so it needs no plotting library, and written as PNG. A method that solves a
-jigsaw says what it did as a `JigsawView`; this module knows nothing of models.
+(grid distance between predicted and true cell); and the attentive-reconstruction weights as a
+heat map. Each picture carries its own key: a caption (what was drawn, at which epoch, and this
+image's accuracy), the error map's colours and the heat map's scale, so it reads without this
+docstring. Drawn with Pillow alone and written as PNG. A method that solves a jigsaw says what
+it did as a `JigsawView`; this module knows nothing of models.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from droppos.data.catalog import build_source
 from droppos.data.decode import BadImageError
@@ -27,6 +28,16 @@ from droppos.data.transforms import eval_transform
 PANELS = ("input", "visible", "predicted places", "error (cells)", "attentive weights")
 FRAME = np.array([255, 140, 0], dtype=np.uint8)  # dropped position: orange
 HIDDEN, KEPT = np.array([40, 40, 40], np.uint8), np.array([170, 170, 170], np.uint8)
+OFF_BY = np.array([[40, 170, 60], [240, 200, 40], [220, 40, 40]], np.uint8)  # 0, 1, 2+ cells
+ERROR_KEY = (
+    (FRAME, "position dropped (frame, panel 2)"),
+    (OFF_BY[0], "right cell"),
+    (OFF_BY[1], "1 cell off"),
+    (OFF_BY[2], "2+ cells off"),
+    (KEPT, "position kept"),
+    (HIDDEN, "hidden"),
+)
+PANEL_SIDE = 192  # pixels of each panel: a 28-pixel image is drawn 7 times larger
 
 
 def assign_cells(logits: torch.Tensor) -> torch.Tensor:
@@ -78,21 +89,61 @@ def cell_map(colors: np.ndarray, grid: tuple[int, int], patch: int) -> np.ndarra
     )
 
 
-def compose(panels: list[np.ndarray], titles: tuple[str, ...], min_side: int = 112) -> Image.Image:
-    """Panels [H, W, 3] side by side, enlarged (nearest) to at least `min_side`, with titles."""
-    scale = max(1, -(-min_side // panels[0].shape[0]))
+def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)  # Pillow's own scalable font
+    except (TypeError, OSError):  # Pillow without FreeType: its fixed bitmap font
+        return ImageFont.load_default()
+
+
+def heat_scale(weights: np.ndarray) -> float:
+    """The weight drawn white: the 95th percentile of the positive weights, so that one
+    dominant patch does not turn every other cell black (larger weights are drawn white too,
+    and the scale says so)."""
+    positive = weights[weights > 0]
+    return float(np.quantile(positive, 0.95)) if positive.size else 1.0
+
+
+def compose(
+    panels: list[np.ndarray], titles: tuple[str, ...], caption: str, heat_top: float,
+    heat_label: str, clipped: bool,
+) -> Image.Image:  # fmt: skip
+    """Panels [H, W, 3] side by side, enlarged (nearest) to PANEL_SIDE, with their titles, a
+    caption, the error map's key and the heat map's colour scale."""
+    scale = max(1, -(-PANEL_SIDE // panels[0].shape[0]))
     tiles = [Image.fromarray(p).resize((p.shape[1] * scale, p.shape[0] * scale), Image.NEAREST)
              for p in panels]  # fmt: skip
-    gap, title = 6, 16
+    gap, line, small = 8, 20, font(13)
     width = sum(t.width for t in tiles) + gap * (len(tiles) + 1)
-    height = tiles[0].height + title + 2 * gap
+    top = line + gap // 2
+    height = top + tiles[0].height + gap + 3 * line + gap
     picture = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(picture)
     x = gap
     for tile, name in zip(tiles, titles):
-        draw.text((x, 2), name, fill=(0, 0, 0))
-        picture.paste(tile, (x, title + gap))
+        draw.text((x, 3), name, fill=(0, 0, 0), font=font(15))
+        picture.paste(tile, (x, top))
         x += tile.width + gap
+    below = top + tiles[0].height + gap
+    draw.text((gap, below), caption, fill=(0, 0, 0), font=small)
+    x = gap  # the error map's colours, in one row
+    for colour, meaning in ERROR_KEY:
+        y = below + line + 3
+        draw.rectangle((x, y, x + 12, y + 12), fill=tuple(int(c) for c in colour),
+                       outline=(0, 0, 0))  # fmt: skip
+        draw.text((x + 17, y - 1), meaning, fill=(0, 0, 0), font=small)
+        x += 17 + int(draw.textlength(meaning, font=small)) + 14
+    left = width - gap - tiles[-1].width  # the heat map's scale, under the heat map
+    bar = heat(np.linspace(0, 1, tiles[-1].width)[None, :].repeat(10, axis=0))
+    y = below + 2 * line + 2
+    picture.paste(Image.fromarray(bar), (left, y))
+    draw.rectangle((left, y, left + tiles[-1].width - 1, y + 9), outline=(0, 0, 0))
+    high = f"{'>= ' if clipped else ''}{heat_top:.3g}"
+    draw.text((left, y + 11), "0", fill=(0, 0, 0), font=small)
+    right = left + tiles[-1].width - int(draw.textlength(high, font=small))
+    draw.text((right, y + 11), high, fill=(0, 0, 0), font=small)
+    label_x = left - int(draw.textlength(heat_label, font=small)) - 8
+    draw.text((label_x, y - 2), heat_label, fill=(0, 0, 0), font=small)
     return picture
 
 
@@ -115,6 +166,8 @@ class JigsawView:
     attention: torch.Tensor
     titles: tuple[str, ...] = PANELS
     """The five panels' titles (a method names its own visible set and heat map)."""
+    heat_label: str = "attentive weight"
+    """What the heat map's values are, written beside its colour scale."""
 
 
 @torch.no_grad()
@@ -123,8 +176,10 @@ def draw_jigsaw(
     view: JigsawView,
     mean: tuple[float, ...],
     std: tuple[float, ...],
+    caption: str = "",
 ) -> list[Image.Image]:
-    """images [N, C, H, W], normalised with mean/std -> one five-panel picture per image."""
+    """images [N, C, H, W], normalised with mean/std -> one five-panel picture per image,
+    captioned `caption` and this image's accuracy on the patches whose position was dropped."""
     n, grid, p = images.shape[0], view.grid, view.patch_size
     num_patches = grid[0] * grid[1]
     shift = torch.tensor(mean, device=images.device)[:, None, None]
@@ -150,17 +205,21 @@ def draw_jigsaw(
         dy = best // grid[1] - visible // grid[1]
         dx = best % grid[1] - visible % grid[1]
         distance = np.sqrt(dy**2 + dx**2)
-        palette = np.array([[40, 170, 60], [240, 200, 40], [220, 40, 40]], np.uint8)
-        errors[visible[dropped]] = palette[np.minimum(np.ceil(distance[dropped]), 2).astype(int)]
+        errors[visible[dropped]] = OFF_BY[np.minimum(np.ceil(distance[dropped]), 2).astype(int)]
         weights = view.attention[i].float().cpu().numpy()
+        top = heat_scale(weights)
         panels = [
             image,
             seen,
             solved,
             cell_map(errors, grid, p),
-            cell_map(heat(weights / max(weights.max(), 1e-12)), grid, p),
+            cell_map(heat(weights / max(top, 1e-12)), grid, p),
         ]
-        pictures.append(compose(panels, view.titles))
+        right = int((distance[dropped] == 0).sum())
+        said = f"image {i}: {right} of {int(dropped.sum())} dropped-position patches in their cell"
+        line = f"{caption}   {said}" if caption else said
+        clipped = bool(weights.max() > top)
+        pictures.append(compose(panels, view.titles, line, top, view.heat_label, clipped))
     return pictures
 
 
