@@ -54,9 +54,9 @@ from droppos.engine.guards import (
 from droppos.engine.logging import MetricSums, MetricWriter, Sums, write_config, write_json
 from droppos.engine.optim import adamw_for_run, lr_at_step, set_lr
 from droppos.engine.precision import autocast, grad_scaler
-from droppos.engine.sections import DataSection, OptimSection, TrainRunSection
 from droppos.engine.strategy import Strategy, strategy_for
 from droppos.interop.schema import Header, Progress, TrainingCheckpoint
+from droppos.sections import DataSection, OptimSection, TrainRunSection
 
 Result = TypeVar("Result")
 
@@ -269,6 +269,7 @@ class TrainLoop:
         summary["wall_seconds"] = round(time.perf_counter() - started, 2)
         summary["strategy"] = self.strategy.name
         summary["processes"] = self.env.world_size
+        summary["precision"], summary["threads"] = self.precision, torch.get_num_threads()
         if self.env.is_main:
             write_json(self.output_dir / "summary.json", summary)
         return summary

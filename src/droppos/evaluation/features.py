@@ -139,4 +139,5 @@ def evaluate_frozen_features(
     if not context.is_main:
         return None
     write_config(config, config.run.output_dir)
-    return features, results, write_results(config.run.output_dir, command, results)
+    written = write_results(config.run.output_dir, command, results, context.precision)
+    return features, results, written

@@ -24,7 +24,6 @@ from droppos.engine import context as run_context
 from droppos.engine.context import RunContext
 from droppos.engine.logging import write_config
 from droppos.engine.precision import autocast
-from droppos.engine.sections import RunSection
 from droppos.evaluation.backbone import BackboneSection, backbone_from
 from droppos.evaluation.datasets import (
     EvaluationConfig,
@@ -35,6 +34,7 @@ from droppos.evaluation.datasets import (
 from droppos.evaluation.position_probe import vit_patch_tokens
 from droppos.evaluation.report import write_results
 from droppos.interop.backbone import build_vit
+from droppos.sections import RunSection
 
 CONDITIONS = ("intact", "shuffled_patches", "no_positions", "tile_jigsaw")
 
@@ -158,7 +158,7 @@ def run(config: OrderSensitivityConfig) -> str | None:
     if not context.is_main:
         return None
     write_config(config, config.run.output_dir)
-    write_results(config.run.output_dir, "order-sensitivity", results)
+    write_results(config.run.output_dir, "order-sensitivity", results, context.precision)
     rows = "\n".join(f"| {c} | {v:.2f} |" for c, v in results["top1"].items())
     return (
         f"top-1 of {backbone.source} on {results['images']} images:\n"

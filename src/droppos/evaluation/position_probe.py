@@ -29,7 +29,6 @@ from droppos.engine.collectives import computed_by_rank0, world_and_rank
 from droppos.engine.context import RunContext
 from droppos.engine.logging import write_config
 from droppos.engine.precision import autocast
-from droppos.engine.sections import RunSection
 from droppos.evaluation.backbone import BackboneSection, backbone_from
 from droppos.evaluation.datasets import (
     EvalDataSection,
@@ -39,6 +38,7 @@ from droppos.evaluation.datasets import (
 )
 from droppos.evaluation.report import RESULTS, write_results
 from droppos.interop.backbone import Backbone, build_vit
+from droppos.sections import RunSection
 
 
 @dataclass
@@ -297,7 +297,7 @@ def _probe(config: PositionProbeConfig, context: RunContext) -> dict[str, Any]:
     vit = build_vit(backbone, num_classes=0).to(context.device)
     results = run_position_probe(config, backbone, vit, context)
     if world_and_rank()[1] == 0:
-        write_results(config.run.output_dir, "probe-position", results)
+        write_results(config.run.output_dir, "probe-position", results, context.precision)
     return results
 
 
