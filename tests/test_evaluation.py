@@ -344,10 +344,9 @@ def test_probe_presets_follow_mae():
     assert (knn.k, knn.temperature) == (20, 0.07)
 
 
-@pytest.mark.parametrize("command", ["finetune", "linprobe", "knn", "export"])
+@pytest.mark.parametrize("command", ["finetune", "linprobe", "knn", "export", "visualize"])
 def test_defaults_evaluate_the_default_pretraining_output(command):
-    config = parse(command)
-    checkpoint = config.checkpoint if command == "export" else config.model.checkpoint
+    checkpoint = parse(command).model.checkpoint
     pretrain = parse("pretrain")  # the file `droppos pretrain` with no options writes
     assert Path(checkpoint) == Path(pretrain.run.output_dir) / LAST
 
@@ -374,3 +373,39 @@ def test_torchrun_two_processes_give_the_single_process_results(tmp_path, image_
     out = tmp_path / "finetune-2"
     launch(finetune_args(out, image_folder, "--optim.epochs", "1"), 2)
     assert results(out)["val_size"] == 8 and load_object(out / "last.pth")["position"]["step"] == 2
+
+
+def test_the_linear_probe_matches_a_logistic_regression_on_separable_features():
+    """On Gaussian classes a linear model separates well but not perfectly, the probe (BatchNorm,
+    LARS, cosine, the sweep) lands where scikit-learn's logistic regression does, and mostly on
+    the same predictions: a probe that trained on shuffled labels, read the wrong split or
+    mis-scored would be far off."""
+    from sklearn.linear_model import LogisticRegression
+
+    from droppos.evaluation.features import FrozenFeatures
+    from droppos.evaluation.linprobe import LinearProbe, ProbeSection, train_probes
+
+    generator = torch.Generator().manual_seed(0)
+    classes, dim = 5, 16
+    centres = 0.5 * torch.randn(classes, dim, generator=generator)
+    scale = 1 + 4 * torch.rand(dim, generator=generator)  # unequal feature scales
+
+    def draw(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(count) % classes
+        points = centres[labels] + torch.randn(count, dim, generator=generator)
+        return points * scale + 3, labels
+
+    (train_x, train_y), (val_x, val_y) = draw(2000), draw(1000)
+    reference = LogisticRegression(max_iter=2000).fit(train_x.numpy(), train_y.numpy())
+    expected = 100 * float(
+        (torch.from_numpy(reference.predict(val_x.numpy())) == val_y).float().mean()
+    )
+    assert 70 < expected < 99  # neither trivial nor hopeless
+
+    features = FrozenFeatures(train_x, train_y, val_x, val_y, classes, None, 0.0)  # type: ignore[arg-type]
+    section = ProbeSection(epochs=30, warmup_epochs=3)
+    probes = train_probes(features, section)
+    best = max(probes, key=lambda r: r["top1"])
+    assert abs(best["top1"] - expected) < 2.0, (best["top1"], expected)
+    assert len(probes) == len(section.base_lrs)
+    assert isinstance(LinearProbe(dim, classes)[0], torch.nn.BatchNorm1d)

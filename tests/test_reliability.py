@@ -204,19 +204,19 @@ def test_skip_mode_skips_and_counts_non_finite_steps(
     assert np.isfinite(summary["loss"]) and "skipped_steps" not in summary  # the last epoch's
 
 
-def test_export_and_knn_refuse_nan_weights(tmp_path, capsys):
+@pytest.mark.parametrize("command", ["export", "knn", "linprobe", "finetune"])
+def test_every_reader_of_weights_refuses_nan_weights(command, tmp_path, capsys):
     from tests.helpers import tiny_droppos
 
     state = tiny_droppos(embed_dim=64, num_heads=4).state_dict()
     state["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
     path = tmp_path / "diverged.pth"
     torch.save({"model": state}, path)
-    export = ["export", "--checkpoint", str(path), "--output", str(tmp_path / "x")]
-    knn = ["knn", "--model.checkpoint", str(path), "--run.output_dir", str(tmp_path / "knn")]
-    for command in (export, knn):
-        assert main(command) == 2
-        err = capsys.readouterr().err.strip()
-        assert "NaN or infinite weights" in err and len(err.splitlines()) == 1, err
+    out = tmp_path / "out"
+    assert main([command, "--model.checkpoint", str(path), "--run.output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "NaN or infinite weights" in err and len(err.splitlines()) == 1, err
+    assert not [*out.rglob("*.json"), *out.rglob("*.pth")]  # no result, no checkpoint
 
 
 # -- preemption --------------------------------------------------------------------------------
@@ -272,6 +272,84 @@ def test_a_real_sigterm_to_the_command_exits_0_with_a_checkpoint(tmp_path, folde
     assert "stopped by SIGTERM" in stdout and "Traceback" not in stderr
     assert load_object(out / "last.pth")["position"]["step"] >= 3
     assert not (out / ".droppos.lock").exists()
+
+
+def stop_at_step(patch, step_to_stop: int, *names: str) -> None:
+    """Send each signal of `names` to this process after optimiser step `step_to_stop`."""
+    original = DropPosMethod.after_step
+
+    def after_step(self, step):
+        original(self, step)
+        if step == step_to_stop:
+            for name in names:
+                os.kill(os.getpid(), getattr(signal, name))
+
+    patch.setattr(DropPosMethod, "after_step", after_step)
+
+
+def test_sigusr1_stops_like_sigterm_at_the_next_step(tmp_path, folder_with_bad_images, capsys):
+    out = tmp_path / "run"
+    args = tiny_args(out, folder_with_bad_images, "--data.max_bad_fraction", "1")
+    with pytest.MonkeyPatch.context() as patch:
+        stop_at_step(patch, 2, "SIGUSR1")
+        assert main(args) == 0
+    assert "stopped by SIGUSR1 at epoch 1, step 2" in capsys.readouterr().out
+    assert load_object(out / "last.pth")["position"]["step"] == 2
+
+
+def test_a_second_ctrl_c_interrupts_at_once_without_the_save(tmp_path, folder_with_bad_images):
+    out = tmp_path / "run"
+    args = tiny_args(out, folder_with_bad_images, "--data.max_bad_fraction", "1")
+    with pytest.MonkeyPatch.context() as patch:
+        stop_at_step(patch, 2, "SIGINT", "SIGINT")
+        with pytest.raises(KeyboardInterrupt):
+            main(args)
+    assert not (out / "last.pth").exists()  # the first Ctrl-C's save never happened
+    assert not (out / ".droppos.lock").exists()
+    assert main(args) == 0  # and the folder is not left locked or half-written
+
+
+def test_the_executable_says_a_second_ctrl_c_in_one_line(tmp_path):
+    out = tmp_path / "run"
+    # the demo at a large batch: steps of about half a second, so that the second Ctrl-C comes
+    # before the step boundary where the first one's save would happen
+    args = ["pretrain", "--optim.epochs", "1000", "--optim.batch_size", "256",
+            "--data.num_workers", "0", "--run.output_dir", str(out), "--run.log_every", "1",
+            "--run.progress", "false", "--run.tensorboard", "false",
+            "--run.monitor_every", "-1"]  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "droppos.cli.main", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").is_file() or len(read_metrics(out / "metrics.jsonl")) < 1:
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)  # two signals at once would be handled as one
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert "second Ctrl-C" in stderr
+    assert not (out / "last.pth").exists()
+
+
+@pytest.mark.parametrize(("every", "kept"), [(1, [1, 2]), (2, [2])])
+def test_keep_every_epochs_keeps_those_epochs_checkpoints(tmp_path, folder_with_bad_images,
+                                                          every, kept):  # fmt: skip
+    out = tmp_path / "run"
+    extra = ("--data.max_bad_fraction", "1", "--run.keep_every_epochs", str(every))
+    assert main(tiny_args(out, folder_with_bad_images, *extra)) == 0
+    names = sorted(p.name for p in out.glob("checkpoint-*.pth"))
+    assert names == [f"checkpoint-{epoch:04d}.pth" for epoch in kept]
+    for epoch in kept:
+        assert load_object(out / f"checkpoint-{epoch:04d}.pth")["position"]["epoch"] == epoch
+    last, kept_last = load_object(out / "last.pth"), load_object(out / names[-1])
+    for name, value in last["model"].items():
+        assert torch.equal(value, kept_last["model"][name]), name
 
 
 def test_temporary_files_of_killed_saves_are_cleaned(tmp_path, folder_with_bad_images):

@@ -128,9 +128,12 @@ def closest_option(option: str, known: list[str]) -> str | None:
     close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
     if close:
         return close[0]
-    leaf = option.rsplit(".", 1)[-1]  # the right name in the wrong section
-    elsewhere = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
-    return elsewhere[0] if elsewhere else None
+    leaf = option.removeprefix("--").rsplit(".", 1)[-1]  # the name without (or in the wrong)
+    for matches in (str.__eq__, str.startswith):  # section: `--checkpoint`, `--output`
+        elsewhere = [k for k in known if matches(k.rsplit(".", 1)[-1], leaf)]
+        if elsewhere:
+            return min(elsewhere, key=len)
+    return None
 
 
 def usage_line(message: str, parser: ArgumentParser) -> str:
@@ -394,5 +397,22 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_distributed()
 
 
+def console() -> int:
+    """The `droppos` executable: `main`, and a second Ctrl-C (which interrupts a run at once,
+    without the save the first one asked for) as one line and exit status 130, the shell's
+    code for an interrupt, instead of a traceback."""
+    argv = sys.argv[1:]
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        command = argv[0] if argv and argv[0] in COMMANDS else "command"
+        print(
+            f"{PACKAGE} {command}: interrupted at once (a second Ctrl-C): nothing was saved "
+            "since the last checkpoint, which the same command resumes from",
+            file=sys.stderr,
+        )
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())
