@@ -307,7 +307,7 @@ def test_an_fsdp_checkpoint_goes_through_knn_and_export(two_rank_runs, tmp_path)
     out, reports = two_rank_runs
     assert [r["knn"] for r in reports] == [0, 0]
     assert json.loads((out / "knn-fsdp" / "results.json").read_text())["top1"] >= 0
-    assert main(["export", "--checkpoint", str(out / "fsdp" / "last.pth"), "--output",
+    assert main(["export", "--model.checkpoint", str(out / "fsdp" / "last.pth"), "--run.output_dir",
                  str(tmp_path)]) == 0  # fmt: skip
     config = json.loads((tmp_path / "config.json").read_text())
     vit = timm.create_model(config["architecture"], pretrained=False, **config["model_args"])

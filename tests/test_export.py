@@ -72,7 +72,19 @@ def finetuned(tmp_path_factory, image_folder, pretrained):
 
 
 def export(checkpoint, folder, *extra):
-    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(folder), *extra]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--model.checkpoint",
+                str(checkpoint),
+                "--run.output_dir",
+                str(folder),
+                *extra,
+            ]
+        )
+        == 0
+    )
     return json.loads((folder / "config.json").read_text())
 
 
@@ -189,13 +201,19 @@ def test_mmseg_names_follow_beit2mmseg():
     [
         ("random", (), "needs a checkpoint file"),
         ("/no/such/file.pth", (), "no checkpoint at"),
-        (None, ("--timm_name", "resnet50"), "not a timm VisionTransformer"),
+        (None, ("--model.timm_name", "resnet50"), "not a timm VisionTransformer"),
     ],
 )
 def test_export_mistakes_exit_2_with_one_line(
     tmp_path, pretrained, capsys, checkpoint, extra, message
 ):
-    args = ["export", "--checkpoint", str(checkpoint or pretrained), "--output", str(tmp_path)]
+    args = [
+        "export",
+        "--model.checkpoint",
+        str(checkpoint or pretrained),
+        "--run.output_dir",
+        str(tmp_path),
+    ]
     assert main([*args, *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err

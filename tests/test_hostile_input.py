@@ -246,12 +246,15 @@ def test_write_shards_never_mixes_with_older_shards_nor_writes_over_its_source(t
     images = tmp_path / "images"
     before = {p: p.read_bytes() for p in images.rglob("*.png")}
     out = tmp_path / "shards"
-    assert main(["write-shards", "--source", str(images), "--output", str(out)]) == 0
+    assert main(["write-shards", "--data.source", str(images), "--run.output_dir", str(out)]) == 0
     capsys.readouterr()
-    assert main(["write-shards", "--source", str(images), "--output", str(out)]) == 2
+    assert main(["write-shards", "--data.source", str(images), "--run.output_dir", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
     for target in (images, images / "a"):
-        assert main(["write-shards", "--source", str(images), "--output", str(target)]) == 2
+        assert (
+            main(["write-shards", "--data.source", str(images), "--run.output_dir", str(target)])
+            == 2
+        )
         assert "overlaps" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in images.rglob("*.png")} == before
 
@@ -301,7 +304,9 @@ def test_export_never_replaces_an_earlier_export_without_a_word(tmp_path, capsys
     folder = tmp_path / "export"
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"an earlier export")
-    assert main(["export", "--checkpoint", "missing.pth", "--output", str(folder)]) == 2
+    assert (
+        main(["export", "--model.checkpoint", "missing.pth", "--run.output_dir", str(folder)]) == 2
+    )
     assert "already holds an export" in capsys.readouterr().err
     assert (folder / "model.safetensors").read_bytes() == b"an earlier export"
 

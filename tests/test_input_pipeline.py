@@ -32,8 +32,8 @@ def class_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, class_folder):
     out = tmp_path_factory.mktemp("shards")
-    assert main(["write-shards", "--source", str(class_folder), "--output", str(out),
-                 "--shard_size", "10"]) == 0  # fmt: skip
+    assert main(["write-shards", "--data.source", str(class_folder), "--run.output_dir", str(out),
+                 "--data.shard_size", "10"]) == 0  # fmt: skip
     return out
 
 
@@ -106,7 +106,9 @@ def test_pretraining_on_shards_resumes_mid_epoch_and_equals_the_folder_run(
 
 
 def test_the_demo_set_writes_to_shards_with_both_splits(tmp_path):
-    assert main(["write-shards", "--output", str(tmp_path), "--shard_size", "4000"]) == 0
+    assert (
+        main(["write-shards", "--run.output_dir", str(tmp_path), "--data.shard_size", "4000"]) == 0
+    )
     assert [p.name for p in sorted(tmp_path.glob("*.tar"))] == [
         "train-000000.tar", "val-000000.tar",
     ]  # fmt: skip

@@ -159,7 +159,13 @@ def test_a_registered_method_pretrains_resumes_exports_and_is_probed(
 
     # export: a timm ViT with the encoder's weights, the toy head left behind
     exported = tmp_path / "export"
-    args = ["export", "--checkpoint", str(straight / "last.pth"), "--output", str(exported)]
+    args = [
+        "export",
+        "--model.checkpoint",
+        str(straight / "last.pth"),
+        "--run.output_dir",
+        str(exported),
+    ]
     assert main(args) == 0
     config = json.loads((exported / "config.json").read_text())
     vit = timm.create_model(config["architecture"], pretrained=False, **config["model_args"])

@@ -88,11 +88,13 @@ def test_an_mp3_checkpoint_goes_through_every_reader(tmp_path, image_folder, mp3
         assert main([*args, *extra]) == 0, command
         assert json.loads((out / "results.json").read_text())["top1"] >= 0, command
     pictures = tmp_path / "pictures"
-    assert main(["visualize", "--checkpoint", checkpoint, "--source", str(image_folder),
-                 "--output", str(pictures)]) == 0  # fmt: skip
+    assert main(["visualize", "--model.checkpoint", checkpoint, "--data.source", str(image_folder),
+                 "--run.output_dir", str(pictures)]) == 0  # fmt: skip
     assert len(list(pictures.glob("*.png"))) == 4
     exported = tmp_path / "export"
-    assert main(["export", "--checkpoint", checkpoint, "--output", str(exported)]) == 0
+    assert (
+        main(["export", "--model.checkpoint", checkpoint, "--run.output_dir", str(exported)]) == 0
+    )
     config = json.loads((exported / "config.json").read_text())
     vit = timm.create_model(config["architecture"], pretrained=False, **config["model_args"])
     vit.load_state_dict(load_file(str(exported / "model.safetensors")))

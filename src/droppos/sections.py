@@ -1,6 +1,8 @@
-"""The configuration sections every command shares: data, optimisation, run.
+"""The configuration sections every command shares: checkpoint, data, optimisation, run, output.
 
-One dataclass per concept, defined once and embedded by each command's own configuration (which
+The vocabulary of the command line (`--model.checkpoint`, `--data.source`, `--run.output_dir`
+mean the same in every command), so it sits below every package that has a command. One
+dataclass per concept, defined once and embedded by each command's own configuration (which
 lives beside the command's code); each section validates its own values, once, in `validate`.
 Defaults suit the built-in demo (a tiny ViT on the embedded Fashion-MNIST subset, minutes on a
 laptop CPU); the paper's ImageNet recipes are YAML presets in `configs/`.
@@ -12,7 +14,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Literal
 
-from droppos.data.decode import DEFAULT_MAX_IMAGE_PIXELS
+DEFAULT_CHECKPOINT = "runs/pretrain/last.pth"  # where `droppos pretrain` leaves its model
+DEFAULT_MAX_IMAGE_PIXELS = 200_000_000  # 14,000 x 14,000: far above any training image
 
 
 class Sections:
@@ -24,6 +27,26 @@ class Sections:
             check = getattr(getattr(self, f.name), "validate", None)
             if check is not None:
                 check()
+
+
+@dataclass
+class CheckpointSection:
+    """Which checkpoint a command reads (`--model.checkpoint`, the same in every command)."""
+
+    checkpoint: str = DEFAULT_CHECKPOINT
+    """A droppos checkpoint file."""
+
+
+@dataclass
+class OutputSection:
+    """Where a command that only writes files puts them (`--run.output_dir`, as everywhere)."""
+
+    output_dir: str = "runs/out"
+    """Folder for the files written."""
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise ValueError("--run.output_dir needs a folder")
 
 
 @dataclass

@@ -26,9 +26,10 @@ from torchvision import transforms as T
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as torchvision_decode_image
 
+from droppos.sections import DEFAULT_MAX_IMAGE_PIXELS
+
 DecodeMode = Literal["pil", "draft", "tensor", "device"]
 DECODE_MODES: tuple[str, ...] = ("pil", "draft", "tensor", "device")
-DEFAULT_MAX_IMAGE_PIXELS = 200_000_000  # 14,000 x 14,000: far above any training image
 _GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 

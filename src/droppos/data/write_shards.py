@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from droppos.data.catalog import build_source, source_splits
 from droppos.data.shards import CLASSES_FILE, write_shard
+from droppos.sections import OutputSection, Sections
 
 
 @dataclass
-class WriteShardsConfig:
-    """Write a data source as WebDataset-style tar shards (fewer, larger files)."""
+class ShardSourceSection:
+    """The images written, and how many go in one shard."""
 
     source: str = "demo"
     """Any data source droppos reads (image folder, file list, fashion-mnist, demo)."""
-    output: str = "shards"
-    """Folder for {split}-NNNNNN.tar, their indexes and classes.txt."""
     shard_size: int = 1000
     """Images per shard."""
 
     def validate(self) -> None:
         if self.shard_size < 1:
-            raise ValueError(f"--shard_size must be >= 1, got {self.shard_size}")
+            raise ValueError(f"--data.shard_size must be >= 1, got {self.shard_size}")
+
+
+@dataclass
+class WriteShardsConfig(Sections):
+    """Write a data source as WebDataset-style tar shards (fewer, larger files)."""
+
+    data: ShardSourceSection = field(default_factory=ShardSourceSection)
+    run: OutputSection = field(default_factory=lambda: OutputSection(output_dir="shards"))
 
 
 def check_output(output: Path, source: str) -> None:
@@ -35,13 +42,13 @@ def check_output(output: Path, source: str) -> None:
         )
         if inside or output.resolve().is_relative_to(source_path.resolve()):
             raise ValueError(
-                f"--output {output} overlaps --source {source}: write the shards to a folder "
-                "of their own"
+                f"--run.output_dir {output} overlaps --data.source {source}: write the shards to a "
+                "folder of their own"
             )
     if output.is_dir() and any(output.iterdir()):
         raise ValueError(
-            f"--output {output} is not empty (older shards there would be read with the new "
-            "ones): give a new or empty folder"
+            f"--run.output_dir {output} is not empty (older shards there would be read with the "
+            "new ones): give a new or empty folder"
         )
 
 
@@ -49,13 +56,13 @@ def write_shards(config: WriteShardsConfig) -> dict[str, list[Path]]:
     """Write each split of the source as `output/{split}-NNNNNN.tar`; returns the files written.
     A source without splits is written as train; original files are copied, not re-encoded."""
     config.validate()
-    output = Path(config.output)
-    check_output(output, config.source)
+    output, source_name = Path(config.run.output_dir), config.data.source
+    check_output(output, source_name)
     written: dict[str, list[Path]] = {}
-    for split in source_splits(config.source):
-        source = build_source(config.source, split)
+    for split in source_splits(source_name):
+        source = build_source(source_name, split)
         output.mkdir(parents=True, exist_ok=True)
-        count, size = len(source), config.shard_size
+        count, size = len(source), config.data.shard_size
         paths = []
         for start in range(0, count, size):
             path = output / f"{split}-{start // size:06d}.tar"
@@ -73,6 +80,6 @@ def run(config: WriteShardsConfig) -> str:
     written = write_shards(config)
     said = ", ".join(f"{split}: {len(paths)} shard(s)" for split, paths in written.items())
     return (
-        f"wrote {config.source} to {config.output} ({said}); train on it with "
-        f"--data.source {config.output}"
+        f"wrote {config.data.source} to {config.run.output_dir} ({said}); train on it with "
+        f"--data.source {config.run.output_dir}"
     )

@@ -12,8 +12,8 @@ import torch
 from droppos.engine.distributed import DistEnv, init_distributed
 from droppos.engine.logging import show_progress
 from droppos.engine.precision import resolve_precision
-from droppos.engine.sections import RunSection
 from droppos.interop.schema import PARTIAL_SUFFIX
+from droppos.sections import RunSection
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
-from droppos.engine.sections import OptimSection
+from droppos.sections import OptimSection
 
 
 def scaled_lr(base_lr: float, effective_batch: int) -> float:

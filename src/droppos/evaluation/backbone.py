@@ -7,12 +7,11 @@ from dataclasses import dataclass, field
 from droppos.interop.backbone import Backbone, load_backbone, random_backbone
 from droppos.models.encoder import EncoderConfig
 from droppos.models.sizes import demo_encoder
-
-DEFAULT_CHECKPOINT = "runs/pretrain/last.pth"
+from droppos.sections import DEFAULT_CHECKPOINT, CheckpointSection
 
 
 @dataclass
-class BackboneSection:
+class BackboneSection(CheckpointSection):
     """Which weights to evaluate."""
 
     checkpoint: str = DEFAULT_CHECKPOINT

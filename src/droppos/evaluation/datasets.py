@@ -16,8 +16,8 @@ from droppos.data.pipeline import AugmentedDataset
 from droppos.data.transforms import eval_transform
 from droppos.engine.collectives import computed_by_rank0
 from droppos.engine.context import RunContext
-from droppos.engine.sections import DataSection, RunSection, Sections
 from droppos.interop.backbone import Backbone
+from droppos.sections import DataSection, RunSection, Sections
 
 
 @dataclass

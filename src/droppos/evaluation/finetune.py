@@ -32,7 +32,6 @@ from droppos.engine.collectives import sum_over_ranks
 from droppos.engine.context import RunContext
 from droppos.engine.loop import StepResult, TrainLoop, build_loop, train_command
 from droppos.engine.precision import autocast
-from droppos.engine.sections import OptimSection, Sections, TrainRunSection, check_crop_scale
 from droppos.engine.strategy import full_model_state
 from droppos.evaluation.backbone import BackboneSection, backbone_from
 from droppos.evaluation.datasets import (
@@ -46,6 +45,7 @@ from droppos.evaluation.metrics import as_percent, topk_correct
 from droppos.evaluation.report import write_results
 from droppos.interop.backbone import Backbone, build_vit, has_loaded_head
 from droppos.interop.schema import Classifier, ClassifierWeights
+from droppos.sections import OptimSection, Sections, TrainRunSection, check_crop_scale
 
 BEST = "best.pth"
 
@@ -70,11 +70,21 @@ class FinetuneModelSection(BackboneSection):
 
 
 @dataclass
+class FinetuneDataSection(EvalDataSection):
+    """Where the labelled images come from, the training crop and the evaluation view."""
+
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    """RandomResizedCrop area range of a training image (the recipe's is 0.08-1)."""
+
+    def validate(self) -> None:
+        super().validate()
+        check_crop_scale("--data.crop_scale", self.crop_scale)
+
+
+@dataclass
 class AugmentSection:
     """Fine-tuning augmentation and label regularisation (the MAE recipe)."""
 
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    """RandomResizedCrop area range (the recipe's is 0.08-1)."""
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
     """timm RandAugment spec; null disables it."""
     reprob: float = 0.25
@@ -87,7 +97,6 @@ class AugmentSection:
     """Label smoothing of the cross-entropy (folded into the mixup targets when mixing)."""
 
     def validate(self) -> None:
-        check_crop_scale("--augment.crop_scale", self.crop_scale)
         if self.mixup < 0 or self.cutmix < 0:
             raise ValueError("--augment.mixup and --augment.cutmix must be >= 0")
         if not 0 <= self.reprob <= 1 or not 0 <= self.label_smoothing < 1:
@@ -124,7 +133,7 @@ class FinetuneConfig(Sections):
     """
 
     model: FinetuneModelSection = field(default_factory=FinetuneModelSection)
-    data: EvalDataSection = field(default_factory=EvalDataSection)
+    data: FinetuneDataSection = field(default_factory=FinetuneDataSection)
     augment: AugmentSection = field(default_factory=AugmentSection)
     optim: OptimSection = field(default_factory=finetune_optim)
     run: TrainRunSection = field(
@@ -354,7 +363,7 @@ def finetuning_loop(config: FinetuneConfig) -> TrainLoop:
     mean, std = normalisation(config.data, backbone)
     aug = config.augment
     transform = finetune_transform(
-        enc.img_size, enc.in_chans, mean, std, aug.crop_scale, aug.auto_augment, aug.reprob
+        enc.img_size, enc.in_chans, mean, std, config.data.crop_scale, aug.auto_augment, aug.reprob
     )
     method = FinetuneMethod(model, config, context, backbone, splits)
     train_set = AugmentedDataset(
@@ -389,7 +398,7 @@ def train(loop: TrainLoop) -> dict[str, Any]:
     loop.run()
     found = results(loop, time.perf_counter() - started)
     if loop.env.is_main:
-        write_results(loop.output_dir, "finetune", found)
+        write_results(loop.output_dir, "finetune", found, loop.precision)
     return found
 
 

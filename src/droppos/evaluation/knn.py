@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from droppos.engine.sections import RunSection
 from droppos.evaluation.datasets import EvaluationConfig
 from droppos.evaluation.features import (
     FeatureBackboneSection,
@@ -22,6 +21,7 @@ from droppos.evaluation.features import (
     evaluate_frozen_features,
 )
 from droppos.evaluation.metrics import as_percent, topk_correct
+from droppos.sections import RunSection
 
 
 @dataclass

@@ -25,7 +25,6 @@ from torch import nn
 from tqdm import tqdm
 
 from droppos.engine.optim import lr_at_step
-from droppos.engine.sections import RunSection
 from droppos.evaluation.datasets import EvaluationConfig
 from droppos.evaluation.features import (
     FeatureBackboneSection,
@@ -33,6 +32,7 @@ from droppos.evaluation.features import (
     evaluate_frozen_features,
 )
 from droppos.evaluation.metrics import as_percent, topk_correct
+from droppos.sections import RunSection
 
 
 @dataclass

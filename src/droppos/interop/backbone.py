@@ -271,7 +271,7 @@ def infer_encoder(
     if heads is None:
         raise ValueError(
             f"{where}: cannot tell the number of attention heads of a {embed_dim}-wide "
-            "encoder; pass --model.num_heads (or --num_heads)"
+            "encoder; pass --model.num_heads"
         )
     # EncoderConfig's fields in order: img_size, patch_size, in_chans, embed_dim, depth, heads
     return EncoderConfig(img_size, patch_h, in_chans, embed_dim, depth, heads, mlp_ratio)

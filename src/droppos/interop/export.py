@@ -17,7 +17,7 @@ One export writes, into one folder:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +31,19 @@ from droppos.interop.formats import hf_vit_config, hf_vit_state, mae_state, mmse
 from droppos.interop.schema import SIDECAR, ExportSidecar, provenance
 from droppos.models.encoder import EncoderConfig, pair
 from droppos.models.sizes import ENCODER_SIZES
+from droppos.sections import DEFAULT_CHECKPOINT, CheckpointSection, OutputSection, Sections
 
-DEFAULT_CHECKPOINT = "runs/pretrain/last.pth"
 WEIGHTS, MAE_FORMAT, MMSEG_FORMAT = "model.safetensors", "mae_format.pth", "mmseg_mae.pth"
 HF_FOLDER = "hf"  # the Hugging Face folder: its own config.json and model.safetensors
 
 
 @dataclass
-class ExportConfig:
-    """Export a checkpoint's encoder (or fine-tuned classifier) for timm, Detectron2, MMSeg."""
+class ExportModelSection(CheckpointSection):
+    """The checkpoint exported, and what its file may not say."""
 
     checkpoint: str = DEFAULT_CHECKPOINT
     """A droppos pre-training or fine-tuning checkpoint, an original DropPos/MAE checkpoint, or
     an exported model.safetensors."""
-    output: str = "runs/export"
-    """Folder for model.safetensors, config.json, mae_format.pth and mmseg_mae.pth."""
     timm_name: str | None = None
     """timm architecture recorded in config.json; null = vit_{size}_patch{p}_224 by width."""
     num_heads: int | None = None
@@ -54,8 +52,17 @@ class ExportConfig:
     def validate(self) -> None:
         if self.checkpoint == "random":
             raise ValueError("export needs a checkpoint file, not `random`")
-        if not self.output:
-            raise ValueError("--output needs a folder")
+
+
+@dataclass
+class ExportConfig(Sections):
+    """Export a checkpoint's encoder (or fine-tuned classifier) for timm, Detectron2, MMSeg and
+    Hugging Face."""
+
+    model: ExportModelSection = field(default_factory=ExportModelSection)
+    run: OutputSection = field(
+        default_factory=lambda: OutputSection(output_dir="runs/export")
+    )  # fmt: skip
 
 
 @dataclass
@@ -80,7 +87,9 @@ def export_checkpoint(
     A pre-training checkpoint exports its encoder (no head); a fine-tuned one its classifier
     (average pool, `fc_norm`, `head`). ValueError/FileNotFoundError for a user mistake.
     """
-    ExportConfig(str(checkpoint), str(output), timm_name, num_heads).validate()
+    ExportConfig(
+        ExportModelSection(str(checkpoint), timm_name, num_heads), OutputSection(str(output))
+    ).validate()
     held = [
         name
         for name in (WEIGHTS, SIDECAR, MAE_FORMAT, MMSEG_FORMAT, HF_FOLDER)
@@ -88,14 +97,14 @@ def export_checkpoint(
     ]
     if held:
         raise ValueError(
-            f"--output {output} already holds an export ({', '.join(held)}): choose another "
-            "folder, or remove those files first"
+            f"--run.output_dir {output} already holds an export ({', '.join(held)}): choose "
+            "another folder, or remove those files first"
         )
     backbone = load_backbone(checkpoint, num_heads)
     name = timm_name or timm_architecture(backbone.encoder)
     if not (name.startswith("vit_") and timm.is_model(name)):
         raise ValueError(
-            f"--timm_name {name!r} is not a timm VisionTransformer (try vit_base_patch16_224)"
+            f"--model.timm_name {name!r} is not a timm VisionTransformer (try vit_base_patch16_224)"
         )
     model = build_vit(
         backbone,
@@ -182,9 +191,13 @@ def sidecar(backbone: Backbone, name: str, source: dict[str, Any]) -> ExportSide
 
 def run(config: ExportConfig) -> str:
     """The command: export, and say what was written and how to load it."""
-    files = export_checkpoint(config.checkpoint, config.output, config.timm_name, config.num_heads)
+    config.validate()
+    model = config.model
+    files = export_checkpoint(
+        model.checkpoint, config.run.output_dir, model.timm_name, model.num_heads
+    )
     return (
-        f"exported {config.checkpoint} to {files.folder}: {files.weights.name} + "
+        f"exported {model.checkpoint} to {files.folder}: {files.weights.name} + "
         f"{files.config.name} (timm {files.timm_name}), {files.mae_format.name} (Detectron2 "
         f"ViTDet / MAE), {files.mmseg_format.name} (MMSegmentation MAE), {HF_FOLDER}/ "
         f"(Hugging Face ViTModel)\n"

@@ -18,14 +18,14 @@ from droppos.data.transforms import pretrain_transform
 from droppos.engine import context as run_context
 from droppos.engine.collectives import computed_by_rank0
 from droppos.engine.loop import TrainLoop, build_loop, train_command
-from droppos.engine.sections import (
+from droppos.methods import DEFAULT_METHOD, method_named, method_names, method_of
+from droppos.sections import (
     DataSection,
     OptimSection,
     Sections,
     TrainRunSection,
     check_crop_scale,
 )
-from droppos.methods import DEFAULT_METHOD, method_named, method_names, method_of
 
 
 @dataclass
