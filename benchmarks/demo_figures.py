@@ -64,9 +64,10 @@ class Steps:
         seconds = droppos(*args, "--run.output_dir", str(folder), *QUIET)
         found = json.loads((folder / result_file).read_text())
         found["command_seconds"] = seconds
-        if result_file == "summary.json":  # a pre-training: its per-epoch monitors too
-            epochs = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().split()]
-            found["epochs"] = [r for r in epochs if r.get("kind") == "epoch"]
+        metrics = folder / "metrics.jsonl"
+        if metrics.is_file():  # a training run: its per-epoch records (monitors, val top-1)
+            lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+            found["epochs"] = [r for r in lines if r.get("kind") == "epoch"]
         record.write_text(json.dumps(found, indent=1))
         print(f"{name}: {seconds:.0f} s", flush=True)
         return found

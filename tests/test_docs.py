@@ -2,9 +2,11 @@
 named in the architecture page exist, nothing points at files users do not have."""
 
 import ast
+import json
 import re
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -158,3 +160,74 @@ def test_method_names_are_spelled_only_in_the_methods_package():
         if isinstance(node, ast.Constant) and node.value in method_names()
     )
     assert spelled and all(path.startswith("methods/") for path in spelled), spelled
+
+
+# -- README's demo figures, against the JSON the script that measured them wrote --------------
+
+FIGURES = ROOT / "benchmarks" / "results" / "demo_figures.json"
+
+QUOTES = Path(__file__).with_name("readme_demo_quotes.txt")
+
+
+def demo_quotes() -> list[str]:
+    """The templates of README's demo figures (tests/readme_demo_quotes.txt)."""
+    text = "\n".join(x for x in QUOTES.read_text().splitlines() if not x.startswith("#"))
+    return [quote.strip() for quote in text.split("\n---\n") if quote.strip()]
+
+
+def about(value: float) -> str:
+    """A wall time as README rounds it: two significant digits (132 -> 130, 9.4 -> 9.4)."""
+    return f"{float(f'{value:.2g}'):g}"
+
+
+def figure(data: Any, path: str) -> Any:
+    """`knn-pretrained-avg.top1`, `pretrain.epochs.4.loss`: keys may hold dots themselves
+    (`probe-position-random-0.75`), so the longest key that matches is taken first."""
+    parts = path.split(".")
+    while parts:
+        for end in range(len(parts), 0, -1):
+            key = ".".join(parts[:end])
+            if isinstance(data, list) and key.isdigit() and int(key) < len(data):
+                data, parts = data[int(key)], parts[end:]
+                break
+            if isinstance(data, dict) and key in data:
+                data, parts = data[key], parts[end:]
+                break
+        else:
+            raise KeyError(f"{path}: no {parts[0]!r}")
+    return data
+
+
+def render(template: str, data: dict[str, Any]) -> str:
+    def one(match: re.Match[str]) -> str:
+        value = figure(data, match.group(1))
+        spec = match.group(2) or ""
+        return about(value) if spec == "about" else format(value, spec)
+
+    return re.sub(r"\{([\w\-.]+)(?::([^}]*))?\}", one, template)
+
+
+def squeeze(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_readme_quotes_the_demo_figures_the_script_measured():
+    data = json.loads(FIGURES.read_text())
+    assert len(demo_quotes()) >= 12
+    readme = squeeze(README)
+    missing = [
+        rendered
+        for template in demo_quotes()
+        if (rendered := squeeze(render(template, data))) not in readme
+    ]
+    assert not missing, "README does not say (benchmarks/demo_figures.py measured):\n" + "\n".join(
+        missing
+    )
+
+
+def test_the_figure_resolver_reads_dotted_keys_and_list_items():
+    data = {"probe-0.75": {"top1": 41.25}, "runs": [{"loss": 1.5}, {"loss": 1.25}]}
+    assert figure(data, "probe-0.75.top1") == 41.25 and figure(data, "runs.1.loss") == 1.25
+    assert render("{probe-0.75.top1:.1f} in {runs.0.loss:about} s", data) == "41.2 in 1.5 s"
+    with pytest.raises(KeyError):
+        figure(data, "probe-0.5.top1")
