@@ -455,16 +455,22 @@ def plot(summaries: list[dict[str, Any]], rows: list[Row], root: Path, report: P
             if (r := json.loads(line)).get("kind") == "step" and "position_accuracy" in r
         }
         steps = sorted(accuracy)
-        axis.plot(steps, [accuracy[s] for s in steps], label=row.name,
-                  color=f"C{drawn % 10}", linestyle="-" if drawn < 10 else "--",
-                  linewidth=2.5 if row.seeds > 1 else 1)  # fmt: skip
+        axis.plot(
+            steps,
+            [accuracy[s] for s in steps],
+            label=row.name,
+            color=plt.get_cmap("tab20")(drawn % 20),
+            linestyle="-" if drawn < 20 else "--",
+            linewidth=2.5 if row.seeds > 1 else 1,
+        )  # fmt: skip (a colour per row)
         drawn += 1
     axis.axhline(100 / 16, color="grey", linestyle=":", label="chance (1/16)")
     axis.set(xlabel="pre-training step", ylabel="position accuracy on dropped tokens (%)",
              title="DropPos pretext accuracy during pre-training (seed 0)")  # fmt: skip
     axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()
-    figure.savefig(report / "position_accuracy.png", dpi=120)
+    if drawn:  # (a replot without the runs' metrics keeps the picture it has)
+        figure.savefig(report / "position_accuracy.png", dpi=120)
     plt.close(figure)
 
     keys = [("knn_avg", "kNN (mean token)"), ("linprobe_avg", "linear probe (mean token)"),
@@ -477,12 +483,17 @@ def plot(summaries: list[dict[str, Any]], rows: list[Row], root: Path, report: P
         values = [s.get(key) or math.nan for s in summaries]
         errors = [s.get(f"{key}_std") or 0.0 for s in summaries]
         axis.bar(xs, values, width, yerr=errors, capsize=2, label=label)
+        for x, value in zip(xs, values):
+            if math.isnan(value):  # say why a bar is missing rather than leave a gap
+                axis.text(x, 12, "not a network: no fine-tuning" if key == "finetune" else "not run",
+                          rotation=90, ha="center", va="bottom", fontsize=7)  # fmt: skip
     axis.set_xticks(range(len(names)), names, rotation=50, ha="right", fontsize=8)
-    low = min(v for s in summaries for k, _ in keys if (v := s.get(k)) is not None)
-    axis.set_ylim(max(0, low - 5), 100)
+    axis.set_ylim(0, 112)  # from zero: a cut axis would magnify the gaps (and room for the key)
+    axis.set_yticks(range(0, 101, 20))
+    axis.axhline(10, color="grey", linestyle=":", linewidth=1, label="chance (10 classes)")
     axis.set(ylabel="top-1 on the test split (%)",
              title="Downstream accuracy per row (mean ± std over seeds)")  # fmt: skip
-    axis.legend()
+    axis.legend(loc="upper center", ncol=4, fontsize=8)
     figure.tight_layout()
     figure.savefig(report / "downstream.png", dpi=120)
     plt.close(figure)
@@ -524,7 +535,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="a few steps on the embedded demo set (what CI runs)")  # fmt: skip
     parser.add_argument("--install-data", action="store_true",
                         help="apt-get install dataset-fashion-mnist if missing")  # fmt: skip
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the plots from --report-dir's study.json")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.replot:
+        if args.report_dir is None:
+            raise SystemExit("--replot needs --report-dir (where study.json is)")
+        summaries = json.loads((args.report_dir / "study.json").read_text())
+        rows = [ROWS_BY_NAME[s["row"]] for s in summaries if s["row"] in ROWS_BY_NAME]
+        plot(summaries, rows, args.output_dir, args.report_dir)
+        return
     WHERE.source, WHERE.device, WHERE.workers = args.source, torch.device(args.device), args.workers
     if not args.smoke and args.source == "fashion-mnist":
         ensure_fashion_mnist(args.install_data)

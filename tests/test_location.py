@@ -24,7 +24,7 @@ from droppos.visual.jigsaw import (
     ERROR_KEY,
     assign_cells,
     heat,
-    heat_scale,
+    heat_levels,
     place_patches,
     to_patches,
 )
@@ -148,11 +148,11 @@ def test_visualize_writes_pngs_of_the_expected_size(tmp_path, pretrained):
 def test_one_dominant_weight_does_not_blacken_the_heat_map():
     weights = np.full(16, 1 / 32)
     weights[5] = 0.5
-    top = heat_scale(weights)
-    assert top < weights.max()  # the white end is not the single outlier
-    assert weights[0] / top > 1 / 5  # so the other cells are drawn red, not black
-    assert heat(np.array(weights[0] / top))[0] > 150
-    assert heat_scale(np.zeros(16)) == 1.0  # nothing to scale: no division by zero
+    levels, top = heat_levels(weights)
+    assert top == 0.5 and levels[5] == 1.0  # the scale's end is the largest weight
+    assert levels[0] == 0.25  # a sixteenth of it is drawn at a quarter, red, not black
+    assert heat(levels[0])[0] > 150
+    assert heat_levels(np.zeros(16))[1] == 1.0  # nothing to scale: no division by zero
 
 
 def test_probe_position_reads_our_checkpoints_and_a_plain_timm_state_dict(

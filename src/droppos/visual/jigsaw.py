@@ -96,17 +96,17 @@ def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def heat_scale(weights: np.ndarray) -> float:
-    """The weight drawn white: the 95th percentile of the positive weights, so that one
-    dominant patch does not turn every other cell black (larger weights are drawn white too,
-    and the scale says so)."""
-    positive = weights[weights > 0]
-    return float(np.quantile(positive, 0.95)) if positive.size else 1.0
+def heat_levels(weights: np.ndarray) -> tuple[np.ndarray, float]:
+    """Weights -> heat levels in [0, 1] on a square-root scale of the largest weight, and that
+    weight: attentive weights are peaked, and on a linear scale one dominant patch leaves every
+    other cell black (a tenth of the largest weight is drawn at level 0.32, not 0.1)."""
+    top = float(weights.max()) if weights.size and weights.max() > 0 else 1.0
+    return np.sqrt(np.clip(weights / top, 0, 1)), top
 
 
 def compose(
     panels: list[np.ndarray], titles: tuple[str, ...], caption: str, heat_top: float,
-    heat_label: str, clipped: bool,
+    heat_label: str,
 ) -> Image.Image:  # fmt: skip
     """Panels [H, W, 3] side by side, enlarged (nearest) to PANEL_SIDE, with their titles, a
     caption, the error map's key and the heat map's colour scale."""
@@ -138,10 +138,12 @@ def compose(
     y = below + 2 * line + 2
     picture.paste(Image.fromarray(bar), (left, y))
     draw.rectangle((left, y, left + tiles[-1].width - 1, y + 9), outline=(0, 0, 0))
-    high = f"{'>= ' if clipped else ''}{heat_top:.3g}"
-    draw.text((left, y + 11), "0", fill=(0, 0, 0), font=small)
-    right = left + tiles[-1].width - int(draw.textlength(high, font=small))
-    draw.text((right, y + 11), high, fill=(0, 0, 0), font=small)
+    for level, anchor in ((0.0, "left"), (0.5, "middle"), (1.0, "right")):  # sqrt scale ticks
+        text = "0" if level == 0 else f"{heat_top * level**2:.3g}"
+        width_of = int(draw.textlength(text, font=small))
+        x = left + int(level * (tiles[-1].width - 1))
+        x -= {"left": 0, "middle": width_of // 2, "right": width_of}[anchor]
+        draw.text((x, y + 11), text, fill=(0, 0, 0), font=small)
     label_x = left - int(draw.textlength(heat_label, font=small)) - 8
     draw.text((label_x, y - 2), heat_label, fill=(0, 0, 0), font=small)
     return picture
@@ -166,7 +168,7 @@ class JigsawView:
     attention: torch.Tensor
     titles: tuple[str, ...] = PANELS
     """The five panels' titles (a method names its own visible set and heat map)."""
-    heat_label: str = "attentive weight"
+    heat_label: str = "attentive weight (square-root scale)"
     """What the heat map's values are, written beside its colour scale."""
 
 
@@ -207,19 +209,18 @@ def draw_jigsaw(
         distance = np.sqrt(dy**2 + dx**2)
         errors[visible[dropped]] = OFF_BY[np.minimum(np.ceil(distance[dropped]), 2).astype(int)]
         weights = view.attention[i].float().cpu().numpy()
-        top = heat_scale(weights)
+        levels, top = heat_levels(weights)
         panels = [
             image,
             seen,
             solved,
             cell_map(errors, grid, p),
-            cell_map(heat(weights / max(top, 1e-12)), grid, p),
+            cell_map(heat(levels), grid, p),
         ]
         right = int((distance[dropped] == 0).sum())
         said = f"image {i}: {right} of {int(dropped.sum())} dropped-position patches in their cell"
         line = f"{caption}   {said}" if caption else said
-        clipped = bool(weights.max() > top)
-        pictures.append(compose(panels, view.titles, line, top, view.heat_label, clipped))
+        pictures.append(compose(panels, view.titles, line, top, view.heat_label))
     return pictures
 
 
