@@ -264,6 +264,39 @@ def test_the_hf_folder_loads_offline_into_transformers_with_the_same_features(
     torch.testing.assert_close(theirs, ours, **TOLERANCE)
 
 
+def test_a_cls_pooled_classifier_loads_as_a_hf_vit_for_image_classification(
+    tmp_path, image_folder, pretrained, monkeypatch, capsys
+):
+    """`--model.global_pool token` heads read [CLS] through the final norm, as transformers'
+    ViT classifier does: its logits equal droppos's; the default mean-token head says why it
+    is not there."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "finetune"
+    args = ["finetune", "--model.checkpoint", str(pretrained), "--data.source", str(image_folder)]
+    args += ["--optim.epochs", "1", "--optim.warmup_epochs", "0", "--optim.batch_size", "4"]
+    args += ["--model.global_pool", "token", "--run.output_dir", str(out), *QUIET]
+    assert main(args) == 0
+    export(out / "best.pth", tmp_path / "export")
+    assert "ViTForImageClassification.from_pretrained" in capsys.readouterr().out
+    hf = transformers.ViTForImageClassification.from_pretrained(tmp_path / "export" / "hf")
+    assert hf.config.id2label == {0: "a", 1: "b"}
+    reference = build_vit(load_backbone(out / "best.pth"), num_classes=2, global_pool="token")
+    images = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        theirs = hf.eval()(pixel_values=images).logits
+        torch.testing.assert_close(theirs, reference.eval()(images), **TOLERANCE)
+
+
+def test_a_mean_token_classifier_exports_its_encoder_to_hf_and_says_so(tmp_path, finetuned, capsys):
+    export(finetuned, tmp_path)
+    said = capsys.readouterr().out
+    assert "holds the encoder only" in said and "--model.global_pool token" in said
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [
+        "ViTModel"
+    ]
+
+
 def test_a_hugging_face_folder_is_a_checkpoint_every_command_reads(tmp_path, pretrained):
     export(pretrained, tmp_path)
     ours, theirs = load_backbone(pretrained), load_backbone(tmp_path / "hf")

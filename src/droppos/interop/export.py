@@ -74,6 +74,8 @@ class ExportedFiles:
     mmseg_format: Path
     timm_name: str
     model_args: dict[str, Any]
+    num_classes: int = 0
+    hf_classifier: bool = False
 
 
 def export_checkpoint(
@@ -123,6 +125,7 @@ def export_checkpoint(
         mmseg_format=folder / MMSEG_FORMAT,
         timm_name=name,
         model_args=model_args(backbone),
+        num_classes=backbone.num_classes,
     )
     save_file(state, str(files.weights), metadata={"format": "pt"})
     source = provenance(
@@ -131,16 +134,27 @@ def export_checkpoint(
     sidecar(backbone, name, source).write(folder)
     torch.save(mae_state(state), files.mae_format)
     torch.save(mmseg_state(state), files.mmseg_format)
-    write_hf_folder(folder / HF_FOLDER, state, files.model_args)
+    files.hf_classifier = write_hf_folder(folder / HF_FOLDER, state, files.model_args, backbone)
     return files
 
 
-def write_hf_folder(folder: Path, state: dict[str, torch.Tensor], args: dict[str, Any]) -> None:
-    """A folder `transformers.ViTModel.from_pretrained(folder)` loads offline: the encoder
-    under Hugging Face's names and its `config.json` (transformers is not needed to write it)."""
+def write_hf_folder(
+    folder: Path, state: dict[str, torch.Tensor], args: dict[str, Any], backbone: Backbone
+) -> bool:
+    """A folder `transformers` loads offline (it is not needed to write it): a fine-tuned
+    classifier pooling `[CLS]` (`--model.global_pool token`) as a `ViTForImageClassification`,
+    whose head reads the same token through the same final norm; anything else as a `ViTModel`
+    of the encoder (droppos's default head pools the mean patch token through `fc_norm`, which
+    transformers' ViT classifier cannot express). Returns whether the classifier went in."""
+    classifier = backbone.num_classes > 0 and backbone.global_pool == "token"
+    classifier = classifier and not backbone.has_fc_norm
+    labels = None
+    if classifier:
+        labels = backbone.classes or [f"class_{i}" for i in range(backbone.num_classes)]
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(hf_vit_state(state), str(folder / WEIGHTS), metadata={"format": "pt"})
-    (folder / SIDECAR).write_text(json.dumps(hf_vit_config(args), indent=2) + "\n")
+    save_file(hf_vit_state(state, classifier), str(folder / WEIGHTS), metadata={"format": "pt"})
+    (folder / SIDECAR).write_text(json.dumps(hf_vit_config(args, labels), indent=2) + "\n")
+    return classifier
 
 
 def timm_architecture(encoder: EncoderConfig) -> str:
@@ -196,11 +210,19 @@ def run(config: ExportConfig) -> str:
     files = export_checkpoint(
         model.checkpoint, config.run.output_dir, model.timm_name, model.num_heads
     )
+    hf_class = "ViTForImageClassification" if files.hf_classifier else "ViTModel"
+    hf_note = ""
+    if files.num_classes and not files.hf_classifier:
+        hf_note = (
+            f"\nnote: {HF_FOLDER}/ holds the encoder only: this classifier pools the mean patch "
+            "token, which transformers' ViT classifier cannot (fine-tune with --model.global_pool "
+            "token for a ViTForImageClassification)"
+        )
     return (
         f"exported {model.checkpoint} to {files.folder}: {files.weights.name} + "
         f"{files.config.name} (timm {files.timm_name}), {files.mae_format.name} (Detectron2 "
         f"ViTDet / MAE), {files.mmseg_format.name} (MMSegmentation MAE), {HF_FOLDER}/ "
-        f"(Hugging Face ViTModel)\n"
+        f"(Hugging Face {hf_class})\n"
         f'load: timm.create_model("local-dir:{files.folder}", pretrained=True, num_classes=...)'
-        f' or transformers.ViTModel.from_pretrained("{files.folder / HF_FOLDER}")'
+        f' or transformers.{hf_class}.from_pretrained("{files.folder / HF_FOLDER}")' + hf_note
     )

@@ -69,37 +69,54 @@ HF_RENAMES = (
 )
 
 
-def hf_vit_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A timm ViT encoder's state dict -> `transformers.ViTModel` names: the fused `qkv` is
-    split into query, key and value; a classifier (`head`, `fc_norm`) is left out (a
-    ViTForImageClassification pools `[CLS]`, which droppos's average-pooled heads do not)."""
+def hf_vit_state(
+    state: Mapping[str, torch.Tensor], classifier: bool = False
+) -> dict[str, torch.Tensor]:
+    """A timm ViT's state dict -> Hugging Face names: the fused `qkv` is split into query, key
+    and value. `classifier`: a `ViTForImageClassification` (the encoder under `vit.`, `head` as
+    `classifier`), which fits only a `[CLS]`-pooled head without `fc_norm`; otherwise a
+    `ViTModel`, and a classifier (`head`, `fc_norm`) is left out."""
     renamed: dict[str, torch.Tensor] = {}
+    prefix = "vit." if classifier else ""
     for name, value in state.items():
+        if classifier and name.startswith("head."):
+            renamed[name.replace("head.", "classifier.", 1)] = value.contiguous()
+            continue
         if name.startswith(("fc_norm.", "head.")):
             continue
         qkv = re.match(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", name)
         if qkv:
             layer, kind = qkv.groups()
             for part, chunk in zip(("query", "key", "value"), value.chunk(3), strict=True):
-                key = f"encoder.layer.{layer}.attention.attention.{part}.{kind}"
+                key = f"{prefix}encoder.layer.{layer}.attention.attention.{part}.{kind}"
                 renamed[key] = chunk.clone().contiguous()
             continue
         for pattern, replacement in HF_RENAMES:
             if re.match(pattern, name):
-                renamed[re.sub(pattern, replacement, name)] = value.contiguous()
+                renamed[prefix + re.sub(pattern, replacement, name)] = value.contiguous()
                 break
         else:
             raise ValueError(f"no Hugging Face name for the ViT weight {name!r}")
     return renamed
 
 
-def hf_vit_config(model_args: Mapping[str, Any]) -> dict[str, Any]:
+def hf_vit_config(model_args: Mapping[str, Any], labels: list[str] | None = None) -> dict[str, Any]:
     """`config.json` of a `transformers.ViTModel` of this shape (timm's pre-norm block, GELU,
-    LayerNorm eps 1e-6, biased qkv, no dropout)."""
+    LayerNorm eps 1e-6, biased qkv, no dropout); with `labels`, of a
+    `ViTForImageClassification` over those classes."""
     height, width = model_args["img_size"]
     dim = model_args["embed_dim"]
+    named = (
+        {
+            "id2label": {str(i): label for i, label in enumerate(labels)},
+            "label2id": {label: i for i, label in enumerate(labels)},
+        }
+        if labels is not None
+        else {}
+    )
     return {
-        "architectures": ["ViTModel"],
+        "architectures": ["ViTForImageClassification" if labels is not None else "ViTModel"],
+        **named,
         "model_type": "vit",
         "hidden_size": dim,
         "num_hidden_layers": model_args["depth"],
