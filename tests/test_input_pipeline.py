@@ -219,7 +219,7 @@ def test_draft_decoding_shrinks_large_jpegs_and_stays_close(tmp_path):
     assert lazy.size == (1200, 900) and lazy.decode(4).size == (300, 225)  # 1/4 scale
     pil, draft = augmented(tmp_path, "pil"), augmented(tmp_path, "draft")
     levels = [float((pil[i][0] - draft[i][0]).abs().mean()) * 255 * 0.226 for i in range(6)]
-    assert np.mean(levels) < 2.0  # a fraction of one level of 255 on average
+    assert np.mean(levels) < 1.0  # a fraction of one level of 255 on average (0.66 measured)
     assert max(levels) > 0  # the shortcut was taken
 
 

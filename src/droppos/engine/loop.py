@@ -54,7 +54,7 @@ from droppos.engine.guards import (
 from droppos.engine.logging import MetricSums, MetricWriter, Sums, write_config, write_json
 from droppos.engine.optim import adamw_for_run, lr_at_step, set_lr
 from droppos.engine.precision import autocast, grad_scaler
-from droppos.engine.strategy import Strategy, strategy_for
+from droppos.engine.strategy import Strategy, check_can_compile, strategy_for
 from droppos.interop.schema import Header, Progress, TrainingCheckpoint
 from droppos.sections import DataSection, OptimSection, TrainRunSection
 
@@ -570,6 +570,8 @@ def build_loop(
         len(loader), optim.batch_size, optim.accum_steps, len(train_set), env.world_size
     )
     strategy = strategy_for(env, run_options.strategy, context.precision)
+    if run_options.compile:
+        check_can_compile(env.device)
     if run_options.activation_checkpointing:
         checkpoint_activations(method.model)
     engine_model = strategy.wrap(method.model, run_options.compile)  # FSDP swaps parameters:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -96,6 +98,19 @@ def _by_name(
         {**group, "params": [order[i] for i in group["params"]]} for group in state["param_groups"]
     ]
     return {"state": {order[i]: v for i, v in state["state"].items()}, "param_groups": groups}
+
+
+def check_can_compile(device: torch.device) -> None:
+    """`--run.compile true` on the CPU: inductor writes C++ and builds it, so a machine without
+    a C++ compiler would fail at the first step with a compiler traceback. Say it first."""
+    if device.type != "cpu":
+        return
+    named = os.environ.get("CXX")
+    if not any(shutil.which(c) for c in ([named] if named else ["g++", "clang++", "c++"])):
+        raise ValueError(
+            "--run.compile true on the CPU needs a C++ compiler (g++ or clang++, or set CXX): "
+            "install one, or drop --run.compile"
+        )
 
 
 class SingleProcess:
