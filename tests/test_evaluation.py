@@ -409,3 +409,82 @@ def test_the_linear_probe_matches_a_logistic_regression_on_separable_features():
     assert abs(best["top1"] - expected) < 2.0, (best["top1"], expected)
     assert len(probes) == len(section.base_lrs)
     assert isinstance(LinearProbe(dim, classes)[0], torch.nn.BatchNorm1d)
+
+
+def test_the_dino_feature_concatenates_the_last_blocks_cls_and_mean_tokens():
+    """`--model.feature cls+avg`: per block, [CLS] and the mean patch token through the final
+    norm; its last block's halves are exactly the `cls` and `avg` features."""
+    from droppos.evaluation.features import LastBlocksFeatures
+    from droppos.interop.backbone import random_backbone
+    from droppos.models.encoder import EncoderConfig
+
+    shape = EncoderConfig(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=3, num_heads=2)
+    vit = build_vit(random_backbone(shape), num_classes=0, global_pool="token").eval()
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        features = LastBlocksFeatures(vit, 2)(images)
+        tokens = vit.forward_features(images)  # the last block through the final norm
+    dim = 32
+    assert features.shape == (2, 2 * 2 * dim)
+    torch.testing.assert_close(features[:, 2 * dim : 3 * dim], tokens[:, 0])
+    torch.testing.assert_close(features[:, 3 * dim :], tokens[:, 1:].mean(1))
+    assert not torch.allclose(features[:, :dim], tokens[:, 0])  # the block before differs
+    assert LastBlocksFeatures(vit, 10).blocks == 3  # at most the depth
+
+
+def test_a_held_out_val_split_and_a_class_balanced_label_subset():
+    """`--data.val_from_train 500 --data.train_images 100`: validation held out of train (the
+    source's val split unread), 100 training images, 10 of each class, the same for every run
+    with the same subset seed and disjoint from the held-out ones."""
+    from collections import Counter
+
+    from droppos.evaluation.datasets import EvalDataSection, labelled_splits
+
+    data = EvalDataSection(source="demo", val_from_train=500, train_images=100)
+    splits = labelled_splits(data)
+    assert (len(splits.train), len(splits.val), splits.num_classes) == (100, 500, 10)
+    assert set(Counter(splits.train.all_labels()).values()) == {10}
+    assert set(Counter(splits.val.all_labels()).values()) == {50}
+    train, val = set(splits.train.indices), set(splits.val.indices)  # into the full train split
+    chosen = [splits.train.source.indices[i] for i in splits.train.indices]
+    assert not set(chosen) & val and len(train) == 100
+    again = labelled_splits(data)
+    assert again.train.indices == splits.train.indices and again.val.indices == splits.val.indices
+    other = labelled_splits(EvalDataSection(source="demo", train_images=100, subset_seed=1))
+    assert other.train.indices != splits.train.indices
+    assert splits.train.origin != splits.val.origin  # never taken for the same images
+    image, label = splits.train[0]
+    assert label == splits.train.all_labels()[0] and image.size == (28, 28)
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        (("--data.train_images", "5000"), "--data.train_images 5000: the training split has"),
+        (("--data.val_from_train", "4000"), "leaves no training image"),
+    ],
+)
+def test_label_subsets_that_cannot_be_drawn_are_one_line(options, said, tmp_path, capsys):
+    args = ["knn", "--model.checkpoint", "random", "--run.output_dir", str(tmp_path), *options]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert said in err and len(err.splitlines()) == 1, err
+
+
+def test_a_class_too_small_for_its_share_is_named():
+    from droppos.data.sources import balanced_pick
+
+    labels = [0] * 50 + [1] * 5
+    assert len(balanced_pick(labels, 10, 0, "--data.train_images")) == 10
+    with pytest.raises(ValueError, match="needs 6 images of class 1, which has 5"):
+        balanced_pick(labels, 12, 0, "--data.train_images")
+
+
+def test_knn_on_a_few_labels_with_validation_held_out(tmp_path):
+    args = ["knn", "--model.checkpoint", "random", "--data.train_images", "200",
+            "--data.val_from_train", "100", "--run.output_dir", str(tmp_path),
+            "--run.progress", "false"]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (results["train_size"], results["val_size"]) == (200, 100)
+    assert results["precision"] in ("fp32", "bf16") and results["threads"] >= 1

@@ -196,6 +196,9 @@ class ShardDataset(ImageSource):
     def __len__(self) -> int:
         return len(self.members)
 
+    def all_labels(self) -> list[int]:
+        return [member[3] for member in self.members]
+
     def _handle(self, number: int) -> Any:
         if self._pid != os.getpid():  # a forked worker: never share the parent's file offsets
             self._handles, self._pid = {}, os.getpid()

@@ -90,6 +90,54 @@ class ImageSource(Dataset):
         """(file bytes, suffix, label) of sample `index`."""
         raise NotImplementedError
 
+    def all_labels(self) -> list[int]:
+        """Every sample's label, without reading an image (what a class-balanced pick needs)."""
+        raise NotImplementedError
+
+
+class SourceSubset(ImageSource):
+    """Some samples of a source (a class-balanced training subset, a validation split held
+    out of train), itself a source: labels, classes and files pass through; `part` tells its
+    origin from the rest's, so the two are never taken for the same images."""
+
+    def __init__(self, source: ImageSource, indices: Sequence[int], part: str) -> None:
+        self.source, self.indices = source, list(indices)
+        self.classes, self.num_classes = source.classes, source.num_classes
+        self.origin, self.holds_files = f"{source.origin} [{part}]", source.holds_files
+        labels = source.all_labels()
+        self._labels = [labels[i] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[DecodedImage, int]:
+        return self.source[self.indices[index]]
+
+    def encoded(self, index: int) -> tuple[bytes, str, int]:
+        return self.source.encoded(self.indices[index])
+
+    def all_labels(self) -> list[int]:
+        return list(self._labels)
+
+
+def balanced_pick(labels: Sequence[int], count: int, seed: int, what: str) -> list[int]:
+    """`count` indices into `labels`, as many of each class as can be (the first classes take
+    one more when `count` does not divide), drawn from `seed` alone: every run that asks for
+    the same count and seed gets the same images, whatever its own seed. Sorted."""
+    classes = sorted(set(labels))
+    per_class = [count // len(classes) + (i < count % len(classes)) for i in range(len(classes))]
+    generator = np.random.default_rng(seed)
+    picked: list[int] = []
+    for label, wanted in zip(classes, per_class):
+        members = [i for i, y in enumerate(labels) if y == label]
+        if wanted > len(members):
+            raise ValueError(
+                f"{what} {count} needs {wanted} images of class {label}, which has "
+                f"{len(members)}: ask for at most {len(members) * len(classes)}"
+            )
+        picked += generator.choice(members, size=wanted, replace=False).tolist()
+    return sorted(picked)
+
 
 Share = Callable[[Callable[[], Any]], Any]
 """How a listing is made: `alone` computes it here; under torchrun, rank 0 computes it once
@@ -128,6 +176,9 @@ class _FileSource(ImageSource):
     def encoded(self, index: int) -> tuple[bytes, str, int]:
         path, label = self.samples[index]
         return read_regular(path), Path(path).suffix.lstrip(".").lower(), int(label)
+
+    def all_labels(self) -> list[int]:
+        return [int(label) for _, label in self.samples]
 
 
 def _is_image(path: Path) -> bool:
@@ -351,6 +402,9 @@ class ArrayDataset(ImageSource):
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         return buffer.getvalue(), "png", label
+
+    def all_labels(self) -> list[int]:
+        return self.labels.tolist()
 
 
 class FashionMNISTDataset(ArrayDataset):

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from droppos.data.catalog import build_source
 from droppos.data.loader import build_loader
 from droppos.data.pipeline import AugmentedDataset
+from droppos.data.sources import SourceSubset, balanced_pick
 from droppos.data.transforms import eval_transform
 from droppos.engine.collectives import computed_by_rank0
 from droppos.engine.context import RunContext
@@ -28,11 +29,23 @@ class EvalDataSection(DataSection):
     """Images per forward when extracting features or evaluating (per process)."""
     crop_pct: float = 0.875
     """Evaluation view: resize the shorter side to img_size / crop_pct, centre crop (256/224)."""
+    val_from_train: int = 0
+    """N > 0: hold out N class-balanced training images and evaluate on them instead of the
+    source's val split (which is then not read): make choices (learning rate, feature, recipe)
+    there and keep the test split for the number you report."""
+    train_images: int = 0
+    """N > 0: train on a class-balanced subset of N training images (after any held-out
+    validation): a few labels, as a user with a small labelled set has. 0 = all."""
+    subset_seed: int = 0
+    """Seed of those picks alone (not --run.seed): every run with the same N and subset_seed
+    sees the same images, whatever its own seed."""
 
     def validate(self) -> None:
         super().validate()
         if self.batch_size < 1:
             raise ValueError(f"--data.batch_size must be >= 1, got {self.batch_size}")
+        if self.val_from_train < 0 or self.train_images < 0:
+            raise ValueError("--data.val_from_train and --data.train_images must be >= 0")
         if not 0 < self.crop_pct <= 1:
             raise ValueError(f"--data.crop_pct must be in (0, 1], got {self.crop_pct}")
 
@@ -57,15 +70,36 @@ class LabelledSplits:
 
 
 def labelled_splits(data: DataSection) -> LabelledSplits:
-    """Both splits of `data.source` (the kinds pre-training reads); ValueError without labels."""
+    """Both splits of `data.source` (the kinds pre-training reads); ValueError without labels.
+    With `--data.val_from_train` the val split is held out of train, with `--data.train_images`
+    train is a class-balanced subset (evaluation sections only)."""
     source = data.source
     train = build_source(source, "train", data.max_image_pixels, share=computed_by_rank0)
-    val = build_source(source, "val", data.max_image_pixels, share=computed_by_rank0)
     if train.num_classes < 2:
         raise ValueError(
             f"data source {source!r} has {train.num_classes} class(es): evaluations need labels "
             "(class sub-folders, `path label` lists, Fashion-MNIST or the demo set)"
         )
+    held_out = getattr(data, "val_from_train", 0)
+    if held_out:
+        labels = train.all_labels()
+        if held_out >= len(labels):
+            raise ValueError(
+                f"--data.val_from_train {held_out} leaves no training image of {len(labels)}"
+            )
+        chosen = balanced_pick(labels, held_out, data.subset_seed, "--data.val_from_train")
+        rest = sorted(set(range(len(labels))) - set(chosen))
+        train, val = SourceSubset(train, rest, "train"), SourceSubset(train, chosen, "held-out val")
+    else:
+        val = build_source(source, "val", data.max_image_pixels, share=computed_by_rank0)
+    wanted = getattr(data, "train_images", 0)
+    if wanted:
+        if wanted > len(train):
+            raise ValueError(
+                f"--data.train_images {wanted}: the training split has {len(train)} images"
+            )
+        chosen = balanced_pick(train.all_labels(), wanted, data.subset_seed, "--data.train_images")
+        train = SourceSubset(train, chosen, f"{wanted} images")
     if val.num_classes > train.num_classes:
         raise ValueError(
             f"data source {source!r}: the val split has {val.num_classes} classes, train only "

@@ -40,10 +40,47 @@ POOLS = {"cls": "token", "avg": "avg"}  # our option -> timm's global_pool
 class FeatureBackboneSection(BackboneSection):
     """Which weights, and which of their outputs the frozen-feature evaluations read."""
 
-    feature: Literal["cls", "avg"] = "avg"
+    feature: Literal["cls", "avg", "cls+avg"] = "avg"
     """avg: the mean of the patch tokens (the default: DropPos trains the patch tokens, and
     benchmarks/STUDY.md finds it ahead of [CLS]); cls: the final-norm [CLS] token (MAE's
-    linear probe, which the ImageNet presets keep)."""
+    linear probe, which the ImageNet presets keep); cls+avg: both, from each of the last
+    feature_blocks blocks, concatenated (the DINO / DINOv2 linear evaluation)."""
+    feature_blocks: int = 4
+    """cls+avg: how many of the last blocks give their [CLS] and mean patch token (each
+    through the final norm; DINO reads 4 for ViT-S/16); at most the encoder's depth."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.feature_blocks < 1:
+            raise ValueError(f"--model.feature_blocks must be >= 1, got {self.feature_blocks}")
+
+
+class LastBlocksFeatures(nn.Module):
+    """The DINO / DINOv2 linear-evaluation feature of a timm ViT: for each of its last `blocks`
+    blocks, the [CLS] token and the mean of the patch tokens, both through the final norm,
+    concatenated ([N, 2 x blocks x D]). Richer than one token, and still a frozen feature."""
+
+    def __init__(self, vit: nn.Module, blocks: int) -> None:
+        super().__init__()
+        self.vit, self.blocks = vit, min(blocks, len(vit.blocks))  # type: ignore[arg-type]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        found = self.vit.forward_intermediates(  # type: ignore[operator]
+            images, indices=self.blocks, return_prefix_tokens=True, norm=True,
+            output_fmt="NLC", intermediates_only=True,
+        )  # fmt: skip
+        parts = []
+        for patches, prefix in found:
+            parts += [prefix[:, 0], patches.mean(dim=1)]
+        return torch.cat(parts, dim=-1)
+
+
+def feature_extractor(backbone: Backbone, model: FeatureBackboneSection) -> nn.Module:
+    """The frozen model whose output is the feature `--model.feature` names."""
+    if model.feature == "cls+avg":
+        vit = build_vit(backbone, num_classes=0, global_pool="token")  # keeps the final norm
+        return LastBlocksFeatures(vit, model.feature_blocks)
+    return build_vit(backbone, num_classes=0, global_pool=POOLS[model.feature])
 
 
 @torch.inference_mode()
@@ -106,8 +143,7 @@ def frozen_features(
     """
     backbone = backbone_from(model)
     splits = labelled_splits(data)
-    extractor = build_vit(backbone, num_classes=0, global_pool=POOLS[model.feature])
-    extractor = extractor.to(context.device)
+    extractor = feature_extractor(backbone, model).to(context.device)
     started = time.perf_counter()
     extracted = [
         extract_features(extractor, view, data, context, f"{name} features")
