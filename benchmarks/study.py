@@ -485,8 +485,8 @@ def plot(summaries: list[dict[str, Any]], rows: list[Row], root: Path, report: P
         axis.bar(xs, values, width, yerr=errors, capsize=2, label=label)
         for x, value in zip(xs, values):
             if math.isnan(value):  # say why a bar is missing rather than leave a gap
-                axis.text(x, 12, "not a network: no fine-tuning" if key == "finetune" else "not run",
-                          rotation=90, ha="center", va="bottom", fontsize=7)  # fmt: skip
+                why = "not a network: no fine-tuning" if key == "finetune" else "not run"
+                axis.text(x, 12, why, rotation=90, ha="center", va="bottom", fontsize=7)
     axis.set_xticks(range(len(names)), names, rotation=50, ha="right", fontsize=8)
     axis.set_ylim(0, 112)  # from zero: a cut axis would magnify the gaps (and room for the key)
     axis.set_yticks(range(0, 101, 20))
