@@ -11,6 +11,7 @@ them to the model's channel count.
 
 from __future__ import annotations
 
+import abc
 import functools
 import gzip
 import io
@@ -66,7 +67,7 @@ def canonical_split(split: str) -> str:
         raise ValueError(f"unknown split {split!r}: expected 'train' or 'val'") from None
 
 
-class ImageSource(Dataset):
+class ImageSource(Dataset, abc.ABC):
     """Random access to `(image, label)`; what every data source is to the rest of droppos.
 
     `origin` names what the images are (two sources with the same origin hold the same
@@ -80,19 +81,21 @@ class ImageSource(Dataset):
     origin: str = ""
     holds_files: bool = True
 
+    @abc.abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        """The number of samples."""
 
+    @abc.abstractmethod
     def __getitem__(self, index: int) -> tuple[DecodedImage, int]:
-        raise NotImplementedError
+        """Sample `index` as (decoded image, label)."""
 
+    @abc.abstractmethod
     def encoded(self, index: int) -> tuple[bytes, str, int]:
         """(file bytes, suffix, label) of sample `index`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def all_labels(self) -> list[int]:
         """Every sample's label, without reading an image (what a class-balanced pick needs)."""
-        raise NotImplementedError
 
 
 class SourceSubset(ImageSource):

@@ -12,6 +12,7 @@ command line, resume, export, visualize and the benchmarks.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ class PretrainBatch:
     noise: tuple[torch.Tensor, ...]
 
 
-class PretrainingMethod:
+class PretrainingMethod(abc.ABC):
     """One pre-training method (subclass it, set `name` and `Config`, and register it)."""
 
     name: ClassVar[str]
@@ -63,9 +64,9 @@ class PretrainingMethod:
     # -- what every method declares ------------------------------------------------------------
 
     @classmethod
+    @abc.abstractmethod
     def demo_config(cls) -> Any:
         """The model the demo preset (`tiny_cpu`) trains with this method."""
-        raise NotImplementedError
 
     @classmethod
     def build_model(cls, config: Any) -> nn.Module:
@@ -73,9 +74,9 @@ class PretrainingMethod:
         return cls.Model(config)
 
     @classmethod
+    @abc.abstractmethod
     def noise_lengths(cls, config: Any) -> tuple[int, ...]:
         """The length of each per-sample noise vector the step receives with its images."""
-        raise NotImplementedError
 
     @classmethod
     def config_from_options(cls, encoder: EncoderConfig, options: dict[str, Any]) -> Any:
@@ -134,20 +135,22 @@ class PretrainingMethod:
         self.init_state()
 
     def init_state(self) -> None:
-        """State a method keeps across steps (built once, after the model)."""
+        """State a method keeps across steps (built once, after the model); none by default."""
+        return None
 
     def start_epoch(self, epoch: int, batch: int) -> None:
         return None
 
+    @abc.abstractmethod
     def ahead(
         self, engine_model: nn.Module, batch: PretrainBatch
     ) -> tuple[Any, dict[str, torch.Tensor]]:
         """No-grad work before the step (with accumulation): (cache for `forward`, this
         micro-batch's loss normalisers)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def forward(self, engine_model: nn.Module, batch: PretrainBatch, cache: Any) -> StepResult:
-        raise NotImplementedError
+        """The micro-batch's loss and metrics (`step_result`), given `ahead`'s cache."""
 
     def after_step(self, step: int) -> None:
         return None
