@@ -252,10 +252,8 @@ def test_sigterm_mid_epoch_saves_that_step_and_resumes_exactly(
         assert torch.equal(value, final[name]), name
 
 
-def test_a_real_sigterm_to_the_command_exits_0_with_a_checkpoint(tmp_path, folder_with_bad_images):
-    out = tmp_path / "run"
-    args = tiny_args(out, folder_with_bad_images, "--data.max_bad_fraction", "1")
-    args[args.index("--optim.epochs") + 1] = "1000"
+def started_command(args, out, records: int, poll: float = 0.2) -> subprocess.Popen:
+    """`droppos ARGS` in its own process, once `out/metrics.jsonl` holds `records` lines."""
     process = subprocess.Popen(
         [sys.executable, "-m", "droppos.cli.main", *args],
         stdout=subprocess.PIPE,
@@ -263,9 +261,18 @@ def test_a_real_sigterm_to_the_command_exits_0_with_a_checkpoint(tmp_path, folde
         text=True,
     )
     deadline = time.monotonic() + 120
-    while not (out / "metrics.jsonl").is_file() or len(read_metrics(out / "metrics.jsonl")) < 3:
+    metrics = out / "metrics.jsonl"
+    while not metrics.is_file() or len(read_metrics(metrics)) < records:
         assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.2)
+        time.sleep(poll)
+    return process
+
+
+def test_a_real_sigterm_to_the_command_exits_0_with_a_checkpoint(tmp_path, folder_with_bad_images):
+    out = tmp_path / "run"
+    args = tiny_args(out, folder_with_bad_images, "--data.max_bad_fraction", "1")
+    args[args.index("--optim.epochs") + 1] = "1000"
+    process = started_command(args, out, records=3)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-2000:]
@@ -317,16 +324,7 @@ def test_the_executable_says_a_second_ctrl_c_in_one_line(tmp_path):
             "--data.num_workers", "0", "--run.output_dir", str(out), "--run.log_every", "1",
             "--run.progress", "false", "--run.tensorboard", "false",
             "--run.monitor_every", "-1"]  # fmt: skip
-    process = subprocess.Popen(
-        [sys.executable, "-m", "droppos.cli.main", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 120
-    while not (out / "metrics.jsonl").is_file() or len(read_metrics(out / "metrics.jsonl")) < 1:
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    process = started_command(args, out, records=1, poll=0.05)
     process.send_signal(signal.SIGINT)
     time.sleep(0.05)  # two signals at once would be handled as one
     process.send_signal(signal.SIGINT)
