@@ -127,17 +127,19 @@ def balanced_pick(labels: Sequence[int], count: int, seed: int, what: str) -> li
     """`count` indices into `labels`, as many of each class as can be (the first classes take
     one more when `count` does not divide), drawn from `seed` alone: every run that asks for
     the same count and seed gets the same images, whatever its own seed. Sorted."""
-    classes = sorted(set(labels))
+    array = np.asarray(labels)
+    order = np.argsort(array, kind="stable")  # the indices grouped by class, in one sort
+    classes, starts, sizes = np.unique(array[order], return_index=True, return_counts=True)
     per_class = [count // len(classes) + (i < count % len(classes)) for i in range(len(classes))]
     generator = np.random.default_rng(seed)
     picked: list[int] = []
-    for label, wanted in zip(classes, per_class):
-        members = [i for i, y in enumerate(labels) if y == label]
-        if wanted > len(members):
+    for label, start, size, wanted in zip(classes, starts, sizes, per_class):
+        if wanted > size:
             raise ValueError(
                 f"{what} {count} needs {wanted} images of class {label}, which has "
-                f"{len(members)}: ask for at most {len(members) * len(classes)}"
+                f"{size}: ask for at most {size * len(classes)}"
             )
+        members = order[start : start + size]
         picked += generator.choice(members, size=wanted, replace=False).tolist()
     return sorted(picked)
 
