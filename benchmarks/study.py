@@ -1,16 +1,19 @@
-"""DropPos against MAE, random init and raw pixels on the full Fashion-MNIST, with ablations.
+"""DropPos against MP3, MAE, random init and raw pixels on the full Fashion-MNIST, with ablations
+and a label-efficiency study; every choice made on a validation split.
 
-Every pre-trained row runs `droppos pretrain` with one fixed budget (the same encoder, epochs,
-batch and schedule), then one evaluation pass on the official splits (60,000 train / 10,000
-test): kNN and linear probe on frozen features ([CLS] and the mean patch token), a short
-`droppos finetune`, the position probe (0.75 of positions dropped) and a dense proxy (a linear
-probe on frozen patch tokens predicting each patch's foreground fraction). Raw pixels and
-random initialisation are the floors.
+5,000 of the 60,000 training images (class-balanced) are held out as validation: the linear
+probe's learning rate, the feature each frozen evaluation reads, the fine-tuning recipe and the
+fine-tuned epoch are all chosen there, and the 10,000 test images are read once per reported
+number. Every pre-trained row runs `droppos pretrain` with one fixed budget (the same encoder,
+epochs, batch and schedule); then kNN and linear probe on frozen features ([CLS], the mean patch
+token, and the last 4 blocks' both), the position probe (0.75 of positions dropped) and a dense
+proxy (a ridge regression from frozen patch tokens to each patch's foreground fraction). The key
+rows are also fine-tuned (`droppos finetune`) with 1 %, 10 % and 100 % of the labels.
 
 One command; resumable: every finished step leaves a JSON file under --output-dir and is
 skipped next time, and an interrupted pre-training resumes from its own `last.pth`. Runs one
-training at a time (never two on a small machine). Writes the table (markdown), the raw
-numbers (JSON) and the plots (PNG).
+training at a time (never two on a small machine). Writes the tables (markdown), every number
+kept (JSON: per seed, per learning rate, per recipe) and the plots (PNG).
 
     python benchmarks/study.py --output-dir runs/study --report-dir benchmarks/study
 
@@ -27,18 +30,19 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from droppos.data import build_source
+from droppos.data.sources import balanced_pick
 from droppos.engine.context import RunContext
-from droppos.engine.precision import autocast
+from droppos.engine.precision import autocast, resolve_precision
 from droppos.evaluation.backbone import BackboneSection, backbone_from
 from droppos.evaluation.datasets import EvalDataSection, eval_view
-from droppos.evaluation.features import FrozenFeatures
+from droppos.evaluation.features import FeatureBackboneSection, FrozenFeatures, feature_extractor
 from droppos.evaluation.knn import knn_accuracy
 from droppos.evaluation.linprobe import ProbeSection, train_probes
 from droppos.evaluation.position_probe import (
@@ -48,6 +52,7 @@ from droppos.evaluation.position_probe import (
     vit_patch_tokens,
 )
 from droppos.interop.backbone import Backbone, build_vit
+from droppos.models.sizes import demo_encoder
 
 SMOKE_SOURCE = "demo"  # the embedded 4,000 + 1,000 Fashion-MNIST subset: CI has no Debian data
 
@@ -87,6 +92,7 @@ MAE = [
     "--model.name", "mae",
     *[f"--model.decoder.{v}" if i % 2 == 0 else v for i, v in enumerate(SMALL_PIXEL_DECODER)],
 ]  # fmt: skip
+MP3 = ["--model.name", "mp3"]  # no decoder: a linear position head on the encoder
 PIXEL_BRANCH = [
     f"--model.pixel_branch.{v}" if i % 2 == 0 else v for i, v in enumerate(SMALL_PIXEL_DECODER)
 ]
@@ -98,31 +104,37 @@ WIDER = [
 WIDTH_384 = ["--model.encoder.embed_dim", "384", "--model.encoder.num_heads", "6"]
 WIDTH_576 = ["--model.encoder.embed_dim", "576", "--model.encoder.num_heads", "9"]
 WIDER_SCHEDULE = ["--optim.epochs", "4", "--optim.base_lr", "1e-3"]
-FINETUNE = [
-    "--data.crop_pct", "1.0",
-    "--optim.epochs", "1",
-    "--optim.warmup_epochs", "0.1",
-    "--run.progress", "false",
-]  # fmt: skip
 
 
 @dataclass
 class Row:
-    """One line of the table: how its backbone is made, and with how many seeds."""
+    """One line of the table: how its backbone is made, with how many seeds, and whether it
+    runs the label-efficiency fine-tuning."""
 
     name: str
     group: str
     kind: str  # "raw" | "random" | "pretrain"
     options: list[str] = field(default_factory=list)
     seeds: int = 1
+    labels: bool = False  # fine-tuned with 1 / 10 / 100 % of the labels (seed 0's backbone)
+    width: tuple[int, int] | None = None  # a random row's encoder (width, heads), if not 192/3
+
+    @property
+    def shape(self) -> list[str]:
+        """The `--model.encoder.*` of a random row that is not the demo's width."""
+        if self.width is None:
+            return []
+        return ["--model.encoder.embed_dim", str(self.width[0]),
+                "--model.encoder.num_heads", str(self.width[1])]  # fmt: skip
 
 
 ROWS = [
     Row("raw pixels", "floors", "raw"),
-    Row("random init", "floors", "random", seeds=3),
-    Row("DropPos (paper defaults)", "methods", "pretrain", DROPPOS, seeds=3),
-    Row("MAE", "methods", "pretrain", MAE, seeds=3),
-    Row("DropPos + MAE branch", "methods", "pretrain", DROPPOS + PIXEL_BRANCH),
+    Row("random init", "floors", "random", seeds=3, labels=True),
+    Row("DropPos (paper defaults)", "methods", "pretrain", DROPPOS, seeds=3, labels=True),
+    Row("MAE", "methods", "pretrain", MAE, seeds=3, labels=True),
+    Row("DropPos + MAE branch", "methods", "pretrain", DROPPOS + PIXEL_BRANCH, labels=True),
+    Row("MP3", "methods", "pretrain", MP3, labels=True),
     Row("no smoothing", "objective", "pretrain", [*DROPPOS, "--model.smoothing_sigma", "0"]),
     Row("smoothing, no decay", "objective", "pretrain",
         [*DROPPOS, "--model.smoothing_decay", "false"]),
@@ -150,10 +162,77 @@ ROWS = [
         [*DROPPOS, *WIDTH_384, *WIDER_SCHEDULE]),
     Row("DropPos, 4x576 encoder, 4 epochs, lr 1e-3", "budget", "pretrain",
         [*DROPPOS, *WIDTH_576, *WIDER_SCHEDULE]),
+    # The same width with random weights: what width alone gives, without pre-training.
+    Row("random init, 4x384 encoder", "budget", "random", labels=True, width=(384, 6)),
     Row("DropPos + MAE branch, 4x384 encoder, 4 epochs, lr 1e-3", "budget", "pretrain",
-        [*DROPPOS, *PIXEL_BRANCH, *WIDTH_384, *WIDER_SCHEDULE]),
+        [*DROPPOS, *PIXEL_BRANCH, *WIDTH_384, *WIDER_SCHEDULE], labels=True),
 ]  # fmt: skip
 ROWS_BY_NAME = {r.name: r for r in ROWS}
+
+
+# -- selection on validation, and few labels -----------------------------------------------------
+VAL_IMAGES = 5_000  # held out of the 60,000 training images (class-balanced): every choice is
+SMOKE_VAL_IMAGES = 500  # made on them, and the test split is read once per reported number
+SUBSET_SEED = 0  # the same validation and label subsets for every row and seed
+
+
+@dataclass(frozen=True)
+class LabelBudget:
+    """One column of the label-efficiency table: how many labelled images, and a schedule of
+    about the same number of optimiser steps (~450) for every subset, long enough for the
+    small ones to converge."""
+
+    name: str
+    images: int  # 0: every training image left after the validation hold-out (55,000)
+    batch: int
+    epochs: int
+    seeds: int
+
+    @property
+    def options(self) -> list[str]:
+        return [
+            "--data.train_images", str(self.images),
+            "--optim.batch_size", str(self.batch),
+            "--optim.epochs", str(self.epochs),
+            "--optim.warmup_epochs", f"{self.epochs / 10:g}",  # a tenth of the steps
+        ]  # fmt: skip
+
+
+LABEL_BUDGETS = [
+    LabelBudget("1 %", 600, 16, 12, 3),  # 37 steps an epoch: 444 steps
+    LabelBudget("10 %", 6_000, 128, 10, 3),  # 46 steps an epoch: 460 steps
+    LabelBudget("100 %", 0, 128, 1, 1),  # 429 steps: one epoch of 55,000
+]
+SMOKE_BUDGETS = [LabelBudget("1 %", 40, 8, 2, 2), LabelBudget("100 %", 0, 128, 1, 1)]
+FINETUNE = ["--data.crop_pct", "1.0", "--run.progress", "false"]
+# finetune's defaults are a recipe for 1.28 M images; "light" turns its regularisers off
+# (RandAugment, random erasing, drop path) and keeps crops of half the image or more.
+AUGMENTATIONS = {
+    "default": [],
+    "light": ["--augment.auto_augment", "null", "--augment.reprob", "0",
+              "--model.drop_path_rate", "0", "--data.crop_scale", "[0.5, 1.0]"],
+}  # fmt: skip
+# Absolute peak learning rates (`--optim.lr`), the same at every batch size: the linear scaling
+# rule would give the 1 % column's batch of 16 an eighth of the others'. 2e-3 is finetune's
+# default (base lr 4e-3 at its batch of 128).
+FINETUNE_LRS = ["5e-4", "2e-3"]
+
+
+def recipe_grid(row: Row, smoke: bool) -> dict[str, list[str]]:
+    """The fine-tuning recipes a row chooses among on validation (at 1 % of the labels, seed 0):
+    both augmentations x two learning rates, with finetune's layer decay 0.75 for pre-trained
+    weights; random weights also try none (1.0), a layer decay being a recipe for
+    pre-trained ones."""
+    decays = ["0.75", "1.0"] if row.kind == "random" else ["0.75"]
+    lrs = FINETUNE_LRS[-1:] if smoke else FINETUNE_LRS
+    grid = {}
+    for augmentation, options in AUGMENTATIONS.items():
+        for lr in lrs:
+            for decay in decays:
+                grid[f"{augmentation}-aug lr {lr} layer decay {decay}"] = [
+                    *options, "--optim.lr", lr, "--optim.layer_decay", decay,
+                ]  # fmt: skip
+    return grid
 
 
 def slug(name: str) -> str:
@@ -184,32 +263,66 @@ def cached(path: Path, compute: Any) -> dict[str, Any]:
 
 
 class EvalViews:
-    """Both splits through the evaluation view (native 28x28, no resize), decoded once."""
+    """The training and test splits through the evaluation view (native 28x28, no resize),
+    decoded once, and the class-balanced validation hold-out of the training split: the same
+    images `--data.val_from_train` holds out of a `droppos finetune` run."""
 
     def __init__(self, smoke: bool) -> None:
         self.source = SMOKE_SOURCE if smoke else WHERE.source
         self.data = EvalDataSection(source=self.source, crop_pct=1.0, num_workers=0)
+        self.held_out_images = SMOKE_VAL_IMAGES if smoke else VAL_IMAGES
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, backbone: Backbone) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{"train": all training images, "val": the official test split} (images, labels)."""
         if not self.splits:
             for split in ("train", "val"):
-                dataset = eval_view(build_source(self.source, split), self.data, backbone)
+                source = build_source(self.source, split)
+                dataset = eval_view(source, self.data, backbone)
                 images, labels = zip(*(dataset[i] for i in range(len(dataset))))
                 self.splits[split] = (torch.stack(images), torch.as_tensor(labels))
+                if split == "train":
+                    held = balanced_pick(
+                        source.all_labels(), self.held_out_images, SUBSET_SEED, "validation"
+                    )  # fmt: skip (as labelled_splits picks)
+            self.held_out = torch.as_tensor(held)
+            rest = torch.ones(len(self.splits["train"][1]), dtype=torch.bool)
+            rest[self.held_out] = False
+            self.fit = rest.nonzero().flatten()
             self.mean, self.std = backbone.mean or (0.5,), backbone.std or (0.5,)
+        same = (backbone.mean or (0.5,), backbone.std or (0.5,)) == (self.mean, self.std)
+        if not same:  # every row of the study trains on the same normalisation
+            raise SystemExit(f"{backbone.source}: normalised unlike the study's other rows")
         return self.splits
+
+
+def precision() -> str:
+    """What `--run.precision auto` resolves to on this machine (what every run here used)."""
+    return resolve_precision("auto", WHERE.device)
 
 
 @torch.inference_mode()
 def tokens_of(backbone: Backbone, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    """All final-norm tokens [N, 1+L, D] of the backbone (every position kept), bf16 compute."""
+    """All final-norm tokens [N, 1+L, D] of the backbone (every position kept)."""
     device = WHERE.device
     vit = build_vit(backbone, num_classes=0).to(device).eval()
     parts = []
     for chunk in images.split(batch):
-        with autocast(device, "bf16"):
+        with autocast(device, precision()):
             parts.append(vit_patch_tokens(vit, chunk.to(device)).float().cpu())
+    return torch.cat(parts)
+
+
+@torch.inference_mode()
+def last_blocks_of(backbone: Backbone, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """The `--model.feature cls+avg` feature of `droppos linprobe` and `knn` (last 4 blocks)."""
+    device = WHERE.device
+    section = FeatureBackboneSection(checkpoint="unused", feature="cls+avg", feature_blocks=4)
+    model = feature_extractor(backbone, section).to(device).eval()
+    parts = []
+    for chunk in images.split(batch):
+        with autocast(device, precision()):
+            parts.append(model(chunk.to(device)).float().cpu())
     return torch.cat(parts)
 
 
@@ -260,59 +373,94 @@ def dense_score(
     )
 
 
-def probe_section(smoke: bool) -> ProbeSection:
+def probe_section(smoke: bool, base_lrs: list[float] | None = None) -> ProbeSection:
     """The linear probe of `droppos linprobe` (LARS, BatchNorm, lr sweep), 30 epochs."""
-    return ProbeSection(epochs=2 if smoke else 30, warmup_epochs=1 if smoke else 5)
+    section = ProbeSection(epochs=2 if smoke else 30, warmup_epochs=1 if smoke else 5)
+    if base_lrs is not None:
+        section.base_lrs = base_lrs
+    return section
 
 
-def frozen_scores(
-    name: str, train_x: torch.Tensor, val_x: torch.Tensor, views: Any, backbone: Backbone,
-    smoke: bool,
-) -> dict[str, float]:  # fmt: skip
-    """kNN (k=20, T=0.07) and the best probe of the sweep on one kind of feature."""
+FEATURES = ("cls", "avg", "cls+avg")  # the `--model.feature` choices of linprobe and knn
+
+
+def selected_scores(
+    name: str, train_x: torch.Tensor, test_x: torch.Tensor, views: EvalViews,
+    backbone: Backbone, smoke: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """kNN (k=20, T=0.07) and the linear probe on one kind of feature, fitted on the training
+    images less the validation hold-out. The probe's learning rate is the best of the sweep on
+    validation; the test split is read once, by the kNN and by that one probe."""
     device = WHERE.device
-    (_, train_labels), (_, val_labels) = views["train"], views["val"]
-    train_x, val_x = train_x.to(device), val_x.to(device)
-    train_labels, val_labels = train_labels.to(device), val_labels.to(device)
-    knn = knn_accuracy(train_x, train_labels, val_x, val_labels, 10)
-    features = FrozenFeatures(train_x, train_labels, val_x, val_labels, 10, backbone, 0.0)
-    probes = train_probes(features, probe_section(smoke))
-    best = max(probes, key=lambda r: r["top1"])
-    return {f"knn_{name}": knn["top1"], f"linprobe_{name}": best["top1"]}
+    (_, train_y), (_, test_y) = views.splits["train"], views.splits["val"]
+    fit, held = views.fit, views.held_out
+    fit_x, fit_y = train_x[fit].to(device), train_y[fit].to(device)
+    val_x, val_y = train_x[held].to(device), train_y[held].to(device)
+    test_x, test_y = test_x.to(device), test_y.to(device)
+    knn_val = knn_accuracy(fit_x, fit_y, val_x, val_y, 10)["top1"]
+    knn_test = knn_accuracy(fit_x, fit_y, test_x, test_y, 10)["top1"]
+    on_val = FrozenFeatures(fit_x, fit_y, val_x, val_y, 10, backbone, 0.0)
+    sweep = train_probes(on_val, probe_section(smoke))
+    best = max(sweep, key=lambda r: (r["top1"], r["top5"]))
+    on_test = FrozenFeatures(fit_x, fit_y, test_x, test_y, 10, backbone, 0.0)
+    # the same probe again (same init and batches), scored on test
+    test = train_probes(on_test, probe_section(smoke, [best["base_lr"]]))[0]
+    return {
+        f"knn_{name}": knn_test, f"knn_{name}_val": knn_val,
+        f"linprobe_{name}": test["top1"], f"linprobe_{name}_val": best["top1"],
+        f"linprobe_{name}_base_lr": best["base_lr"],
+        f"linprobe_{name}_sweep_val": {str(r["base_lr"]): r["top1"] for r in sweep},
+    }  # fmt: skip
+
+
+def pick_features(result: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """The feature each evaluation reads, chosen by its validation score (test not looked at)."""
+    for evaluation in ("knn", "linprobe"):
+        chosen = max(names, key=lambda name: result[f"{evaluation}_{name}_val"])
+        result[f"{evaluation}_feature"] = chosen
+        result[f"{evaluation}_picked"] = result[f"{evaluation}_{chosen}"]
+    return result
 
 
 def frozen_evaluation(backbone: Backbone, views: EvalViews, smoke: bool) -> dict[str, Any]:
-    """kNN, linear probe ([CLS] and mean patch token) and the dense proxy, one feature pass."""
+    """kNN and linear probe on each feature ([CLS], mean patch token, the last 4 blocks' both),
+    and the dense proxy: one feature pass per split."""
     splits = views.get(backbone)
-    patch = backbone.encoder.patch_size
-    result: dict[str, Any] = {}
+    (train_images, _), (test_images, _) = splits["train"], splits["val"]
     tokens = {split: tokens_of(backbone, images) for split, (images, _) in splits.items()}
-    for name, pick in (("cls", lambda t: t[:, 0]), ("avg", lambda t: t[:, 1:].mean(1))):
-        result |= frozen_scores(
-            name, pick(tokens["train"]), pick(tokens["val"]), splits, backbone, smoke
-        )
-    images = {split: images for split, (images, _) in splits.items()}
-    result |= dense_score(tokens["train"][:, 1:], tokens["val"][:, 1:], images["train"],
-                          images["val"], views, patch)  # fmt: skip
-    return result
+    features = {
+        "cls": (tokens["train"][:, 0], tokens["val"][:, 0]),
+        "avg": (tokens["train"][:, 1:].mean(1), tokens["val"][:, 1:].mean(1)),
+        "cls+avg": (last_blocks_of(backbone, train_images), last_blocks_of(backbone, test_images)),
+    }
+    result: dict[str, Any] = {"precision": precision(), "threads": torch.get_num_threads()}
+    for name, (train_x, test_x) in features.items():
+        result |= selected_scores(name, train_x, test_x, views, backbone, smoke)
+    fit = views.fit
+    result |= dense_score(tokens["train"][fit, 1:], tokens["val"][:, 1:], train_images[fit],
+                          test_images, views, backbone.encoder.patch_size)  # fmt: skip
+    return pick_features(result, FEATURES)
 
 
 def raw_pixel_evaluation(views: EvalViews, smoke: bool) -> dict[str, Any]:
     """The floor: the flattened, standardised image; for the dense proxy, the patch's pixels."""
     probe_backbone = backbone_from(BackboneSection(checkpoint="random"))
     splits = views.get(probe_backbone)
-    (train_images, _), (val_images, _) = splits["train"], splits["val"]
-    mean, std = train_images.flatten(1).mean(0), train_images.flatten(1).std(0) + 1e-6
-    train_x, val_x = [(x.flatten(1) - mean) / std for x in (train_images, val_images)]
-    result = frozen_scores("cls", train_x, val_x, splits, probe_backbone, smoke)
-    result = {"knn": result["knn_cls"], "linprobe": result["linprobe_cls"]}
+    (train_images, _), (test_images, _) = splits["train"], splits["val"]
+    fitted = train_images[views.fit].flatten(1)
+    mean, std = fitted.mean(0), fitted.std(0) + 1e-6
+    train_x, test_x = [(x.flatten(1) - mean) / std for x in (train_images, test_images)]
+    result = selected_scores("pixels", train_x, test_x, views, probe_backbone, smoke)
+    result |= {"precision": "fp32", "threads": torch.get_num_threads()}
     patch = probe_backbone.encoder.patch_size
-    train_patches, val_patches = [
+    fit = views.fit[:DENSE_TRAIN_IMAGES]
+    train_patches, test_patches = [
         torch.nn.functional.unfold(images, patch, stride=patch).transpose(1, 2)  # [N, L, p*p]
-        for images in (train_images[:DENSE_TRAIN_IMAGES], val_images)
+        for images in (train_images[fit], test_images)
     ]
-    result |= dense_score(train_patches, val_patches, train_images, val_images, views, patch)
-    return result
+    result |= dense_score(train_patches, test_patches, train_images[fit], test_images, views,
+                          patch)  # fmt: skip
+    return pick_features(result, ("pixels",))
 
 
 def run_seed(row: Row, seed: int, root: Path, views: EvalViews, smoke: bool) -> dict[str, Any]:
@@ -321,31 +469,42 @@ def run_seed(row: Row, seed: int, root: Path, views: EvalViews, smoke: bool) -> 
     if row.kind == "raw":
         return cached(folder / "frozen.json", lambda: raw_pixel_evaluation(views, smoke))
     result: dict[str, Any] = {"seed": seed}
+    checkpoint = pretrained(row, seed, root, smoke)
     if row.kind == "pretrain":
-        pretrain_dir = folder / "pretrain"
-        if not (pretrain_dir / "summary.json").exists():
-            droppos("pretrain", *PRETRAIN, *WHERE.data_options(smoke), *row.options,
-                    *smoke_pretrain(smoke),
-                    "--run.seed", str(seed), "--run.output_dir", str(pretrain_dir))  # fmt: skip
-        summary = json.loads((pretrain_dir / "summary.json").read_text())
+        summary = json.loads((Path(checkpoint).parent / "summary.json").read_text())
         result["pretrain_seconds"] = summary["wall_seconds"]
-        if "position_accuracy" in summary:  # DropPos rows only: MAE has no position pretext
+        result["pretrain_precision"] = summary.get("precision")
+        if "position_accuracy" in summary:  # position-prediction rows only: MAE has none
             result["position_accuracy"] = 100 * summary["position_accuracy"]
-        checkpoint = str(pretrain_dir / "last.pth")
-    else:
-        checkpoint = "random"
 
     def backbone() -> Backbone:
         torch.manual_seed(seed)  # a random-init row's weights are its seed's
-        return backbone_from(BackboneSection(checkpoint=checkpoint))
+        encoder = replace(demo_encoder(), **shape_of(row))
+        return backbone_from(BackboneSection(checkpoint=checkpoint, encoder=encoder))
 
     result |= cached(folder / "frozen.json", lambda: frozen_evaluation(backbone(), views, smoke))
-    result |= cached(folder / "position.json", lambda: position_scores(checkpoint, seed, folder,
-                                                                        smoke))  # fmt: skip
-    result |= cached(folder / "finetune.json", lambda: finetune(checkpoint, seed, folder, smoke))
-    steps = ("pretrain_seconds", "frozen_seconds", "position_seconds", "finetune_seconds")
+    result |= cached(folder / "position.json", lambda: position_scores(row, checkpoint, seed,
+                                                                        folder, smoke))  # fmt: skip
+    steps = ("pretrain_seconds", "frozen_seconds", "position_seconds")
     result["wall_seconds"] = sum(result.get(key, 0.0) for key in steps)
     return result
+
+
+def shape_of(row: Row) -> dict[str, int]:
+    return {} if row.width is None else {"embed_dim": row.width[0], "num_heads": row.width[1]}
+
+
+def pretrained(row: Row, seed: int, root: Path, smoke: bool) -> str:
+    """The row's seed's weights: its pre-training's `last.pth` (run, or resumed, if not
+    finished), or `random` for the random-init rows."""
+    if row.kind != "pretrain":
+        return "random"
+    pretrain_dir = root / slug(row.name) / f"seed{seed}" / "pretrain"
+    if not (pretrain_dir / "summary.json").exists():
+        droppos("pretrain", *PRETRAIN, *WHERE.data_options(smoke), *row.options,
+                *smoke_pretrain(smoke),
+                "--run.seed", str(seed), "--run.output_dir", str(pretrain_dir))  # fmt: skip
+    return str(pretrain_dir / "last.pth")
 
 
 def smoke_pretrain(smoke: bool) -> list[str]:
@@ -353,10 +512,14 @@ def smoke_pretrain(smoke: bool) -> list[str]:
     return ["--optim.epochs", "1"] if smoke else []
 
 
-def position_scores(checkpoint: str, seed: int, folder: Path, smoke: bool) -> dict[str, Any]:
+def position_scores(
+    row: Row, checkpoint: str, seed: int, folder: Path, smoke: bool
+) -> dict[str, Any]:
     torch.manual_seed(seed)
     config = PositionProbeConfig(
-        model=BackboneSection(checkpoint=checkpoint),
+        model=BackboneSection(
+            checkpoint=checkpoint, encoder=replace(demo_encoder(), **shape_of(row))
+        ),
         data=EvalDataSection(source=SMOKE_SOURCE if smoke else WHERE.source, crop_pct=1.0),
         probe=PositionProbeSection(
             seeds=1 if smoke else 3,
@@ -367,16 +530,80 @@ def position_scores(checkpoint: str, seed: int, folder: Path, smoke: bool) -> di
     )
     config.run.output_dir = str(folder / "probe-position")
     config.run.progress = False
-    found = position_probe(config, RunContext.local(WHERE.device, "bf16"))
+    found = position_probe(config, RunContext.local(WHERE.device, precision()))
     return {"position_probe": found["top1"], "position_probe_within_one": found["within_one_cell"]}
 
 
-def finetune(checkpoint: str, seed: int, folder: Path, smoke: bool) -> dict[str, Any]:
-    output = folder / "finetune"
-    droppos("finetune", *FINETUNE, *WHERE.data_options(smoke), "--model.checkpoint", checkpoint,
-            "--run.seed", str(seed), "--run.output_dir", str(output))  # fmt: skip
-    found = json.loads((output / "results.json").read_text())
-    return {"finetune": found["top1"]}
+def finetune_run(
+    row: Row, checkpoint: str, seed: int, folder: Path, budget: LabelBudget, recipe: list[str],
+    views: EvalViews, smoke: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """One `droppos finetune` on `budget`'s labelled subset, scored on the validation hold-out
+    every epoch; its best epoch on validation (`best.pth`) is then scored once on test."""
+
+    def run() -> dict[str, Any]:
+        droppos("finetune", *FINETUNE, *WHERE.data_options(smoke), *budget.options, *recipe,
+                "--data.val_from_train", str(views.held_out_images),
+                "--data.subset_seed", str(SUBSET_SEED), *row.shape,
+                "--model.checkpoint", checkpoint, "--run.seed", str(seed),
+                "--run.output_dir", str(folder))  # fmt: skip
+        found = json.loads((folder / "results.json").read_text())
+        return {
+            "val_top1": found["best_top1"], "val_last_top1": found["top1"],
+            "best_epoch": found["best_epoch"], "epochs": found["epochs"],
+            "train_size": found["train_size"], "val_size": found["val_size"],
+            "precision": found["precision"], "threads": found["threads"],
+            "train_seconds": found["train_seconds"],
+            "test_top1": classifier_test_top1(folder / "best.pth", views),
+        }  # fmt: skip
+
+    return cached(folder / "scores.json", run)
+
+
+@torch.inference_mode()
+def classifier_test_top1(path: Path, views: EvalViews) -> float:
+    """Top-1 (%) of a fine-tuned classifier on the official test split."""
+    device = WHERE.device
+    backbone = backbone_from(BackboneSection(checkpoint=str(path)))
+    model = build_vit(backbone, backbone.num_classes, backbone.global_pool).to(device).eval()
+    images, labels = views.get(backbone)["val"]
+    correct = 0
+    for chunk, truth in zip(images.split(500), labels.split(500)):
+        with autocast(device, precision()):
+            correct += int((model(chunk.to(device)).argmax(-1).cpu() == truth).sum())
+    return 100 * correct / len(labels)
+
+
+def label_efficiency(
+    row: Row, root: Path, views: EvalViews, smoke: bool, seeds: int | None = None
+) -> dict[str, Any]:
+    """Fine-tune seed 0's backbone with 1 / 10 / 100 % of the labels. The recipe is the best on
+    validation of `recipe_grid` at the smallest subset (fine-tuning seed 0), then kept for every
+    subset and seed; each reported figure is that run's best validation epoch, on test.
+    `seeds` caps the fine-tuning seeds (a first pass gives every row its seed 0)."""
+    checkpoint = pretrained(row, 0, root, smoke)
+    folder = root / slug(row.name) / "labels"
+    budgets = SMOKE_BUDGETS if smoke else LABEL_BUDGETS
+    grid = recipe_grid(row, smoke)
+
+    def run(budget: LabelBudget, recipe: str, seed: int) -> dict[str, Any]:
+        where = folder / slug(f"{budget.name} {recipe}") / f"seed{seed}"
+        return finetune_run(row, checkpoint, seed, where, budget, grid[recipe], views, smoke)
+
+    tried = {recipe: run(budgets[0], recipe, 0) for recipe in grid}
+    chosen = max(tried, key=lambda recipe: tried[recipe]["val_top1"])
+    found: dict[str, Any] = {"recipe": chosen, "grid": tried, "budgets": {}}
+    for budget in budgets:
+        runs = [
+            run(budget, chosen, seed)
+            for seed in range(budget.seeds if seeds is None else min(budget.seeds, seeds))
+        ]
+        found["budgets"][budget.name] = {
+            "images": runs[0]["train_size"],
+            "seeds": runs,
+            "steps": budget.epochs * (runs[0]["train_size"] // budget.batch),
+        }
+    return found
 
 
 def mean_std(values: list[float | None]) -> tuple[float, float] | None:
@@ -389,9 +616,11 @@ def mean_std(values: list[float | None]) -> tuple[float, float] | None:
 COLUMNS = [
     ("knn_cls", "kNN [CLS]"),
     ("knn_avg", "kNN mean-patch"),
+    ("knn_cls+avg", "kNN last-4 [CLS]+mean"),
     ("linprobe_cls", "lin. probe [CLS]"),
     ("linprobe_avg", "lin. probe mean-patch"),
-    ("finetune", "fine-tune (1 ep)"),
+    ("linprobe_cls+avg", "lin. probe last-4 [CLS]+mean"),
+    ("linprobe_picked", "lin. probe, feature picked on val"),
     ("position_probe", "position probe"),
     ("dense_mae", "dense MAE (pp, lower better)"),
     ("dense_miou", "dense mIoU"),
@@ -401,40 +630,67 @@ COLUMNS = [
 ]
 
 
-def summarise(row: Row, seeds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per column: mean and std over the row's seeds (std 0 for one seed)."""
-    if row.kind == "raw":
+def summarise(row: Row, seeds: list[dict[str, Any]], labels: dict[str, Any] | None) -> dict:
+    """Per column: mean and std over the row's seeds (std 0 for one seed); the label-efficiency
+    figures (mean and std over fine-tuning seeds); and every seed's own numbers."""
+    if row.kind == "raw":  # one image vector stands in for every feature
         only = seeds[0]
-        pixels = {"knn": only["knn"], "linprobe": only["linprobe"]}  # one image vector for both
-        seeds = [{f"{k}_{f}": v for k, v in pixels.items() for f in ("cls", "avg")} | only]
+        pixels = {k: only[f"{k}_pixels"] for k in ("knn", "linprobe")}
+        seeds = [{f"{k}_{f}": v for k, v in pixels.items() for f in FEATURES} | only]
     summary: dict[str, Any] = {"row": row.name, "group": row.group, "seeds": len(seeds)}
     for key, _ in COLUMNS:
         found = mean_std([s.get(key) for s in seeds])
         if found is not None:
             summary[key], summary[f"{key}_std"] = found
+    picked = sorted({s["linprobe_feature"] for s in seeds})
+    summary["linprobe_feature"] = "/".join(picked)
+    summary["precision"] = "/".join(sorted({s.get("pretrain_precision") or s["precision"]
+                                            for s in seeds}))  # fmt: skip
+    summary["threads"] = seeds[0]["threads"]
+    summary["per_seed"] = seeds
+    if labels is not None:
+        summary["labels"] = labels
+        for name, budget in labels["budgets"].items():
+            found = mean_std([run["test_top1"] for run in budget["seeds"]])
+            summary[f"finetune {name}"], summary[f"finetune {name}_std"] = found
     return summary
 
 
+def cell(summary: dict[str, Any], key: str, seeds: int) -> str:
+    if summary.get(key) is None:
+        return "–"
+    if key.endswith("_seconds"):
+        return f"{summary[key]:.0f}"
+    if seeds > 1:
+        return f"{summary[key]:.1f} ± {summary[f'{key}_std']:.1f}"
+    return f"{summary[key]:.1f}"
+
+
 def markdown_table(summaries: list[dict[str, Any]]) -> str:
-    header = "| row | seeds | " + " | ".join(title for _, title in COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
+    """The frozen-feature table, then the label-efficiency table of the rows that ran it."""
+    titles = [title for _, title in COLUMNS]
+    lines = ["| row | seeds | " + " | ".join(titles) + " | probe's pick | precision |",
+             "|" + "---|" * (len(COLUMNS) + 4)]  # fmt: skip
     for s in summaries:
-        cells = []
-        for key, _ in COLUMNS:
-            if s.get(key) is None:
-                cells.append("–")
-            elif key.endswith("_seconds"):
-                cells.append(f"{s[key]:.0f}")
-            elif s["seeds"] > 1:
-                cells.append(f"{s[key]:.1f} ± {s[f'{key}_std']:.1f}")
-            else:
-                cells.append(f"{s[key]:.1f}")
-        lines.append(f"| {s['row']} | {s['seeds']} | " + " | ".join(cells) + " |")
+        cells = [cell(s, key, s["seeds"]) for key, _ in COLUMNS]
+        lines.append(f"| {s['row']} | {s['seeds']} | " + " | ".join(cells)
+                     + f" | {s['linprobe_feature']} | {s['precision']} |")  # fmt: skip
+    labelled = [s for s in summaries if "labels" in s]
+    if labelled:
+        budgets = list(labelled[0]["labels"]["budgets"])
+        lines += ["", "| row | recipe (picked on val at " + budgets[0] + ") | "
+                  + " | ".join(f"fine-tune {b} labels" for b in budgets) + " |",
+                  "|" + "---|" * (len(budgets) + 2)]  # fmt: skip
+        for s in labelled:
+            found = s["labels"]["budgets"]
+            cells = [cell(s, f"finetune {b}", len(found[b]["seeds"])) for b in budgets]
+            lines.append(f"| {s['row']} | {s['labels']['recipe']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot(summaries: list[dict[str, Any]], rows: list[Row], root: Path, report: Path) -> None:
-    """Two PNGs: pretext position accuracy over pre-training, and downstream accuracy per row."""
+    """Three PNGs: pretext position accuracy over pre-training, frozen-feature accuracy per
+    row, and fine-tuning accuracy against the number of labels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -443,7 +699,7 @@ def plot(summaries: list[dict[str, Any]], rows: list[Row], root: Path, report: P
     figure, axis = plt.subplots(figsize=(8, 5))
     drawn = 0
     for row in rows:
-        if row.kind != "pretrain" or row.options[:2] == ["--model.name", "mae"]:
+        if row.kind != "pretrain" or "position_accuracy" not in summary_of(summaries, row):
             continue
         metrics = root / slug(row.name) / "seed0" / "pretrain" / "metrics.jsonl"
         if not metrics.exists():
@@ -466,37 +722,58 @@ def plot(summaries: list[dict[str, Any]], rows: list[Row], root: Path, report: P
         drawn += 1
     axis.axhline(100 / 16, color="grey", linestyle=":", label="chance (1/16)")
     axis.set(xlabel="pre-training step", ylabel="position accuracy on dropped tokens (%)",
-             title="DropPos pretext accuracy during pre-training (seed 0)")  # fmt: skip
+             title="Pretext position accuracy during pre-training (seed 0)")  # fmt: skip
     axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     if drawn:  # (a replot without the runs' metrics keeps the picture it has)
         figure.savefig(report / "position_accuracy.png", dpi=120)
     plt.close(figure)
 
-    keys = [("knn_avg", "kNN (mean token)"), ("linprobe_avg", "linear probe (mean token)"),
-            ("finetune", "fine-tune, 1 epoch")]  # fmt: skip
+    keys = [("knn_picked", "kNN"), ("linprobe_picked", "linear probe")]
     figure, axis = plt.subplots(figsize=(10, 5.5))
-    width = 0.27
+    width = 0.4
     names = [s["row"] for s in summaries]
     for i, (key, label) in enumerate(keys):
-        xs = [j + (i - 1) * width for j in range(len(summaries))]
+        xs = [j + (i - 0.5) * width for j in range(len(summaries))]
         values = [s.get(key) or math.nan for s in summaries]
         errors = [s.get(f"{key}_std") or 0.0 for s in summaries]
-        axis.bar(xs, values, width, yerr=errors, capsize=2, label=label)
-        for x, value in zip(xs, values):
-            if math.isnan(value):  # say why a bar is missing rather than leave a gap
-                why = "not a network: no fine-tuning" if key == "finetune" else "not run"
-                axis.text(x, 12, why, rotation=90, ha="center", va="bottom", fontsize=7)
+        axis.bar(xs, values, width, yerr=errors, capsize=2,
+                 label=f"{label} (feature picked on validation)")  # fmt: skip
     axis.set_xticks(range(len(names)), names, rotation=50, ha="right", fontsize=8)
     axis.set_ylim(0, 112)  # from zero: a cut axis would magnify the gaps (and room for the key)
     axis.set_yticks(range(0, 101, 20))
     axis.axhline(10, color="grey", linestyle=":", linewidth=1, label="chance (10 classes)")
     axis.set(ylabel="top-1 on the test split (%)",
-             title="Downstream accuracy per row (mean ± std over seeds)")  # fmt: skip
-    axis.legend(loc="upper center", ncol=4, fontsize=8)
+             title="Frozen features per row (mean ± std over seeds)")  # fmt: skip
+    axis.legend(loc="upper center", ncol=3, fontsize=8)
     figure.tight_layout()
     figure.savefig(report / "downstream.png", dpi=120)
     plt.close(figure)
+
+    labelled = [s for s in summaries if "labels" in s]
+    if not labelled:
+        return
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for i, s in enumerate(labelled):
+        budgets = s["labels"]["budgets"].values()
+        xs = [b["images"] for b in budgets]
+        means = [statistics.fmean(r["test_top1"] for r in b["seeds"]) for b in budgets]
+        spread = [statistics.stdev([r["test_top1"] for r in b["seeds"]])
+                  if len(b["seeds"]) > 1 else 0.0 for b in budgets]  # fmt: skip
+        axis.errorbar(xs, means, yerr=spread, marker="o", capsize=3, label=s["row"],
+                      color=plt.get_cmap("tab10")(i % 10))  # fmt: skip
+    axis.set_xscale("log")
+    axis.set(xlabel="labelled training images (log scale)", ylabel="top-1 on the test split (%)",
+             title="Fine-tuning with few labels (mean ± std over fine-tuning seeds)")  # fmt: skip
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(report / "label_efficiency.png", dpi=120)
+    plt.close(figure)
+
+
+def summary_of(summaries: list[dict[str, Any]], row: Row) -> dict[str, Any]:
+    return next((s for s in summaries if s["row"] == row.name), {})
 
 
 def ensure_fashion_mnist(install: bool) -> None:
@@ -530,7 +807,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="fashion-mnist, or fashion-mnist:DIR (the IDX files)")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="where the frozen evaluations run")
     parser.add_argument("--workers", type=int, default=1, help="data-loading processes")
-    parser.add_argument("--seeds", type=int, default=None, help="cap the seeds of every row")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="cap the pre-training seeds of every row (not the fine-tuning seeds)",
+    )
+    parser.add_argument("--no-labels", action="store_true",
+                        help="skip the label-efficiency fine-tuning")  # fmt: skip
     parser.add_argument("--smoke", action="store_true",
                         help="a few steps on the embedded demo set (what CI runs)")  # fmt: skip
     parser.add_argument("--install-data", action="store_true",
@@ -551,7 +835,21 @@ def main(argv: list[str] | None = None) -> None:
     rows = [ROWS_BY_NAME[name] for name in args.rows]
     views = EvalViews(args.smoke)
     started = time.perf_counter()
+
+    def say(what: str) -> None:
+        print(f"{what} ({time.perf_counter() - started:.0f} s into this sitting)", flush=True)
+
     found: dict[str, list[dict[str, Any]]] = {row.name: [] for row in rows}
+    labels: dict[str, dict[str, Any]] = {}
+
+    def labelled(row: Row, seeds: int | None) -> None:
+        try:
+            labels[row.name] = label_efficiency(row, args.output_dir, views, args.smoke, seeds)
+        except SystemExit as refused:
+            print(f"{row.name}, labels: not run: {refused}", flush=True)
+            return
+        say(f"{row.name}, label efficiency ({seeds or 'all'} seeds): done")
+
     for seed in range(max(row.seeds for row in rows)):  # every row's seed 0 first, then more
         for row in rows:
             if seed < min(row.seeds, args.seeds or row.seeds):
@@ -560,9 +858,16 @@ def main(argv: list[str] | None = None) -> None:
                 except SystemExit as refused:  # e.g. an option droppos refuses: say so, go on
                     print(f"{row.name}, seed {seed}: not run: {refused}", flush=True)
                     continue
-                print(f"{row.name}, seed {seed}: done ({time.perf_counter() - started:.0f} s "
-                      "into this sitting)", flush=True)  # fmt: skip
-    summaries = [summarise(row, found[row.name]) for row in rows if found[row.name]]
+                say(f"{row.name}, seed {seed}: done")
+            if seed == 0 and row.labels and not args.no_labels and found[row.name]:
+                labelled(row, 1)  # every row's seed 0 first
+        if seed == 0 and not args.no_labels:
+            for row in rows:
+                if row.labels and found[row.name]:
+                    labelled(row, None)
+    summaries = [
+        summarise(row, found[row.name], labels.get(row.name)) for row in rows if found[row.name]
+    ]
     table = markdown_table(summaries)
     print(table)
     if args.report_dir is not None:

@@ -46,8 +46,9 @@ def test_dense_proxy_scores_informative_features_above_noise():
 
 @pytest.mark.slow  # a benchmark smoke test: two minutes on 2 cores
 def test_smoke_study_writes_table_json_and_plots_then_resumes(tmp_path):
-    """One pre-trained row and the raw-pixel floor, a few steps on the demo set; a second run
-    skips every finished step and reports the same numbers."""
+    """One pre-trained row and the raw-pixel floor, a few steps on the demo set, with its
+    label-efficiency fine-tuning; a second run skips every finished step and reports the same
+    numbers."""
     command = [
         sys.executable, str(SCRIPT), "--smoke", "--output-dir", str(tmp_path / "runs"),
         "--report-dir", str(tmp_path / "report"), "--seeds", "1",
@@ -59,7 +60,22 @@ def test_smoke_study_writes_table_json_and_plots_then_resumes(tmp_path):
     rows = json.loads((report / "study.json").read_text())
     assert [r["row"] for r in rows] == ["raw pixels", "DropPos (paper defaults)"]
     pixels, droppos = rows
-    for key in ("knn_cls", "linprobe_avg", "finetune", "position_probe", "dense_mae"):
+    for key in ("knn_cls", "linprobe_avg", "linprobe_cls+avg", "position_probe", "dense_mae"):
+        assert 0 <= droppos[key] <= 100, key
+    # every choice on the validation hold-out, every run kept
+    assert droppos["linprobe_feature"] in ("cls", "avg", "cls+avg")
+    seed0 = droppos["per_seed"][0]
+    assert set(seed0["linprobe_avg_sweep_val"]) == {"3.0", "10.0", "30.0", "100.0"}
+    assert seed0["linprobe_avg_base_lr"] == float(max(seed0["linprobe_avg_sweep_val"].items(),
+                                                      key=lambda kv: kv[1])[0])  # fmt: skip
+    labels = droppos["labels"]
+    assert labels["recipe"] in labels["grid"] and len(labels["grid"]) == 2
+    few, every = labels["budgets"]["1 %"], labels["budgets"]["100 %"]
+    assert [run["train_size"] for run in few["seeds"]] == [40, 40]
+    assert {run["val_size"] for run in few["seeds"] + every["seeds"]} == {500}
+    assert every["images"] == 3500  # 4,000 less the 500 held out
+    assert few["seeds"][0] == labels["grid"][labels["recipe"]]  # the pick is reported, not rerun
+    for key in ("finetune 1 %", "finetune 100 %"):
         assert 0 <= droppos[key] <= 100, key
     # far above chance (10 %) whatever a few pre-training steps learnt: the raw pixels need no
     # training (about 80 % on the demo set), and any encoder's frozen features (random ones
@@ -70,7 +86,7 @@ def test_smoke_study_writes_table_json_and_plots_then_resumes(tmp_path):
     assert droppos["position_probe"] > 100 / 16  # above chance: positions are in the features
     assert droppos["position_accuracy"] > 0 and droppos["pretrain_seconds"] > 0
     assert "| DropPos (paper defaults) | 1 |" in (report / "table.md").read_text()
-    for picture in ("position_accuracy.png", "downstream.png"):
+    for picture in ("position_accuracy.png", "downstream.png", "label_efficiency.png"):
         assert (report / picture).read_bytes()[:4] == b"\x89PNG"
 
     checkpoint = tmp_path / "runs" / "droppos-paper-defaults" / "seed0" / "pretrain" / "last.pth"
