@@ -488,3 +488,24 @@ def test_knn_on_a_few_labels_with_validation_held_out(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert (results["train_size"], results["val_size"]) == (200, 100)
     assert results["precision"] in ("fp32", "bf16") and results["threads"] >= 1
+
+
+def test_a_small_labelled_set_is_told_of_the_few_labels_preset(tmp_path):
+    """Under 1,000 training images the large-set recipe gets a note naming the preset; the
+    preset turns its regularisers off and is not told again."""
+    from droppos.evaluation.finetune import finetuning_loop
+
+    common = ("--model.checkpoint", "random", "--data.train_images", "300",
+              "--run.progress", "false")  # fmt: skip
+    notes = {}
+    for name, extra in (("default", ()), ("preset", ("--config", "finetune_few_labels"))):
+        config = parse("finetune", *extra, *common, "--run.output_dir", str(tmp_path / name))
+        loop = finetuning_loop(config)
+        notes[name] = [n for n in loop.notes if "finetune_few_labels" in n]
+        loop.close()
+    assert len(notes["default"]) == 1 and "300 training images" in notes["default"][0]
+    assert notes["preset"] == []
+    preset = parse("finetune", "--config", "finetune_few_labels")
+    assert preset.augment.auto_augment is None and preset.augment.reprob == 0
+    assert preset.model.drop_path_rate == 0 and preset.optim.lr == 2e-3
+    assert preset.data.source == "demo"  # only the recipe: the data and weights stay the user's

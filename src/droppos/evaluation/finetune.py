@@ -48,6 +48,9 @@ from droppos.interop.schema import Classifier, ClassifierWeights
 from droppos.sections import OptimSection, Sections, TrainRunSection, check_crop_scale
 
 BEST = "best.pth"
+SMALL_LABELLED_SET = 1_000
+"""Below this many training images the default recipe's regularisers (RandAugment, random
+erasing, drop path) cost more than they give: `finetune` says so and names the preset."""
 
 
 @dataclass
@@ -369,7 +372,15 @@ def finetuning_loop(config: FinetuneConfig) -> TrainLoop:
     train_set = AugmentedDataset(
         splits.train, transform, seed=config.run.seed, on_bad_image=config.data.on_bad_image
     )
-    return build_loop(method, context, config, train_set)
+    loop = build_loop(method, context, config, train_set)
+    images = len(splits.train)  # type: ignore[arg-type]
+    if images < SMALL_LABELLED_SET and aug.auto_augment:
+        loop.notes.append(
+            f"{images} training images: a recipe made for large sets (RandAugment, "
+            "random erasing, drop path); `--config finetune_few_labels` fits a small labelled "
+            "set better (README, 'Few labels')"
+        )
+    return loop
 
 
 def results(loop: TrainLoop, train_seconds: float) -> dict[str, Any]:
