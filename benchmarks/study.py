@@ -218,21 +218,33 @@ AUGMENTATIONS = {
 FINETUNE_LRS = ["5e-4", "2e-3"]
 
 
-def recipe_grid(row: Row, smoke: bool) -> dict[str, list[str]]:
+@dataclass(frozen=True)
+class Recipe:
+    """One fine-tuning recipe of the grid: an augmentation, a peak lr and a layer decay."""
+
+    augmentation: str
+    lr: str
+    decay: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.augmentation}-aug lr {self.lr} layer decay {self.decay}"
+
+    @property
+    def options(self) -> list[str]:
+        return [*AUGMENTATIONS[self.augmentation], "--optim.lr", self.lr,
+                "--optim.layer_decay", self.decay]  # fmt: skip
+
+
+def recipe_grid(row: Row, smoke: bool) -> dict[str, Recipe]:
     """The fine-tuning recipes a row chooses among on validation (at 1 % of the labels, seed 0):
     both augmentations x two learning rates, with finetune's layer decay 0.75 for pre-trained
     weights; random weights also try none (1.0), a layer decay being a recipe for
     pre-trained ones."""
     decays = ["0.75", "1.0"] if row.kind == "random" else ["0.75"]
     lrs = FINETUNE_LRS[-1:] if smoke else FINETUNE_LRS
-    grid = {}
-    for augmentation, options in AUGMENTATIONS.items():
-        for lr in lrs:
-            for decay in decays:
-                grid[f"{augmentation}-aug lr {lr} layer decay {decay}"] = [
-                    *options, "--optim.lr", lr, "--optim.layer_decay", decay,
-                ]  # fmt: skip
-    return grid
+    recipes = [Recipe(a, lr, d) for a in AUGMENTATIONS for lr in lrs for d in decays]
+    return {recipe.name: recipe for recipe in recipes}
 
 
 def slug(name: str) -> str:
@@ -577,29 +589,40 @@ def classifier_test_top1(path: Path, views: EvalViews) -> float:
 def label_efficiency(
     row: Row, root: Path, views: EvalViews, smoke: bool, seeds: int | None = None
 ) -> dict[str, Any]:
-    """Fine-tune seed 0's backbone with 1 / 10 / 100 % of the labels. The recipe is the best on
-    validation of `recipe_grid` at the smallest subset (fine-tuning seed 0), then kept for every
-    subset and seed; each reported figure is that run's best validation epoch, on test.
-    `seeds` caps the fine-tuning seeds (a first pass gives every row its seed 0)."""
+    """Fine-tune seed 0's backbone with 1 / 10 / 100 % of the labels, every choice on
+    validation (fine-tuning seed 0): the recipe is the best of `recipe_grid` at the smallest
+    subset; each larger subset keeps its augmentation and layer decay and picks its own
+    learning rate again (the best lr for 600 images need not be the best for 6,000). Each
+    reported figure is a run's best validation epoch, on test. `seeds` caps the fine-tuning
+    seeds (a first pass gives every row its seed 0)."""
     checkpoint = pretrained(row, 0, root, smoke)
     folder = root / slug(row.name) / "labels"
     budgets = SMOKE_BUDGETS if smoke else LABEL_BUDGETS
     grid = recipe_grid(row, smoke)
 
-    def run(budget: LabelBudget, recipe: str, seed: int) -> dict[str, Any]:
-        where = folder / slug(f"{budget.name} {recipe}") / f"seed{seed}"
-        return finetune_run(row, checkpoint, seed, where, budget, grid[recipe], views, smoke)
+    def run(budget: LabelBudget, recipe: Recipe, seed: int) -> dict[str, Any]:
+        where = folder / slug(f"{budget.name} {recipe.name}") / f"seed{seed}"
+        return finetune_run(row, checkpoint, seed, where, budget, recipe.options, views, smoke)
 
-    tried = {recipe: run(budgets[0], recipe, 0) for recipe in grid}
-    chosen = max(tried, key=lambda recipe: tried[recipe]["val_top1"])
-    found: dict[str, Any] = {"recipe": chosen, "grid": tried, "budgets": {}}
+    def best(budget: LabelBudget, recipes: list[Recipe]) -> tuple[Recipe, dict[str, Any]]:
+        tried = {recipe.name: run(budget, recipe, 0) for recipe in recipes}
+        return max(recipes, key=lambda recipe: tried[recipe.name]["val_top1"]), tried
+
+    chosen, tried = best(budgets[0], list(grid.values()))
+    found: dict[str, Any] = {"recipe": chosen.name, "grid": tried, "budgets": {}}
     for budget in budgets:
-        runs = [
-            run(budget, chosen, seed)
-            for seed in range(budget.seeds if seeds is None else min(budget.seeds, seeds))
-        ]
+        if budget is not budgets[0]:  # the same recipe but for its lr, chosen again
+            lrs = dict.fromkeys(r.lr for r in grid.values())  # in the grid's order
+            recipe, tried = best(budget, [replace(chosen, lr=lr) for lr in lrs])
+        else:
+            recipe = chosen
+        count = budget.seeds if seeds is None else min(budget.seeds, seeds)
+        runs = [run(budget, recipe, seed) for seed in range(count)]
         found["budgets"][budget.name] = {
             "images": runs[0]["train_size"],
+            "recipe": recipe.name,
+            "lr": recipe.lr,
+            "tried_val": {name: result["val_top1"] for name, result in tried.items()},
             "seeds": runs,
             "steps": budget.epochs * (runs[0]["train_size"] // budget.batch),
         }
@@ -679,11 +702,14 @@ def markdown_table(summaries: list[dict[str, Any]]) -> str:
     if labelled:
         budgets = list(labelled[0]["labels"]["budgets"])
         lines += ["", "| row | recipe (picked on val at " + budgets[0] + ") | "
-                  + " | ".join(f"fine-tune {b} labels" for b in budgets) + " |",
-                  "|" + "---|" * (len(budgets) + 2)]  # fmt: skip
+                  + " | ".join(f"fine-tune {b} labels (lr picked on val)" for b in budgets)
+                  + " |", "|" + "---|" * (len(budgets) + 2)]  # fmt: skip
         for s in labelled:
             found = s["labels"]["budgets"]
-            cells = [cell(s, f"finetune {b}", len(found[b]["seeds"])) for b in budgets]
+            cells = [
+                f"{cell(s, f'finetune {b}', len(found[b]['seeds']))} (lr {found[b]['lr']})"
+                for b in budgets
+            ]
             lines.append(f"| {s['row']} | {s['labels']['recipe']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
