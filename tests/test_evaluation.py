@@ -507,5 +507,5 @@ def test_a_small_labelled_set_is_told_of_the_few_labels_preset(tmp_path):
     assert notes["preset"] == []
     preset = parse("finetune", "--config", "finetune_few_labels")
     assert preset.augment.auto_augment is None and preset.augment.reprob == 0
-    assert preset.model.drop_path_rate == 0 and preset.optim.lr == 2e-3
+    assert preset.model.drop_path_rate == 0 and preset.optim.lr == 5e-4
     assert preset.data.source == "demo"  # only the recipe: the data and weights stay the user's
