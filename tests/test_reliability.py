@@ -423,7 +423,7 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, folder_with_bad_ima
         ),
         (("--optim.epochs", "abc"), "--optim.epochs: expected int, got 'abc'"),
         (("--run.precision", "fp8"), "expected one of 'auto', 'fp32', 'bf16', 'fp16'"),
-        (("--config", "vit_huge_in1k"), "presets: finetune_vit_base_in1k"),
+        (("--config", "vit_huge_in1k"), "presets: finetune_few_labels, finetune_vit_base_in1k"),
         (("--config", "finetune_vit_base_in1k"), "is a preset of `droppos finetune`"),
         (("--data.crop_scale", "[2, 1]"), "--data.crop_scale must satisfy"),
         (("--model.encoder.img_size", "0"), "must be positive"),
