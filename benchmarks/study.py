@@ -314,28 +314,26 @@ def precision() -> str:
 
 
 @torch.inference_mode()
-def tokens_of(backbone: Backbone, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    """All final-norm tokens [N, 1+L, D] of the backbone (every position kept)."""
+def in_batches(model: Any, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """`model` over `images` a batch at a time, on the study's device and precision (fp32 out)."""
     device = WHERE.device
-    vit = build_vit(backbone, num_classes=0).to(device).eval()
-    parts = []
-    for chunk in images.split(batch):
-        with autocast(device, precision()):
-            parts.append(vit_patch_tokens(vit, chunk.to(device)).float().cpu())
-    return torch.cat(parts)
-
-
-@torch.inference_mode()
-def last_blocks_of(backbone: Backbone, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    """The `--model.feature cls+avg` feature of `droppos linprobe` and `knn` (last 4 blocks)."""
-    device = WHERE.device
-    section = FeatureBackboneSection(checkpoint="unused", feature="cls+avg", feature_blocks=4)
-    model = feature_extractor(backbone, section).to(device).eval()
     parts = []
     for chunk in images.split(batch):
         with autocast(device, precision()):
             parts.append(model(chunk.to(device)).float().cpu())
     return torch.cat(parts)
+
+
+def tokens_of(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
+    """All final-norm tokens [N, 1+L, D] of the backbone (every position kept)."""
+    vit = build_vit(backbone, num_classes=0).to(WHERE.device).eval()
+    return in_batches(lambda chunk: vit_patch_tokens(vit, chunk), images)
+
+
+def last_blocks_of(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
+    """The `--model.feature cls+avg` feature of `droppos linprobe` and `knn` (last 4 blocks)."""
+    section = FeatureBackboneSection(checkpoint="unused", feature="cls+avg", feature_blocks=4)
+    return in_batches(feature_extractor(backbone, section).to(WHERE.device).eval(), images)
 
 
 def foreground_fraction(images: torch.Tensor, mean: float, std: float, patch: int) -> torch.Tensor:
@@ -572,18 +570,13 @@ def finetune_run(
     return cached(folder / "scores.json", run)
 
 
-@torch.inference_mode()
 def classifier_test_top1(path: Path, views: EvalViews) -> float:
     """Top-1 (%) of a fine-tuned classifier on the official test split."""
-    device = WHERE.device
     backbone = backbone_from(BackboneSection(checkpoint=str(path)))
-    model = build_vit(backbone, backbone.num_classes, backbone.global_pool).to(device).eval()
+    model = build_vit(backbone, backbone.num_classes, backbone.global_pool)
     images, labels = views.get(backbone)["val"]
-    correct = 0
-    for chunk, truth in zip(images.split(500), labels.split(500)):
-        with autocast(device, precision()):
-            correct += int((model(chunk.to(device)).argmax(-1).cpu() == truth).sum())
-    return 100 * correct / len(labels)
+    predicted = in_batches(model.to(WHERE.device).eval(), images).argmax(-1)
+    return 100 * int((predicted == labels).sum()) / len(labels)
 
 
 def label_efficiency(
