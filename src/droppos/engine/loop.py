@@ -56,6 +56,7 @@ from droppos.engine.optim import adamw_for_run, lr_at_step, set_lr
 from droppos.engine.precision import autocast, grad_scaler
 from droppos.engine.strategy import Strategy, check_can_compile, strategy_for
 from droppos.interop.schema import Header, Progress, TrainingCheckpoint
+from droppos.models.attention import fused_attention_pays, use_fused_attention
 from droppos.sections import DataSection, OptimSection, TrainRunSection
 
 Result = TypeVar("Result")
@@ -574,6 +575,7 @@ def build_loop(
         check_can_compile(env.device)
     if run_options.activation_checkpointing:
         checkpoint_activations(method.model)
+    use_fused_attention(method.model, fused_attention_pays(env.device, context.precision))
     engine_model = strategy.wrap(method.model, run_options.compile)  # FSDP swaps parameters:
     optimizer, peak_lr = adamw_for_run(method.model, optim, env.world_size)  # optimiser after
     loop = TrainLoop(

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from droppos.models.attention import attend
 from droppos.models.pos_embed import sincos_2d
 
 
@@ -96,7 +97,8 @@ class EncoderConfig:
 
 
 def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float) -> nn.ModuleList:
-    """timm pre-norm blocks as in DropPos and MAE: qkv bias, LayerNorm eps 1e-6, fused attention."""
+    """timm pre-norm blocks as in DropPos and MAE: qkv bias, LayerNorm eps 1e-6, fused attention
+    (explicit where a training run says so: `models/attention.py`)."""
     norm = partial(nn.LayerNorm, eps=1e-6)
     return nn.ModuleList(
         EncoderBlock(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm)
@@ -166,11 +168,7 @@ def _block_at_rows(
     k, v = kv.permute(2, 0, 3, 1, 4)
     q, k = attn.q_norm(q.transpose(1, 2)), attn.k_norm(k)
     dropout = attn.attn_drop.p if block.training else 0.0
-    out = (
-        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        .transpose(1, 2)
-        .reshape(n, -1, width)
-    )
+    out = attend(attn, q, k, v, dropout).transpose(1, 2).reshape(n, -1, width)
     out = attn.proj(getattr(attn, "norm", nn.Identity())(out))
     picked = picked + block.drop_path1(block.ls1(attn.proj_drop(out)))
     return picked + block.drop_path2(block.ls2(block.mlp(block.norm2(picked))))
