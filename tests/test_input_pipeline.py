@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 
 from droppos.cli.main import main
-from droppos.data import build_loader, build_source
+from droppos.data import AugmentedDataset, build_loader, build_source
 from droppos.data.shards import ShardDataset, shard_paths
 from droppos.engine.loop import TrainLoop
 from droppos.interop.schema import load_object
@@ -208,6 +209,32 @@ def test_draft_decoding_equals_the_pil_path_when_no_crop_can_shrink(tmp_path):
     pil, draft = augmented(tmp_path, "pil"), augmented(tmp_path, "draft")
     for i in range(len(pil)):
         assert torch.equal(pil[i][0], draft[i][0])
+
+
+@pytest.mark.parametrize("decode", ["pil", "draft"])
+def test_pretraining_batches_cross_the_loader_as_uint8_and_normalise_to_the_same_floats(
+    tmp_path, class_folder, decode
+):
+    from droppos.cli.main import parser_for, to_config
+    from droppos.data import set_epoch
+    from droppos.data.transforms import pretrain_transform
+    from droppos.methods.pretrain import pretraining_loop
+
+    args = tiny_args(tmp_path, class_folder, "--data.decode", decode)
+    parser = parser_for(args)
+    loop = pretraining_loop(to_config(parser, parser.parse_args(args), "pretrain"))
+    try:
+        set_epoch(loop.loader, 0)
+        assert next(iter(loop.loader))[0].dtype == torch.uint8  # a quarter of the bytes
+        dataset = loop.loader.dataset
+        on_device = loop.method.to_device(default_collate([dataset[i] for i in range(4)]))
+    finally:
+        loop.close()
+    crop_scale = tuple(loop.config["data"]["crop_scale"])
+    transform = pretrain_transform(16, crop_scale=crop_scale, decode=decode)  # normalised
+    normalised = AugmentedDataset(dataset.source, transform, seed=dataset.seed, torch_rng_only=True)
+    expected = torch.stack([normalised[i][0] for i in range(4)])
+    assert torch.equal(on_device.images, expected)  # the same arithmetic, so the same floats
 
 
 def test_draft_decoding_shrinks_large_jpegs_and_stays_close(tmp_path):

@@ -113,7 +113,8 @@ def pretraining_loop(config: PretrainConfig) -> TrainLoop:
             "use an image folder, a file list or tar shards (or another --data.decode)"
         )
     transform = pretrain_transform(
-        encoder.img_size, encoder.in_chans, data.mean, data.std, data.crop_scale, data.decode
+        encoder.img_size, encoder.in_chans, data.mean, data.std, data.crop_scale, data.decode,
+        normalised=False,  # uint8 through the loader, normalised on the device (`to_device`)
     )
     train_set = AugmentedDataset(
         source,
