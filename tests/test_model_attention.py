@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from droppos.cli.main import parser_for, to_config
+from droppos.evaluation.finetune import finetuning_loop
 from droppos.methods.pretrain import pretraining_loop
 from droppos.models.attention import fused_attention_pays, use_fused_attention
 from droppos.models.encoder import transformer_blocks
@@ -45,16 +46,24 @@ def test_only_cpu_training_in_bf16_computes_attention_explicitly():
     assert fused_attention_pays(cuda, "bf16") and fused_attention_pays(cuda, "fp16")
 
 
+RUNS = {
+    "droppos": ["pretrain"],
+    "mae": ["pretrain", "--model.name", "mae"],
+    "mp3": ["pretrain", "--model.name", "mp3"],
+    "finetune": ["finetune", "--model.checkpoint", "random", "--data.train_images", "200"],
+}
+
+
 @pytest.mark.parametrize(("precision", "fused"), [("bf16", False), ("fp32", True)])
-@pytest.mark.parametrize("method", ["droppos", "mae", "mp3"])
-def test_a_training_run_sets_every_attention_of_its_model(tmp_path, precision, fused, method):
+@pytest.mark.parametrize("run", list(RUNS))
+def test_a_training_run_sets_every_attention_of_its_model(tmp_path, precision, fused, run):
     args = [
-        "pretrain", "--model.name", method, "--optim.epochs", "1",
-        "--run.output_dir", str(tmp_path), "--run.precision", precision,
-        "--run.progress", "false", "--run.tensorboard", "false", "--data.num_workers", "0",
+        *RUNS[run], "--optim.epochs", "1", "--run.output_dir", str(tmp_path),
+        "--run.precision", precision, "--run.progress", "false", "--data.num_workers", "0",
     ]  # fmt: skip
     parser = parser_for(args)
-    loop = pretraining_loop(to_config(parser, parser.parse_args(args), "pretrain"))
+    config = to_config(parser, parser.parse_args(args), args[0])
+    loop = pretraining_loop(config) if args[0] == "pretrain" else finetuning_loop(config)
     try:
         kernels = {m.fused_attn for m in loop.method.model.modules() if hasattr(m, "fused_attn")}
     finally:
