@@ -112,9 +112,14 @@ def pretraining_loop(config: PretrainConfig) -> TrainLoop:
             f"--data.decode device decodes files on the device, and {data.source!r} holds none; "
             "use an image folder, a file list or tar shards (or another --data.decode)"
         )
-    # uint8 through the loader, normalised on the device (`to_device`)
     transform = pretrain_transform(
-        encoder.img_size, encoder.in_chans, data.mean, data.std, data.crop_scale, data.decode, False
+        encoder.img_size,
+        encoder.in_chans,
+        data.mean,
+        data.std,
+        data.crop_scale,
+        data.decode,
+        normalised=False,  # uint8 through the loader, normalised on the device (`to_device`)
     )
     train_set = AugmentedDataset(
         source,
