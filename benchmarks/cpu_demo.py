@@ -4,11 +4,14 @@ Each run is a fresh process, timed from its start to its exit (start-up, imports
 monitors included), this checkout and the baseline in turn (A B A B ...), so that a machine whose
 speed drifts moves both alike; the ratio is taken pair by pair and its median reported. The
 baseline runs from a `git worktree` of `--baseline`, with the same interpreter and packages.
-`--busy` keeps one other process spinning on a core throughout (a shared machine).
+`--busy` keeps one other process spinning on a core throughout (a shared machine). `--steps`
+instead times one training step of each pretext on the demo (batch 64, one process, the step
+timer of `benchmarks/gpu.py`): README's "Choosing a pretext" table.
 
     python benchmarks/cpu_demo.py --json benchmarks/results/cpu_demo.json
     python benchmarks/cpu_demo.py --busy --pairs 2 --json benchmarks/results/cpu_demo_busy.json \
         -- --optim.epochs 1
+    python benchmarks/cpu_demo.py --steps --json benchmarks/results/cpu_demo_steps.json
 """
 
 from __future__ import annotations
@@ -63,6 +66,35 @@ def timed_run(source: Path, extra: list[str], work: Path) -> dict[str, Any]:
     }
 
 
+PRETEXTS = {
+    "droppos": [],
+    "mp3": ["--model.name", "mp3"],
+    "mae": ["--model.name", "mae"],
+    "droppos + pixel branch": ["--model.pixel_branch.depth", "2"],
+}
+
+
+def pretext_steps(work: Path) -> dict[str, dict[str, Any]]:
+    """ms and GFLOP of one demo step of each pretext, all in this process, one after another."""
+    import torch
+    from gpu import loop_for, time_steps
+
+    rows = {}
+    for name, options in PRETEXTS.items():
+        loop = loop_for(["pretrain", *options], work)
+        try:
+            rows[name] = time_steps(loop, batch=64, accum=1, steps=30, warmup=5)
+        finally:
+            loop.close()
+        rows[name].update(precision=loop.precision, threads=torch.get_num_threads())
+        print(
+            f"| {name} | {rows[name]['ms_per_step']:.0f} ms | "
+            f"{rows[name]['gflop_per_step']:.1f} GFLOP | {loop.precision} |",
+            flush=True,
+        )
+    return rows
+
+
 def spin() -> subprocess.Popen:
     """Another program keeping one core busy (what `yes > /dev/null` does)."""
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
@@ -80,11 +112,26 @@ def main() -> None:
     parser.add_argument("--baseline", default="b0aebe1", help="git revision to compare with")
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--busy", action="store_true", help="one spinning process beside")
+    parser.add_argument("--steps", action="store_true", help="time one step of each pretext")
     parser.add_argument("--json", type=Path)
     parser.add_argument("extra", nargs="*", help="options for both runs (after --)")
     args = parser.parse_args()
     from droppos.engine.precision import cpu_has_native_bf16
 
+    machine = {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "native_bf16": cpu_has_native_bf16(),
+        "python": platform.python_version(),
+    }
+    if args.steps:
+        print("| pretext | step | FLOPs | precision |\n|---|---|---|---|")
+        with tempfile.TemporaryDirectory(prefix="cpu-demo-") as folder:
+            report: dict[str, Any] = {"machine": machine, "steps": pretext_steps(Path(folder))}
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=1) + "\n")
+        return
     with tempfile.TemporaryDirectory(prefix="cpu-demo-") as folder:
         work, tree = Path(folder), Path(folder) / "baseline"
         subprocess.run(
@@ -108,12 +155,6 @@ def main() -> None:
                 capture_output=True,
             )
     ratios = [a["wall_seconds"] / b["wall_seconds"] for a, b in zip(*runs.values(), strict=True)]
-    machine = {
-        "cpu": cpu_name(),
-        "cores": os.cpu_count(),
-        "native_bf16": cpu_has_native_bf16(),
-        "python": platform.python_version(),
-    }
     report = {
         "machine": machine,
         "baseline": args.baseline,

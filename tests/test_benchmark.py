@@ -106,3 +106,18 @@ def test_the_gpu_script_runs_every_part_in_smoke_mode(tmp_path):
     assert len(report["sync_debug"]) == 4
     assert report["end_to_end"]["images_per_second"] > 0
     assert "| DropPos | 8 x 1 |" in done.stdout and "end to end" in done.stdout
+
+
+@pytest.mark.slow  # a benchmark smoke test: half a minute on 2 cores
+def test_the_cpu_demo_benchmark_times_both_revisions_in_turn(tmp_path):
+    out = tmp_path / "demo.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "cpu_demo.py"
+    command = [sys.executable, str(script), "--baseline", "HEAD", "--pairs", "1", "--json",
+               str(out), "--", "--optim.epochs", "1", "--run.monitor_every", "0"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| this checkout |" in done.stdout and "| baseline |" in done.stdout
+    report = json.loads(out.read_text())
+    assert [len(runs) for runs in report["runs"].values()] == [1, 1]
+    assert all(r["wall_seconds"] > 0 and r["cpu_seconds"] > 0 for r in report["runs"]["baseline"])
+    assert report["wall_ratio_median"] > 0
