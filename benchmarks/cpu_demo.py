@@ -53,7 +53,7 @@ def timed_run(source: Path, extra: list[str], work: Path) -> dict[str, Any]:
         child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
         _, status, usage = os.wait4(child.pid, 0)  # this child's own CPU time
         wall = time.perf_counter() - start
-    child.returncode = code = os.waitstatus_to_exitcode(status)
+    child.returncode = code = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
     if code != 0:
         raise SystemExit(f"{source}: exit {code}: {errors.read_text()[-500:]}")
     summary = json.loads((out / "summary.json").read_text())
@@ -100,6 +100,12 @@ def spin() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
+def write_json(path: Path | None, report: dict[str, Any]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1) + "\n")
+
+
 def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -127,10 +133,8 @@ def main() -> None:
     if args.steps:
         print("| pretext | step | FLOPs | precision |\n|---|---|---|---|")
         with tempfile.TemporaryDirectory(prefix="cpu-demo-") as folder:
-            report: dict[str, Any] = {"machine": machine, "steps": pretext_steps(Path(folder))}
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(report, indent=1) + "\n")
+            steps = {"machine": machine, "steps": pretext_steps(Path(folder))}
+        write_json(args.json, steps)
         return
     with tempfile.TemporaryDirectory(prefix="cpu-demo-") as folder:
         work, tree = Path(folder), Path(folder) / "baseline"
@@ -179,9 +183,7 @@ def main() -> None:
         )
     ratio = report["wall_ratio_median"]
     print(f"this checkout / baseline, median of {len(ratios)} pairs: {ratio} ({1 / ratio:.2f}x)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    write_json(args.json, report)
 
 
 if __name__ == "__main__":
