@@ -22,6 +22,7 @@ TWO_THINGS = {
     "batch_size": {"--data.batch_size", "--optim.batch_size", "--probe.batch_size"},
     "epochs": {"--optim.epochs", "--probe.epochs"},
     "lr": {"--optim.lr", "--probe.lr"},
+    "name": {"--model.name", "--head.name"},  # which variant: the method, the segmentation head
     "warmup_epochs": {"--optim.warmup_epochs", "--probe.warmup_epochs"},
     "weight_decay": {"--optim.weight_decay", "--probe.weight_decay"},
 }

@@ -29,7 +29,14 @@ from droppos.data import write_shards
 from droppos.data.decode import BadImageError
 from droppos.engine.distributed import shutdown_distributed
 from droppos.engine.guards import RunStopped
-from droppos.evaluation import finetune, knn, linprobe, order_sensitivity, position_probe
+from droppos.evaluation import (
+    finetune,
+    knn,
+    linprobe,
+    order_sensitivity,
+    position_probe,
+    segment,
+)
 from droppos.interop import export
 from droppos.methods import method_named, method_names, pretrain, visualize
 
@@ -62,6 +69,11 @@ COMMANDS: dict[str, Command] = {
         "Linear probe on frozen features (a sweep of learning rates).",
     ),
     "knn": Command(knn.KnnConfig, knn.run, "Weighted kNN classification on frozen features."),
+    "segment": Command(
+        segment.SegmentConfig,
+        segment.run,
+        "Semantic segmentation on a backbone: linear head (frozen or fine-tuned) or dense kNN.",
+    ),
     "probe-position": Command(
         position_probe.PositionProbeConfig,
         position_probe.run,

@@ -28,6 +28,7 @@ from droppos.interop.formats import from_hf_vit_state
 from droppos.interop.schema import (
     ExportSidecar,
     PretrainedModel,
+    Segmenter,
     header_of,
     load_object,
     normalisation_of,
@@ -167,6 +168,8 @@ def load_backbone(
         state = unwrap_state_dict(content)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
+    if isinstance(header_of(content), Segmenter):  # the encoder of a segmentation model
+        state = {k.removeprefix("vit."): v for k, v in state.items() if k.startswith("vit.")}
     state = {k: v for k, v in state.items() if ENCODER_KEY.match(k)}
     if isinstance(header_of(content), PretrainedModel):  # a method's own head is no classifier
         state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))}
@@ -283,6 +286,7 @@ def build_vit(
     global_pool: str = "token",
     fc_norm: bool | None = None,
     drop_path_rate: float = 0.0,
+    dynamic_img_size: bool = False,
 ) -> VisionTransformer:
     """timm's VisionTransformer with the backbone's weights.
 
@@ -290,7 +294,8 @@ def build_vit(
     (default: as in the file) puts a LayerNorm after pooling instead of the final norm: the
     MAE fine-tuning head, which drops the pre-trained final norm. A head is new (to be
     initialised by the caller) unless the file has one of the same size; anything else that
-    does not fit raises ValueError naming the keys.
+    does not fit raises ValueError naming the keys. `dynamic_img_size` takes images of any size
+    (a multiple of the patch), the positional embedding interpolated to their grid (timm's).
     """
     enc = backbone.encoder
     model = VisionTransformer(
@@ -306,6 +311,7 @@ def build_vit(
         fc_norm=backbone.has_fc_norm if fc_norm is None else fc_norm,
         num_classes=num_classes,
         drop_path_rate=drop_path_rate,
+        dynamic_img_size=dynamic_img_size,
     )
     own = model.state_dict()
     state = dict(backbone.state)

@@ -36,8 +36,8 @@ from droppos._version import PACKAGE, __version__
 from droppos.interop import sharded
 from droppos.models.encoder import EncoderConfig
 
-KIND_KEY = PACKAGE  # {package name: "pretrain" or "finetune"} marks our checkpoints
-PRETRAIN, FINETUNE = "pretrain", "finetune"
+KIND_KEY = PACKAGE  # {package name: "pretrain", "finetune" or "segment"} marks our checkpoints
+PRETRAIN, FINETUNE, SEGMENT = "pretrain", "finetune", "segment"
 
 
 # -- reading and writing files -----------------------------------------------------------------
@@ -290,7 +290,39 @@ class Classifier:
         return cls(**values)
 
 
-Header = PretrainedModel | Classifier
+@dataclass
+class Segmenter:
+    """A backbone fine-tuned with a linear segmentation head (`droppos segment --model.freeze
+    false`): its encoder's shape, the classes of its head and the view it was tuned on. Its
+    weights are the timm ViT's under `vit.` and the head's under `head.`."""
+
+    encoder: EncoderConfig
+    num_classes: int
+    classes: list[str] | None
+    feature_blocks: int
+    img_size: int
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    source_checkpoint: str
+
+    @property
+    def label(self) -> str:
+        return f"{PACKAGE} segmentation model"
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["encoder"] = asdict(self.encoder)
+        return {KIND_KEY: SEGMENT, **values}
+
+    @classmethod
+    def from_dict(cls, content: Mapping[str, Any]) -> Segmenter:
+        names = [f.name for f in dataclasses.fields(cls)]
+        values = {k: content.get(k) for k in names}
+        values["encoder"] = from_plain(EncoderConfig, content["encoder"], "encoder")
+        return cls(**values)
+
+
+Header = PretrainedModel | Classifier | Segmenter
 
 
 def header_of(content: Mapping[str, Any]) -> Header | None:
@@ -300,6 +332,8 @@ def header_of(content: Mapping[str, Any]) -> Header | None:
         return PretrainedModel.from_dict(content)
     if kind == FINETUNE and isinstance(content.get("encoder"), Mapping):
         return Classifier.from_dict(content)
+    if kind == SEGMENT and isinstance(content.get("encoder"), Mapping):
+        return Segmenter.from_dict(content)
     return None
 
 
