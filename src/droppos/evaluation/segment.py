@@ -215,9 +215,9 @@ class SegmentConfig(Sections):
 
     def validate(self) -> None:
         super().validate()
-        if self.head == "knn" and not self.model.freeze:
+        if self.head.name == "knn" and not self.model.freeze:
             raise ValueError(
-                "--head knn retrieves with a frozen backbone: drop --model.freeze false"
+                "--head.name knn retrieves with a frozen backbone: drop --model.freeze false"
             )
 
 
