@@ -1,5 +1,6 @@
 """Export: timm loads the encoder with no missing keys but the head, and computes the same
-features; Detectron2/MMSegmentation files carry the same weights under their names."""
+features; Detectron2/MMSegmentation files carry the same weights under their names (MMSegmentation
+itself loads its file in test_mmseg_export.py)."""
 
 import json
 
@@ -160,17 +161,16 @@ def test_detectron2_and_mmsegmentation_files_hold_the_same_weights(tmp_path, pre
     mmseg = torch.load(tmp_path / "mmseg_mae.pth", weights_only=True)
     expected = {"cls_token", "pos_embed", "patch_embed.projection.weight"}
     expected |= {"patch_embed.projection.bias"}
-    mmseg_parts = ["ln1", "attn.proj", "ln2", "ffn.layers.0.0", "ffn.layers.1"]
+    mmseg_parts = ["ln1", "attn.qkv", "attn.proj", "ln2", "ffn.layers.0.0", "ffn.layers.1"]
     for i in range(2):
         for part in mmseg_parts:
             expected |= {f"layers.{i}.{part}.weight", f"layers.{i}.{part}.bias"}
-        expected |= {f"layers.{i}.attn.qkv.weight", f"layers.{i}.attn.q_bias"}
-        expected |= {f"layers.{i}.attn.v_bias"}  # MMSeg's attention: no fused qkv bias
-    assert set(mmseg) == expected
+    assert set(mmseg) == expected  # its MAEAttention keeps timm's fused qkv bias
     assert torch.equal(
         mmseg["layers.1.ffn.layers.0.0.weight"], timm_state["blocks.1.mlp.fc1.weight"]
     )
     assert torch.equal(mmseg["layers.0.ln2.bias"], timm_state["blocks.0.norm2.bias"])
+    assert torch.equal(mmseg["layers.1.attn.qkv.bias"], timm_state["blocks.1.attn.qkv.bias"])
 
 
 def test_original_checkpoints_export_without_their_decoders(tmp_path):
@@ -217,37 +217,6 @@ def test_export_mistakes_exit_2_with_one_line(
     assert main([*args, *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
-
-
-def mmseg_beit_attention(x, state, prefix, num_heads):
-    """MMSegmentation's BEiT/MAE attention, written from its definition: a bias-free qkv
-    projection plus separate q and v biases (the k bias is fixed at zero)."""
-    weight = state[f"{prefix}.qkv.weight"]
-    q_bias, v_bias = state[f"{prefix}.q_bias"], state[f"{prefix}.v_bias"]
-    bias = torch.cat([q_bias, torch.zeros_like(v_bias), v_bias])
-    n, t, dim = x.shape
-    qkv = torch.nn.functional.linear(x, weight, bias).reshape(n, t, 3, num_heads, -1)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4)
-    attention = (q * (dim // num_heads) ** -0.5) @ k.transpose(-2, -1)
-    out = (attention.softmax(dim=-1) @ v).transpose(1, 2).reshape(n, t, dim)
-    return torch.nn.functional.linear(
-        out, state[f"{prefix}.proj.weight"], state[f"{prefix}.proj.bias"]
-    )
-
-
-def test_mmseg_attention_with_the_exported_biases_equals_the_encoders():
-    encoder = create_model("vit_tiny_patch16", img_size=32, patch_size=8, depth=2, embed_dim=48)
-    with torch.no_grad():  # biases that matter: a zero q or v bias would hide a lost one
-        for block in encoder.blocks:
-            block.attn.qkv.bias.normal_(std=1.0)
-    state = mmseg_state(encoder.state_dict())
-    x = torch.randn(2, 17, 48)
-    for i, block in enumerate(encoder.blocks):
-        with torch.no_grad():
-            expected = block.attn(x)
-            got = mmseg_beit_attention(x, state, f"layers.{i}.attn", block.attn.num_heads)
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-        assert f"layers.{i}.attn.qkv.bias" not in state
 
 
 def test_the_hf_folder_loads_offline_into_transformers_with_the_same_features(

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-# timm/MAE block names -> MMSegmentation's BEiT-style `MAE` backbone names.
+# timm/MAE block names -> MMSegmentation's `MAE` backbone names (its beit2mmseg.py mapping).
 MMSEG_RENAMES = (
     (r"^patch_embed\.proj\.", "patch_embed.projection."),
     (r"^blocks\.(\d+)\.norm1\.", r"layers.\1.ln1."),
@@ -20,26 +20,18 @@ MMSEG_RENAMES = (
 
 
 def mmseg_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """timm/MAE names -> MMSegmentation `MAE` backbone names (its beit2mmseg.py mapping).
+    """timm/MAE names -> MMSegmentation's `MAE` backbone names (0.x and 1.x alike).
 
-    Its attention has a bias-free `qkv` and separate `q_bias` and `v_bias`, so the fused bias is
-    split; the key bias is left out, which changes nothing (it adds the same amount to every
-    logit of a query, and the softmax does not see it). The final norm and any classifier are
-    left out: that backbone has neither. MMSeg loads non-strictly, so its own layer-scale and
-    relative-position tables keep their init.
+    Its attention (`MAEAttention`) keeps timm's fused `qkv` with its bias, so only module names
+    change. The final norm and any classifier are left out: that backbone has neither (it reads
+    the last block's tokens before the norm). Its layer-scale (`gamma_*`, at `init_values`) and
+    relative-position tables (zeros: MAE has none) are its own, by design.
     """
-    renamed = {}
-    for name, value in state.items():
-        if name.startswith(("norm.", "fc_norm.", "head.")):
-            continue
-        if name.endswith("attn.qkv.bias"):
-            q_bias, _, v_bias = value.chunk(3)
-            prefix = name.removesuffix("qkv.bias")
-            for suffix, bias in (("q_bias", q_bias), ("v_bias", v_bias)):
-                renamed[mmseg_name(prefix + suffix)] = bias.clone()
-            continue
-        renamed[mmseg_name(name)] = value
-    return renamed
+    return {
+        mmseg_name(name): value
+        for name, value in state.items()
+        if not name.startswith(("norm.", "fc_norm.", "head."))
+    }
 
 
 def mmseg_name(name: str) -> str:
