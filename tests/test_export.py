@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 
 from droppos import create_model
 from droppos.cli.main import main
+from droppos.interop import export as export_module
+from droppos.interop import formats
 from droppos.interop.backbone import build_vit, load_backbone
 from droppos.interop.formats import mmseg_state
 from droppos.methods import pretrained_model
@@ -202,6 +204,12 @@ def test_mmseg_names_follow_beit2mmseg():
         ("random", (), "needs a checkpoint file"),
         ("/no/such/file.pth", (), "no checkpoint at"),
         (None, ("--model.timm_name", "resnet50"), "not a timm VisionTransformer"),
+        (  # a pre-norm CLIP ViT: timm would leave its norm_pre at init
+            None,
+            ("--model.timm_name", "vit_base_patch16_clip_224"),
+            "model.safetensors would not load fully into timm's vit_base_patch16_clip_224",
+        ),
+        (None, ("--model.timm_name", "vit_base_r26_s32_224"), "timm cannot build"),  # a hybrid
     ],
 )
 def test_export_mistakes_exit_2_with_one_line(
@@ -217,6 +225,55 @@ def test_export_mistakes_exit_2_with_one_line(
     assert main([*args, *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def drift_mmseg(monkeypatch):
+    renames = [(p, r.replace("ln1", "norm1")) for p, r in formats.MMSEG_RENAMES]
+    monkeypatch.setattr(formats, "MMSEG_RENAMES", tuple(renames))
+
+
+def drift_hf(monkeypatch):
+    renames = [(p, r.replace("layernorm_before", "layernorm_pre")) for p, r in formats.HF_RENAMES]
+    monkeypatch.setattr(formats, "HF_RENAMES", tuple(renames))
+
+
+def drift_mae(monkeypatch):
+    leaky = {"mask_pos_token": torch.zeros(1, 1, 32)}  # a pre-training tensor let through
+    monkeypatch.setattr(export_module, "mae_state", lambda state: {"model": {**state, **leaky}})
+
+
+@pytest.mark.parametrize(
+    "drift, file, named",
+    [
+        (drift_mmseg, "mmseg_mae.pth", "missing from file: layers.0.ln1.bias"),
+        (drift_hf, "hf/model.safetensors", "not in model: encoder.layer.0.layernorm_pre.bias"),
+        (drift_mae, "mae_format.pth", "not in model: mask_pos_token"),
+    ],
+)
+def test_a_file_drifting_from_its_client_fails_export_in_one_line_writing_nothing(
+    tmp_path, pretrained, capsys, monkeypatch, drift, file, named
+):
+    drift(monkeypatch)
+    args = ["export", "--model.checkpoint", str(pretrained), "--run.output_dir", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{file} would not load fully into" in err and named in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "pool, fc_norm, classes", [("avg", False, 0), ("avg", True, 3), ("token", False, 3)]
+)
+def test_the_mae_layout_is_timms_plain_vit(pool, fc_norm, classes):
+    """MAE's `models_vit` is timm's VisionTransformer (with `fc_norm` for a pooled head): the
+    names export checks mae_format.pth against are those."""
+    args = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2)
+    args |= dict(mlp_ratio=4.0, global_pool=pool, fc_norm=fc_norm, num_classes=classes)
+    with torch.device("meta"):
+        model = timm.create_model("vit_tiny_patch16_224", **args)
+    assert formats.mae_keys(args) == set(model.state_dict())
 
 
 def test_the_hf_folder_loads_offline_into_transformers_with_the_same_features(
@@ -225,7 +282,10 @@ def test_the_hf_folder_loads_offline_into_transformers_with_the_same_features(
     transformers = pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     export(pretrained, tmp_path)
-    model = transformers.ViTModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False)
+    model, info = transformers.ViTModel.from_pretrained(
+        tmp_path / "hf", add_pooling_layer=False, output_loading_info=True
+    )
+    assert not_loaded(info) == {}  # export's own check of hf/ agrees with transformers
     images = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
         theirs = model.eval()(pixel_values=images).last_hidden_state
@@ -248,7 +308,10 @@ def test_a_cls_pooled_classifier_loads_as_a_hf_vit_for_image_classification(
     assert main(args) == 0
     export(out / "best.pth", tmp_path / "export")
     assert "ViTForImageClassification.from_pretrained" in capsys.readouterr().out
-    hf = transformers.ViTForImageClassification.from_pretrained(tmp_path / "export" / "hf")
+    hf, info = transformers.ViTForImageClassification.from_pretrained(
+        tmp_path / "export" / "hf", output_loading_info=True
+    )
+    assert not_loaded(info) == {}
     assert hf.config.id2label == {0: "a", 1: "b"}
     reference = build_vit(load_backbone(out / "best.pth"), num_classes=2, global_pool="token")
     images = torch.randn(2, 1, 16, 16)
@@ -264,6 +327,17 @@ def test_a_mean_token_classifier_exports_its_encoder_to_hf_and_says_so(tmp_path,
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [
         "ViTModel"
     ]
+    transformers = pytest.importorskip("transformers")
+    _, info = transformers.ViTModel.from_pretrained(
+        tmp_path / "hf", add_pooling_layer=False, output_loading_info=True
+    )  # an fc_norm head's encoder has no final norm: transformers starts its own
+    assert not_loaded(info) == {"missing_keys": ["layernorm.bias", "layernorm.weight"]}
+
+
+def not_loaded(info: dict) -> dict:
+    """What `from_pretrained(..., output_loading_info=True)` says it did not load."""
+    kinds = ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
+    return {kind: sorted(map(str, info[kind])) for kind in kinds if info[kind]}
 
 
 def test_a_hugging_face_folder_is_a_checkpoint_every_command_reads(tmp_path, pretrained):

@@ -164,3 +164,60 @@ def from_hf_vit_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
         qkv = torch.cat([found["query"], found["key"], found["value"]])
         renamed[f"blocks.{layer}.attn.qkv.{kind}"] = qkv
     return renamed
+
+
+# What each client's model holds, written from the client's own module definitions rather than
+# from the renames above, so that a rename drifting from its client fails `export` (which checks
+# every file against these before writing it) instead of a user's fine-tuning; the tests load
+# each file into the real client (tests/test_export.py, tests/test_mmseg_export.py).
+MAE_BLOCK = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+MMSEG_MAE_BLOCK = ("ln1", "attn.qkv", "attn.proj", "ln2", "ffn.layers.0.0", "ffn.layers.1")
+MMSEG_MAE_OWN = (
+    "gamma_1", "gamma_2", "attn.relative_position_bias_table", "attn.relative_position_index",
+)  # fmt: skip
+"""What MMSegmentation's `MAE` layers set themselves: layer-scale at `init_values`, and relative
+position tables that MAE leaves at zero (with their index)."""
+HF_VIT_BLOCK = (
+    "layernorm_before", "attention.attention.query", "attention.attention.key",
+    "attention.attention.value", "attention.output.dense", "layernorm_after",
+    "intermediate.dense", "output.dense",
+)  # fmt: skip
+
+
+def weights_and_biases(prefix: str, modules: tuple[str, ...]) -> set[str]:
+    return {f"{prefix}{module}.{kind}" for module in modules for kind in ("weight", "bias")}
+
+
+def mae_keys(model_args: Mapping[str, Any]) -> set[str]:
+    """MAE's `models_vit.VisionTransformer` (timm 0.3.2's names) of this shape: a pooled head
+    (`global_pool`) swaps the final norm for `fc_norm`. ViTDet reads its patch embedding,
+    positions and blocks."""
+    keys = {"cls_token", "pos_embed"} | weights_and_biases("patch_embed.", ("proj",))
+    for i in range(model_args["depth"]):
+        keys |= weights_and_biases(f"blocks.{i}.", MAE_BLOCK)
+    keys |= weights_and_biases("", ("fc_norm",) if model_args["fc_norm"] else ("norm",))
+    return keys | (weights_and_biases("", ("head",)) if model_args["num_classes"] else set())
+
+
+def mmseg_mae_keys(model_args: Mapping[str, Any]) -> set[str]:
+    """MMSegmentation's `MAE` backbone of this shape, less what it sets itself
+    (`MMSEG_MAE_OWN`): no final norm, no head."""
+    keys = {"cls_token", "pos_embed"} | weights_and_biases("patch_embed.", ("projection",))
+    for i in range(model_args["depth"]):
+        keys |= weights_and_biases(f"layers.{i}.", MMSEG_MAE_BLOCK)
+    return keys
+
+
+def hf_vit_keys(model_args: Mapping[str, Any], classifier: bool = False) -> set[str]:
+    """A `transformers` ViTModel without pooler (or, `classifier`, a ViTForImageClassification)
+    of this shape, under the names its checkpoints have always had (transformers 5 renames them
+    in memory and converts on load). An `fc_norm` classifier's encoder has no final norm."""
+    keys = {"embeddings.cls_token", "embeddings.position_embeddings"}
+    keys |= weights_and_biases("embeddings.patch_embeddings.", ("projection",))
+    for i in range(model_args["depth"]):
+        keys |= weights_and_biases(f"encoder.layer.{i}.", HF_VIT_BLOCK)
+    if not model_args["fc_norm"]:
+        keys |= weights_and_biases("", ("layernorm",))
+    if not classifier:
+        return keys
+    return {f"vit.{key}" for key in keys} | weights_and_biases("", ("classifier",))
