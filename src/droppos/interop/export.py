@@ -200,8 +200,9 @@ def check_layouts(
     for a missing or unexpected key (or, for timm, a shape).
 
     timm's is the real model (`timm.create_model(name, **args)`, built on the meta device: no
-    memory, nothing computed); the others are written from the clients' definitions (`formats.py`), as
-    none of them is a dependency of droppos; tests load each file into the real client.
+    memory, nothing computed); the others are written from the clients' definitions
+    (`formats.py`), as none of them is a dependency of droppos; tests load each file into the
+    real client.
     """
     plain = f"choose a --model.timm_name of the same design, a plain ViT such as {DEFAULT_VIT}"
     try:
