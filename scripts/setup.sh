@@ -9,4 +9,5 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, pinned to a matching torchvision: a mismatched pair fails at import time.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install -q -e ".[dev]"
+# dev: tests and benchmarks; mmseg: MMSegmentation, for the round trip of its export (~10 s)
+.venv/bin/python -m pip install -q -e ".[dev,mmseg]"

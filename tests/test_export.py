@@ -1,5 +1,6 @@
 """Export: timm loads the encoder with no missing keys but the head, and computes the same
-features; Detectron2/MMSegmentation files carry the same weights under their names."""
+features; Detectron2/MMSegmentation files carry the same weights under their names (MMSegmentation
+itself loads its file in test_mmseg_export.py)."""
 
 import json
 
@@ -11,6 +12,8 @@ from safetensors.torch import load_file
 
 from droppos import create_model
 from droppos.cli.main import main
+from droppos.interop import export as export_module
+from droppos.interop import formats
 from droppos.interop.backbone import build_vit, load_backbone
 from droppos.interop.formats import mmseg_state
 from droppos.methods import pretrained_model
@@ -160,17 +163,16 @@ def test_detectron2_and_mmsegmentation_files_hold_the_same_weights(tmp_path, pre
     mmseg = torch.load(tmp_path / "mmseg_mae.pth", weights_only=True)
     expected = {"cls_token", "pos_embed", "patch_embed.projection.weight"}
     expected |= {"patch_embed.projection.bias"}
-    mmseg_parts = ["ln1", "attn.proj", "ln2", "ffn.layers.0.0", "ffn.layers.1"]
+    mmseg_parts = ["ln1", "attn.qkv", "attn.proj", "ln2", "ffn.layers.0.0", "ffn.layers.1"]
     for i in range(2):
         for part in mmseg_parts:
             expected |= {f"layers.{i}.{part}.weight", f"layers.{i}.{part}.bias"}
-        expected |= {f"layers.{i}.attn.qkv.weight", f"layers.{i}.attn.q_bias"}
-        expected |= {f"layers.{i}.attn.v_bias"}  # MMSeg's attention: no fused qkv bias
-    assert set(mmseg) == expected
+    assert set(mmseg) == expected  # its MAEAttention keeps timm's fused qkv bias
     assert torch.equal(
         mmseg["layers.1.ffn.layers.0.0.weight"], timm_state["blocks.1.mlp.fc1.weight"]
     )
     assert torch.equal(mmseg["layers.0.ln2.bias"], timm_state["blocks.0.norm2.bias"])
+    assert torch.equal(mmseg["layers.1.attn.qkv.bias"], timm_state["blocks.1.attn.qkv.bias"])
 
 
 def test_original_checkpoints_export_without_their_decoders(tmp_path):
@@ -202,6 +204,12 @@ def test_mmseg_names_follow_beit2mmseg():
         ("random", (), "needs a checkpoint file"),
         ("/no/such/file.pth", (), "no checkpoint at"),
         (None, ("--model.timm_name", "resnet50"), "not a timm VisionTransformer"),
+        (  # a pre-norm CLIP ViT: timm would leave its norm_pre at init
+            None,
+            ("--model.timm_name", "vit_base_patch16_clip_224"),
+            "model.safetensors would not load fully into timm's vit_base_patch16_clip_224",
+        ),
+        (None, ("--model.timm_name", "vit_base_r26_s32_224"), "timm cannot build"),  # a hybrid
     ],
 )
 def test_export_mistakes_exit_2_with_one_line(
@@ -217,37 +225,55 @@ def test_export_mistakes_exit_2_with_one_line(
     assert main([*args, *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
 
 
-def mmseg_beit_attention(x, state, prefix, num_heads):
-    """MMSegmentation's BEiT/MAE attention, written from its definition: a bias-free qkv
-    projection plus separate q and v biases (the k bias is fixed at zero)."""
-    weight = state[f"{prefix}.qkv.weight"]
-    q_bias, v_bias = state[f"{prefix}.q_bias"], state[f"{prefix}.v_bias"]
-    bias = torch.cat([q_bias, torch.zeros_like(v_bias), v_bias])
-    n, t, dim = x.shape
-    qkv = torch.nn.functional.linear(x, weight, bias).reshape(n, t, 3, num_heads, -1)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4)
-    attention = (q * (dim // num_heads) ** -0.5) @ k.transpose(-2, -1)
-    out = (attention.softmax(dim=-1) @ v).transpose(1, 2).reshape(n, t, dim)
-    return torch.nn.functional.linear(
-        out, state[f"{prefix}.proj.weight"], state[f"{prefix}.proj.bias"]
-    )
+def drift_mmseg(monkeypatch):
+    renames = [(p, r.replace("ln1", "norm1")) for p, r in formats.MMSEG_RENAMES]
+    monkeypatch.setattr(formats, "MMSEG_RENAMES", tuple(renames))
 
 
-def test_mmseg_attention_with_the_exported_biases_equals_the_encoders():
-    encoder = create_model("vit_tiny_patch16", img_size=32, patch_size=8, depth=2, embed_dim=48)
-    with torch.no_grad():  # biases that matter: a zero q or v bias would hide a lost one
-        for block in encoder.blocks:
-            block.attn.qkv.bias.normal_(std=1.0)
-    state = mmseg_state(encoder.state_dict())
-    x = torch.randn(2, 17, 48)
-    for i, block in enumerate(encoder.blocks):
-        with torch.no_grad():
-            expected = block.attn(x)
-            got = mmseg_beit_attention(x, state, f"layers.{i}.attn", block.attn.num_heads)
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-        assert f"layers.{i}.attn.qkv.bias" not in state
+def drift_hf(monkeypatch):
+    renames = [(p, r.replace("layernorm_before", "layernorm_pre")) for p, r in formats.HF_RENAMES]
+    monkeypatch.setattr(formats, "HF_RENAMES", tuple(renames))
+
+
+def drift_mae(monkeypatch):
+    leaky = {"mask_pos_token": torch.zeros(1, 1, 32)}  # a pre-training tensor let through
+    monkeypatch.setattr(export_module, "mae_state", lambda state: {"model": {**state, **leaky}})
+
+
+@pytest.mark.parametrize(
+    "drift, file, named",
+    [
+        (drift_mmseg, "mmseg_mae.pth", "missing from file: layers.0.ln1.bias"),
+        (drift_hf, "hf/model.safetensors", "not in model: encoder.layer.0.layernorm_pre.bias"),
+        (drift_mae, "mae_format.pth", "not in model: mask_pos_token"),
+    ],
+)
+def test_a_file_drifting_from_its_client_fails_export_in_one_line_writing_nothing(
+    tmp_path, pretrained, capsys, monkeypatch, drift, file, named
+):
+    drift(monkeypatch)
+    args = ["export", "--model.checkpoint", str(pretrained), "--run.output_dir", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{file} would not load fully into" in err and named in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "pool, fc_norm, classes", [("avg", False, 0), ("avg", True, 3), ("token", False, 3)]
+)
+def test_the_mae_layout_is_timms_plain_vit(pool, fc_norm, classes):
+    """MAE's `models_vit` is timm's VisionTransformer (with `fc_norm` for a pooled head): the
+    names export checks mae_format.pth against are those."""
+    args = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2)
+    args |= dict(mlp_ratio=4.0, global_pool=pool, fc_norm=fc_norm, num_classes=classes)
+    with torch.device("meta"):
+        model = timm.create_model("vit_tiny_patch16_224", **args)
+    assert formats.mae_keys(args) == set(model.state_dict())
 
 
 def test_the_hf_folder_loads_offline_into_transformers_with_the_same_features(
@@ -256,7 +282,10 @@ def test_the_hf_folder_loads_offline_into_transformers_with_the_same_features(
     transformers = pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     export(pretrained, tmp_path)
-    model = transformers.ViTModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False)
+    model, info = transformers.ViTModel.from_pretrained(
+        tmp_path / "hf", add_pooling_layer=False, output_loading_info=True
+    )
+    assert not_loaded(info) == {}  # export's own check of hf/ agrees with transformers
     images = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
         theirs = model.eval()(pixel_values=images).last_hidden_state
@@ -279,7 +308,10 @@ def test_a_cls_pooled_classifier_loads_as_a_hf_vit_for_image_classification(
     assert main(args) == 0
     export(out / "best.pth", tmp_path / "export")
     assert "ViTForImageClassification.from_pretrained" in capsys.readouterr().out
-    hf = transformers.ViTForImageClassification.from_pretrained(tmp_path / "export" / "hf")
+    hf, info = transformers.ViTForImageClassification.from_pretrained(
+        tmp_path / "export" / "hf", output_loading_info=True
+    )
+    assert not_loaded(info) == {}
     assert hf.config.id2label == {0: "a", 1: "b"}
     reference = build_vit(load_backbone(out / "best.pth"), num_classes=2, global_pool="token")
     images = torch.randn(2, 1, 16, 16)
@@ -295,6 +327,17 @@ def test_a_mean_token_classifier_exports_its_encoder_to_hf_and_says_so(tmp_path,
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [
         "ViTModel"
     ]
+    transformers = pytest.importorskip("transformers")
+    _, info = transformers.ViTModel.from_pretrained(
+        tmp_path / "hf", add_pooling_layer=False, output_loading_info=True
+    )  # an fc_norm head's encoder has no final norm: transformers starts its own
+    assert not_loaded(info) == {"missing_keys": ["layernorm.bias", "layernorm.weight"]}
+
+
+def not_loaded(info: dict) -> dict:
+    """What `from_pretrained(..., output_loading_info=True)` says it did not load."""
+    kinds = ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
+    return {kind: sorted(map(str, info[kind])) for kind in kinds if info[kind]}
 
 
 def test_a_hugging_face_folder_is_a_checkpoint_every_command_reads(tmp_path, pretrained):

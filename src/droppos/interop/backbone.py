@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -81,26 +81,40 @@ def load_original_checkpoint(
     configuration the file was trained with (decoder depth, MAE branch, model size).
     """
     state = unwrap_state_dict(source) if isinstance(source, Mapping) else read_state_dict(source)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if state[k].shape != own[k].shape
-    )
+    missing, unexpected, mismatched = key_differences(model.state_dict(), state)
     if strict and (missing or unexpected or mismatched):
         raise ValueError(describe_mismatch(missing, unexpected, mismatched))
     return model.load_state_dict(state, strict=strict)
 
 
-def describe_mismatch(missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:
+def key_differences(
+    expected: Mapping[str, torch.Tensor] | Iterable[str], state: Mapping[str, torch.Tensor]
+) -> tuple[list[str], list[str], list[str]]:
+    """The keys of `state` that `expected` (a model's state dict, or just its names) lacks or
+    holds and `state` does not, and where `expected` has tensors, those of another shape."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = expected if isinstance(expected, Mapping) else {}
+    mismatched = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(shapes[k].shape)}"
+        for k in set(shapes) & set(state)
+        if state[k].shape != shapes[k].shape
+    )
+    return missing, unexpected, mismatched
+
+
+def describe_mismatch(
+    missing: list[str],
+    unexpected: list[str],
+    mismatched: list[str],
+    lead: str = "checkpoint does not match this model configuration",
+) -> str:
     """One line naming (the first few) missing, unexpected and mis-shaped keys."""
 
     def head(items: list[str]) -> str:
         return ", ".join(items[:6]) + (f" (+{len(items) - 6} more)" if len(items) > 6 else "")
 
-    parts = ["checkpoint does not match this model configuration"]
+    parts = [lead]
     if missing:
         parts.append(f"missing from file: {head(missing)}")
     if unexpected:
@@ -320,13 +334,8 @@ def build_vit(
             state = {k: v for k, v in state.items() if not k.startswith(prefix)}
     if "head.weight" in state and state["head.weight"].shape != own["head.weight"].shape:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    missing = sorted(k for k in set(own) - set(state) if not k.startswith(("head.", "fc_norm.")))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if state[k].shape != own[k].shape
-    )
+    missing, unexpected, mismatched = key_differences(own, state)
+    missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]  # a new head
     if missing or unexpected or mismatched:
         raise ValueError(
             f"{backbone.source}: " + describe_mismatch(missing, unexpected, mismatched)

@@ -12,6 +12,10 @@ One export writes, into one folder:
   Detectron2's ViTDet (`train.init_checkpoint`) and MAE/BEiT-style code load.
 - `mmseg_mae.pth`: the same weights under MMSegmentation's `MAE` backbone names (what its
   `beit2mmseg.py` converter would write), for `model.pretrained` in its MAE configs.
+- `hf/`: the encoder (or a `[CLS]` classifier) as a Hugging Face ViT folder.
+
+Before anything is written, each file's keys are checked against the ones its client's model
+holds (`check_layouts`): a file that would load only in part fails the export in one line.
 """
 
 from __future__ import annotations
@@ -26,8 +30,22 @@ import torch
 from safetensors.torch import save_file
 
 from droppos.data.transforms import default_mean_std
-from droppos.interop.backbone import Backbone, build_vit, load_backbone
-from droppos.interop.formats import hf_vit_config, hf_vit_state, mae_state, mmseg_state
+from droppos.interop.backbone import (
+    Backbone,
+    build_vit,
+    describe_mismatch,
+    key_differences,
+    load_backbone,
+)
+from droppos.interop.formats import (
+    hf_vit_config,
+    hf_vit_keys,
+    hf_vit_state,
+    mae_keys,
+    mae_state,
+    mmseg_mae_keys,
+    mmseg_state,
+)
 from droppos.interop.schema import SIDECAR, ExportSidecar, provenance
 from droppos.models.encoder import EncoderConfig, pair
 from droppos.models.sizes import ENCODER_SIZES
@@ -35,6 +53,7 @@ from droppos.sections import DEFAULT_CHECKPOINT, CheckpointSection, OutputSectio
 
 WEIGHTS, MAE_FORMAT, MMSEG_FORMAT = "model.safetensors", "mae_format.pth", "mmseg_mae.pth"
 HF_FOLDER = "hf"  # the Hugging Face folder: its own config.json and model.safetensors
+DEFAULT_VIT = "vit_base_patch16_224"
 
 
 @dataclass
@@ -84,7 +103,7 @@ def export_checkpoint(
     timm_name: str | None = None,
     num_heads: int | None = None,
 ) -> ExportedFiles:
-    """Write the four files for `checkpoint` into `output` (created if needed).
+    """Write the export of `checkpoint` into `output` (created if needed).
 
     A pre-training checkpoint exports its encoder (no head); a fine-tuned one its classifier
     (average pool, `fc_norm`, `head`). ValueError/FileNotFoundError for a user mistake.
@@ -106,7 +125,7 @@ def export_checkpoint(
     name = timm_name or timm_architecture(backbone.encoder)
     if not (name.startswith("vit_") and timm.is_model(name)):
         raise ValueError(
-            f"--model.timm_name {name!r} is not a timm VisionTransformer (try vit_base_patch16_224)"
+            f"--model.timm_name {name!r} is not a timm VisionTransformer (try {DEFAULT_VIT})"
         )
     model = build_vit(
         backbone,
@@ -115,6 +134,11 @@ def export_checkpoint(
         fc_norm=backbone.has_fc_norm,
     )
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    args = model_args(backbone)
+    hf_classifier = is_hf_classifier(backbone)
+    mae, mmseg = mae_state(state), mmseg_state(state)
+    hf = hf_vit_state(state, hf_classifier)
+    check_layouts(name, args, state, mae, mmseg, hf, hf_classifier)  # before anything is written
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
     files = ExportedFiles(
@@ -124,37 +148,88 @@ def export_checkpoint(
         mae_format=folder / MAE_FORMAT,
         mmseg_format=folder / MMSEG_FORMAT,
         timm_name=name,
-        model_args=model_args(backbone),
+        model_args=args,
         num_classes=backbone.num_classes,
+        hf_classifier=hf_classifier,
     )
     save_file(state, str(files.weights), metadata={"format": "pt"})
     source = provenance(
         Path(checkpoint), backbone.kind, timm=timm.__version__, torch=torch.__version__
     )
     sidecar(backbone, name, source).write(folder)
-    torch.save(mae_state(state), files.mae_format)
-    torch.save(mmseg_state(state), files.mmseg_format)
-    files.hf_classifier = write_hf_folder(folder / HF_FOLDER, state, files.model_args, backbone)
+    torch.save(mae, files.mae_format)
+    torch.save(mmseg, files.mmseg_format)
+    write_hf_folder(folder / HF_FOLDER, hf, args, backbone if hf_classifier else None)
     return files
 
 
-def write_hf_folder(
-    folder: Path, state: dict[str, torch.Tensor], args: dict[str, Any], backbone: Backbone
-) -> bool:
-    """A folder `transformers` loads offline (it is not needed to write it): a fine-tuned
-    classifier pooling `[CLS]` (`--model.global_pool token`) as a `ViTForImageClassification`,
-    whose head reads the same token through the same final norm; anything else as a `ViTModel`
-    of the encoder (droppos's default head pools the mean patch token through `fc_norm`, which
-    transformers' ViT classifier cannot express). Returns whether the classifier went in."""
+def is_hf_classifier(backbone: Backbone) -> bool:
+    """Whether the Hugging Face folder holds the classifier: a fine-tuned one pooling `[CLS]`
+    (`--model.global_pool token`) is a `ViTForImageClassification`, whose head reads the same
+    token through the same final norm; anything else is a `ViTModel` of the encoder
+    (droppos's default head pools the mean patch token through `fc_norm`, which transformers'
+    ViT classifier cannot express)."""
     classifier = backbone.num_classes > 0 and backbone.global_pool == "token"
-    classifier = classifier and not backbone.has_fc_norm
+    return classifier and not backbone.has_fc_norm
+
+
+def write_hf_folder(
+    folder: Path, hf: dict[str, torch.Tensor], args: dict[str, Any], classifier: Backbone | None
+) -> None:
+    """A folder `transformers` loads offline (it is not needed to write it): `hf_vit_state`'s
+    tensors and the config of a ViTModel, or of a ViTForImageClassification over the classes
+    of `classifier`."""
     labels = None
-    if classifier:
-        labels = backbone.classes or [f"class_{i}" for i in range(backbone.num_classes)]
+    if classifier is not None:
+        labels = classifier.classes or [f"class_{i}" for i in range(classifier.num_classes)]
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(hf_vit_state(state, classifier), str(folder / WEIGHTS), metadata={"format": "pt"})
+    save_file(hf, str(folder / WEIGHTS), metadata={"format": "pt"})
     (folder / SIDECAR).write_text(json.dumps(hf_vit_config(args, labels), indent=2) + "\n")
-    return classifier
+
+
+def check_layouts(
+    name: str,
+    args: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    mae: dict[str, Any],
+    mmseg: dict[str, torch.Tensor],
+    hf: dict[str, torch.Tensor],
+    hf_classifier: bool,
+) -> None:
+    """Every file's tensors against the ones its client's model holds: ValueError, one line,
+    for a missing or unexpected key (or, for timm, a shape).
+
+    timm's is the real model (`timm.create_model(name, **args)`, built on the meta device: no
+    memory, nothing computed); the others are written from the clients' definitions
+    (`formats.py`), as none of them is a dependency of droppos; tests load each file into the
+    real client.
+    """
+    plain = f"choose a --model.timm_name of the same design, a plain ViT such as {DEFAULT_VIT}"
+    try:
+        with torch.device("meta"):
+            own = timm.create_model(name, pretrained=False, **args).state_dict()
+    except (TypeError, ValueError, AssertionError, RuntimeError) as error:  # timm's own refusals
+        said = str(error).strip().splitlines()[:1] or [type(error).__name__]
+        raise ValueError(f"timm cannot build {name} of this shape ({said[0]}): {plain}") from None
+    check_keys(WEIGHTS, f"timm's {name}", own, state, plain)
+    ours = "droppos writes a layout its client does not hold: please report this"
+    check_keys(MAE_FORMAT, "MAE's ViT", mae_keys(args), mae["model"], ours)
+    check_keys(MMSEG_FORMAT, "MMSegmentation's MAE backbone", mmseg_mae_keys(args), mmseg, ours)
+    hf_class = "ViTForImageClassification" if hf_classifier else "ViTModel"
+    check_keys(f"{HF_FOLDER}/{WEIGHTS}", hf_class, hf_vit_keys(args, hf_classifier), hf, ours)
+
+
+def check_keys(
+    file: str,
+    client: str,
+    expected: dict[str, torch.Tensor] | set[str],
+    written: dict[str, torch.Tensor],
+    remedy: str,
+) -> None:
+    missing, unexpected, mismatched = key_differences(expected, written)
+    if missing or unexpected or mismatched:
+        lead = f"{file} would not load fully into {client} ({remedy})"
+        raise ValueError(describe_mismatch(missing, unexpected, mismatched, lead))
 
 
 def timm_architecture(encoder: EncoderConfig) -> str:

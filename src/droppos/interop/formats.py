@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-# timm/MAE block names -> MMSegmentation's BEiT-style `MAE` backbone names.
+# timm/MAE block names -> MMSegmentation's `MAE` backbone names (its beit2mmseg.py mapping).
 MMSEG_RENAMES = (
     (r"^patch_embed\.proj\.", "patch_embed.projection."),
     (r"^blocks\.(\d+)\.norm1\.", r"layers.\1.ln1."),
@@ -20,26 +20,18 @@ MMSEG_RENAMES = (
 
 
 def mmseg_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """timm/MAE names -> MMSegmentation `MAE` backbone names (its beit2mmseg.py mapping).
+    """timm/MAE names -> MMSegmentation's `MAE` backbone names (0.x and 1.x alike).
 
-    Its attention has a bias-free `qkv` and separate `q_bias` and `v_bias`, so the fused bias is
-    split; the key bias is left out, which changes nothing (it adds the same amount to every
-    logit of a query, and the softmax does not see it). The final norm and any classifier are
-    left out: that backbone has neither. MMSeg loads non-strictly, so its own layer-scale and
-    relative-position tables keep their init.
+    Its attention (`MAEAttention`) keeps timm's fused `qkv` with its bias, so only module names
+    change. The final norm and any classifier are left out: that backbone has neither (it reads
+    the last block's tokens before the norm). Its layer-scale (`gamma_*`, at `init_values`) and
+    relative-position tables (zeros: MAE has none) are its own, by design.
     """
-    renamed = {}
-    for name, value in state.items():
-        if name.startswith(("norm.", "fc_norm.", "head.")):
-            continue
-        if name.endswith("attn.qkv.bias"):
-            q_bias, _, v_bias = value.chunk(3)
-            prefix = name.removesuffix("qkv.bias")
-            for suffix, bias in (("q_bias", q_bias), ("v_bias", v_bias)):
-                renamed[mmseg_name(prefix + suffix)] = bias.clone()
-            continue
-        renamed[mmseg_name(name)] = value
-    return renamed
+    return {
+        mmseg_name(name): value
+        for name, value in state.items()
+        if not name.startswith(("norm.", "fc_norm.", "head."))
+    }
 
 
 def mmseg_name(name: str) -> str:
@@ -172,3 +164,60 @@ def from_hf_vit_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
         qkv = torch.cat([found["query"], found["key"], found["value"]])
         renamed[f"blocks.{layer}.attn.qkv.{kind}"] = qkv
     return renamed
+
+
+# What each client's model holds, written from the client's own module definitions rather than
+# from the renames above, so that a rename drifting from its client fails `export` (which checks
+# every file against these before writing it) instead of a user's fine-tuning; the tests load
+# each file into the real client (tests/test_export.py, tests/test_mmseg_export.py).
+MAE_BLOCK = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+MMSEG_MAE_BLOCK = ("ln1", "attn.qkv", "attn.proj", "ln2", "ffn.layers.0.0", "ffn.layers.1")
+MMSEG_MAE_OWN = (
+    "gamma_1", "gamma_2", "attn.relative_position_bias_table", "attn.relative_position_index",
+)  # fmt: skip
+"""What MMSegmentation's `MAE` layers set themselves: layer-scale at `init_values`, and relative
+position tables that MAE leaves at zero (with their index)."""
+HF_VIT_BLOCK = (
+    "layernorm_before", "attention.attention.query", "attention.attention.key",
+    "attention.attention.value", "attention.output.dense", "layernorm_after",
+    "intermediate.dense", "output.dense",
+)  # fmt: skip
+
+
+def weights_and_biases(prefix: str, modules: tuple[str, ...]) -> set[str]:
+    return {f"{prefix}{module}.{kind}" for module in modules for kind in ("weight", "bias")}
+
+
+def mae_keys(model_args: Mapping[str, Any]) -> set[str]:
+    """MAE's `models_vit.VisionTransformer` (timm 0.3.2's names) of this shape: a pooled head
+    (`global_pool`) swaps the final norm for `fc_norm`. ViTDet reads its patch embedding,
+    positions and blocks."""
+    keys = {"cls_token", "pos_embed"} | weights_and_biases("patch_embed.", ("proj",))
+    for i in range(model_args["depth"]):
+        keys |= weights_and_biases(f"blocks.{i}.", MAE_BLOCK)
+    keys |= weights_and_biases("", ("fc_norm",) if model_args["fc_norm"] else ("norm",))
+    return keys | (weights_and_biases("", ("head",)) if model_args["num_classes"] else set())
+
+
+def mmseg_mae_keys(model_args: Mapping[str, Any]) -> set[str]:
+    """MMSegmentation's `MAE` backbone of this shape, less what it sets itself
+    (`MMSEG_MAE_OWN`): no final norm, no head."""
+    keys = {"cls_token", "pos_embed"} | weights_and_biases("patch_embed.", ("projection",))
+    for i in range(model_args["depth"]):
+        keys |= weights_and_biases(f"layers.{i}.", MMSEG_MAE_BLOCK)
+    return keys
+
+
+def hf_vit_keys(model_args: Mapping[str, Any], classifier: bool = False) -> set[str]:
+    """A `transformers` ViTModel without pooler (or, `classifier`, a ViTForImageClassification)
+    of this shape, under the names its checkpoints have always had (transformers 5 renames them
+    in memory and converts on load). An `fc_norm` classifier's encoder has no final norm."""
+    keys = {"embeddings.cls_token", "embeddings.position_embeddings"}
+    keys |= weights_and_biases("embeddings.patch_embeddings.", ("projection",))
+    for i in range(model_args["depth"]):
+        keys |= weights_and_biases(f"encoder.layer.{i}.", HF_VIT_BLOCK)
+    if not model_args["fc_norm"]:
+        keys |= weights_and_biases("", ("layernorm",))
+    if not classifier:
+        return keys
+    return {f"vit.{key}" for key in keys} | weights_and_biases("", ("classifier",))
