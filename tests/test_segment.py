@@ -18,6 +18,7 @@ from droppos.data.segmentation import (
     segmentation_source,
 )
 from droppos.engine.logging import read_metrics
+from droppos.evaluation.dense_heads import PatchFeatures, upsampled
 from droppos.evaluation.dense_knn import (
     DenseKnnSection,
     MemoryBank,
@@ -26,7 +27,6 @@ from droppos.evaluation.dense_knn import (
     sample_patches,
 )
 from droppos.evaluation.metrics import confusion_matrix, segmentation_scores
-from droppos.evaluation.segment import PatchFeatures, upsampled
 from droppos.interop.backbone import build_vit, load_backbone
 from droppos.interop.schema import TrainingCheckpoint, load_object
 
