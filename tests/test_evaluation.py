@@ -509,3 +509,28 @@ def test_a_small_labelled_set_is_told_of_the_few_labels_preset(tmp_path):
     assert preset.augment.auto_augment is None and preset.augment.reprob == 0
     assert preset.model.drop_path_rate == 0 and preset.optim.lr == 5e-4
     assert preset.data.source == "demo"  # only the recipe: the data and weights stay the user's
+
+
+@pytest.mark.parametrize("images, epochs", [(400, 18), (600, 13), (6000, 12)])
+def test_the_few_labels_schedule_trains_at_least_its_steps_at_any_set_size(
+    tmp_path, images, epochs
+):
+    """The preset's 12 epochs at batch 16 are at least 450 optimiser steps: a smaller set gets
+    more epochs (warmup alike) and is told so; a large one keeps its 12."""
+    from droppos.engine.loop import epochs_for_min_steps
+
+    preset = parse("finetune", "--config", "finetune_few_labels").optim
+    optim, notes = epochs_for_min_steps(preset, images // preset.batch_size)
+    assert optim.epochs == epochs and optim.epochs * (images // 16) >= 450
+    assert optim.warmup_epochs == pytest.approx(1.2 * epochs / 12)
+    assert bool(notes) == (epochs != 12)
+
+
+def test_min_steps_raises_the_epochs_of_a_real_run(tmp_path):
+    out = tmp_path / "ft"
+    args = ["finetune", *TINY_ENCODER, "--model.checkpoint", "random", "--data.train_images",
+            "64", "--optim.batch_size", "32", "--optim.epochs", "1", "--optim.min_steps", "5",
+            "--run.output_dir", str(out), "--run.tensorboard", "false", *QUIET]  # fmt: skip
+    assert main(args) == 0
+    assert results(out)["epochs"] == 3  # 2 steps an epoch: 3 epochs reach 5 steps
+    assert [r["epoch"] for r in read_metrics(out / "metrics.jsonl", "epoch")] == [1, 2, 3]

@@ -105,3 +105,25 @@ def test_a_refused_droppos_command_stops_the_study_with_its_message():
         assert "--optim.epochs: expected int" in str(stopped)
     else:
         raise AssertionError("a refused command must stop the study")
+
+
+DENSE_SCRIPT = SCRIPT.with_name("dense_study.py")
+
+
+@pytest.mark.slow  # a benchmark smoke test: several minutes on 2 cores
+def test_smoke_dense_study_writes_its_table_with_seeds_then_resumes(tmp_path):
+    command = [sys.executable, str(DENSE_SCRIPT), "--smoke", "--output-dir",
+               str(tmp_path / "runs"), "--report-dir", str(tmp_path / "report"),
+               "--rows", "raw pixels", "random init"]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    found = json.loads((tmp_path / "report" / "dense_study.json").read_text())
+    assert set(found) == {"raw pixels", "random init"}
+    random = found["random init"]
+    assert len(random["probe_test"]) == len(random["knn_test"]) == 3
+    assert len(random["finetune_test"]) == 3 and "finetune_test" not in found["raw pixels"]
+    assert random["probe_choice"]["blocks"] in (1, 4)
+    table = (tmp_path / "report" / "dense_table.md").read_text()
+    assert "| random init |" in table and "±" in table
+    again = subprocess.run(command, check=True, capture_output=True, text=True)
+    assert again.stdout.count("| random init |") >= 1  # every step was cached: no retraining
+    assert json.loads((tmp_path / "report" / "dense_study.json").read_text()) == found

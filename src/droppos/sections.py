@@ -135,6 +135,10 @@ class OptimSection:
     fine-tuning recipes: 0.75)."""
     clip_grad: float | None = 5.0
     """Max gradient norm; null disables clipping."""
+    min_steps: int = 0
+    """Train at least this many optimiser steps: a training set too small for them in `epochs`
+    gets more epochs (said at the start; 0 = `epochs` as given). What a schedule made for a few
+    hundred images needs, so that a smaller set is not under-trained."""
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -151,6 +155,8 @@ class OptimSection:
             raise ValueError("--optim.base_lr and --optim.lr must be > 0, --optim.min_lr >= 0")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f"--optim.clip_grad must be > 0 or null, got {self.clip_grad}")
+        if self.min_steps < 0:
+            raise ValueError(f"--optim.min_steps must be >= 0, got {self.min_steps}")
 
 
 @dataclass

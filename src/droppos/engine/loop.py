@@ -22,10 +22,11 @@ read once every `log_every` steps.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -515,6 +516,22 @@ class TrainLoop:
         return grad_norm, True
 
 
+def epochs_for_min_steps(
+    optim: OptimSection, steps_per_epoch: int
+) -> tuple[OptimSection, list[str]]:
+    """`optim` with enough epochs for `--optim.min_steps` (warmup scaled alike), and the note
+    that says so; `optim` itself when its epochs already give that many steps."""
+    epochs = max(optim.epochs, math.ceil(optim.min_steps / steps_per_epoch))
+    if epochs == optim.epochs:
+        return optim, []
+    warmup = optim.warmup_epochs * epochs / optim.epochs
+    note = (
+        f"{steps_per_epoch} optimiser steps an epoch: {epochs} epochs instead of "
+        f"{optim.epochs} (warmup {warmup:g}) to train the --optim.min_steps {optim.min_steps}"
+    )
+    return replace(optim, epochs=epochs, warmup_epochs=warmup), [note]
+
+
 def checkpoint_activations(model: nn.Module) -> None:
     """Recompute the encoder blocks' activations in backward instead of keeping them (timm's
     `set_grad_checkpointing`, which droppos's encoder and timm's ViT both have)."""
@@ -570,6 +587,7 @@ def build_loop(
     steps_per_epoch = optimizer_steps_per_epoch(
         len(loader), optim.batch_size, optim.accum_steps, len(train_set), env.world_size
     )
+    optim, note = epochs_for_min_steps(optim, steps_per_epoch)
     strategy = strategy_for(env, run_options.strategy, context.precision)
     if run_options.compile:
         check_can_compile(env.device)
@@ -596,6 +614,7 @@ def build_loop(
             run_options.output_dir, env.is_main, NonFiniteWatch(env.device), strategy.sharded
         ),
     )
+    loop.notes.extend(note)
     if env.is_main:  # one run per output folder; its interrupted saves are ours to clean
         loop.lock = RunLock(run_options.output_dir, env.run_id).acquire()
         remove_temporary_files(run_options.output_dir)
