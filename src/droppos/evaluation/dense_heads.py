@@ -138,7 +138,6 @@ class DenseFeatures:
     masks: torch.Tensor
 
 
-@torch.inference_mode()
 def train_probe_heads(
     train: DenseFeatures, num_classes: int, section: ProbeHeadSection, seed: int,
     progress: bool = False, writer: MetricWriter | None = None,

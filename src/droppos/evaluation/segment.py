@@ -303,6 +303,7 @@ def batches(
 # -- the frozen linear probe -------------------------------------------------------------------
 
 
+@torch.inference_mode()
 def extract(
     extractor: nn.Module, dataset: Dataset, data: SegmentDataSection, context: RunContext,
     desc: str,
