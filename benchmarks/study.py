@@ -473,6 +473,60 @@ def raw_pixel_evaluation(views: EvalViews, smoke: bool) -> dict[str, Any]:
     return pick_features(result, ("pixels",))
 
 
+def raw_pixel_labels(views: EvalViews, smoke: bool) -> dict[str, Any]:
+    """What a user with a few labels tries first: a linear classifier (`droppos linprobe`'s,
+    LARS on BatchNorm-standardised pixels: a logistic regression) and kNN (k 20, T 0.07) on the
+    raw pixels of the label-efficiency table's subsets (the same images `--data.train_images`
+    picks). The probe's lr is chosen on validation; its seeds vary initialisation and batch
+    order, as the fine-tuning seeds do; kNN has no seed."""
+    backbone = backbone_from(BackboneSection(checkpoint="random"))
+    splits = views.get(backbone)
+    (train_images, train_y), (test_images, test_y) = splits["train"], splits["val"]
+    train_x, test_x = train_images.flatten(1), test_images.flatten(1)
+    val_x, val_y = train_x[views.held_out], train_y[views.held_out]
+    found: dict[str, Any] = {}
+    for budget in SMOKE_BUDGETS if smoke else LABEL_BUDGETS:
+        fit = views.fit
+        if budget.images:
+            fit = fit[balanced_pick(train_y[fit].tolist(), budget.images, SUBSET_SEED, "labels")]
+        fit_x, fit_y = train_x[fit], train_y[fit]
+
+        def probe(
+            x: torch.Tensor, y: torch.Tensor, lrs: list[float] | None, seed: int,
+            fit_x: torch.Tensor = fit_x, fit_y: torch.Tensor = fit_y,
+        ) -> Any:  # fmt: skip
+            features = FrozenFeatures(fit_x, fit_y, x, y, 10, backbone, 0.0)
+            return train_probes(features, probe_section(smoke, lrs), seed)
+
+        sweep = probe(val_x, val_y, None, 0)
+        best = max(sweep, key=lambda r: (r["top1"], r["top5"]))["base_lr"]
+        seeds = range(budget.seeds)
+        found[budget.name] = {
+            "images": len(fit),
+            "logistic_regression_base_lr": best,
+            "logistic_regression_val": {str(r["base_lr"]): r["top1"] for r in sweep},
+            "logistic_regression": [probe(test_x, test_y, [best], s)[0]["top1"] for s in seeds],
+            "knn_val": knn_accuracy(fit_x, fit_y, val_x, val_y, 10)["top1"],
+            "knn": knn_accuracy(fit_x, fit_y, test_x, test_y, 10)["top1"],
+        }
+    return found
+
+
+def raw_pixel_label_rows(found: dict[str, Any]) -> str:
+    """Two rows of the label-efficiency table (mean ± std over probe seeds)."""
+    cells = []
+    for name in found:
+        values = found[name]["logistic_regression"]
+        spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
+        lr = found[name]["logistic_regression_base_lr"]
+        cells.append(f"{statistics.mean(values):.1f}{spread} (base lr {lr:g})")
+    knn = [f"{found[name]['knn']:.1f}" for name in found]
+    return (
+        "| raw pixels, logistic regression | - | " + " | ".join(cells) + " |\n"
+        "| raw pixels, kNN (k 20) | - | " + " | ".join(knn) + " |\n"
+    )
+
+
 def run_seed(row: Row, seed: int, root: Path, views: EvalViews, smoke: bool) -> dict[str, Any]:
     """Pre-train (unless a floor), then every evaluation; each step cached as JSON."""
     folder = root / slug(row.name) / f"seed{seed}"
@@ -838,6 +892,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="a few steps on the embedded demo set (what CI runs)")  # fmt: skip
     parser.add_argument("--install-data", action="store_true",
                         help="apt-get install dataset-fashion-mnist if missing")  # fmt: skip
+    parser.add_argument("--raw-pixel-labels", action="store_true",
+                        help="only the label-efficiency rows of raw pixels (logistic regression "
+                        "and kNN), written to --report-dir/raw_pixel_labels.json")  # fmt: skip
     parser.add_argument("--replot", action="store_true",
                         help="only redraw the plots from --report-dir's study.json")  # fmt: skip
     args = parser.parse_args(argv)
@@ -853,6 +910,14 @@ def main(argv: list[str] | None = None) -> None:
         ensure_fashion_mnist(args.install_data)
     rows = [ROWS_BY_NAME[name] for name in args.rows]
     views = EvalViews(args.smoke)
+    if args.raw_pixel_labels:
+        found_raw = cached(args.output_dir / "raw-pixels" / "labels.json",
+                           lambda: raw_pixel_labels(views, args.smoke))  # fmt: skip
+        print(raw_pixel_label_rows({k: v for k, v in found_raw.items() if "%" in k}))
+        if args.report_dir is not None:
+            args.report_dir.mkdir(parents=True, exist_ok=True)
+            (args.report_dir / "raw_pixel_labels.json").write_text(json.dumps(found_raw, indent=1))
+        return
     started = time.perf_counter()
 
     def say(what: str) -> None:
