@@ -362,3 +362,37 @@ def test_segment_mistakes_are_one_line(tmp_path, capsys, extra, said):
     code = main(["segment", *TINY, *extra, "--run.output_dir", str(tmp_path / "o"), *QUIET])
     err = capsys.readouterr().err.strip()
     assert code == 2 and said in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.slow  # four torchrun launches: a minute on an idle 2-core machine
+def test_torchrun_two_processes_give_the_single_process_scores(tmp_path):
+    """Each rank extracts its share and the shares are gathered back in order (the frozen
+    head, the kNN bank); the confusion matrices are summed over ranks."""
+    import subprocess
+    import sys
+
+    def launch(args, processes):
+        runner = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  "--nproc_per_node", str(processes), "-m", "droppos.cli.main"]  # fmt: skip
+        done = subprocess.run([*runner, *args], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    for head in ("linear", "knn"):
+        for processes in (1, 2):
+            out = tmp_path / f"{head}-{processes}"
+            launch(["segment", "--head.name", head, *TINY, *SMALL, "--probe.epochs", "1",
+                    "--knn.bank_patches", "400", "--run.pictures", "0",
+                    "--run.output_dir", str(out), *QUIET], processes)  # fmt: skip
+        one, two = results(tmp_path / f"{head}-1"), results(tmp_path / f"{head}-2")
+        assert one["class_iou"] == two["class_iou"] and one["miou"] == two["miou"], head
+
+
+def test_the_ade20k_preset_is_dinov2s_linear_evaluation_at_512():
+    from droppos.cli.main import parser_for, resolve_presets, to_config
+
+    argv = resolve_presets(["segment", "--config", "segment_ade20k"])
+    parser = parser_for(argv)
+    config = to_config(parser, parser.parse_args(argv), "segment")
+    assert config.data.img_size == 512 and config.data.reduce_zero_label is True
+    assert config.head.name == "linear" and config.model.freeze
+    assert main(["knn", "--config", "segment_ade20k"]) == 2  # a preset of another command

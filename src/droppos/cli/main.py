@@ -201,7 +201,7 @@ def preset_command(name: str) -> str:
     """The command a preset is for: its name's prefix (`finetune_vit_base_in1k`), else
     pretrain."""
     prefix = name.split("_", 1)[0]
-    return prefix if prefix in ("finetune", "linprobe", "knn") else "pretrain"
+    return prefix if prefix in ("finetune", "linprobe", "knn", "segment") else "pretrain"
 
 
 def resolve_presets(argv: list[str]) -> list[str]:
