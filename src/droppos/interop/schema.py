@@ -278,16 +278,11 @@ class Classifier:
         return f"{PACKAGE} fine-tuned classifier"
 
     def to_dict(self) -> dict[str, Any]:
-        values = asdict(self)
-        values["encoder"] = asdict(self.encoder)
-        return {KIND_KEY: FINETUNE, **values}
+        return headed_by_encoder(self, FINETUNE)
 
     @classmethod
     def from_dict(cls, content: Mapping[str, Any]) -> Classifier:
-        names = [f.name for f in dataclasses.fields(cls)]
-        values = {k: content.get(k) for k in names}
-        values["encoder"] = from_plain(EncoderConfig, content["encoder"], "encoder")
-        return cls(**values)
+        return from_headed(cls, content)
 
 
 @dataclass
@@ -310,16 +305,26 @@ class Segmenter:
         return f"{PACKAGE} segmentation model"
 
     def to_dict(self) -> dict[str, Any]:
-        values = asdict(self)
-        values["encoder"] = asdict(self.encoder)
-        return {KIND_KEY: SEGMENT, **values}
+        return headed_by_encoder(self, SEGMENT)
 
     @classmethod
     def from_dict(cls, content: Mapping[str, Any]) -> Segmenter:
-        names = [f.name for f in dataclasses.fields(cls)]
-        values = {k: content.get(k) for k in names}
-        values["encoder"] = from_plain(EncoderConfig, content["encoder"], "encoder")
-        return cls(**values)
+        return from_headed(cls, content)
+
+
+def headed_by_encoder(header: Any, kind: str) -> dict[str, Any]:
+    """A header dataclass with an `encoder` field (a classifier, a segmenter) as the plain
+    entries our files start with."""
+    values = asdict(header)
+    values["encoder"] = asdict(header.encoder)
+    return {KIND_KEY: kind, **values}
+
+
+def from_headed(cls: type, content: Mapping[str, Any]) -> Any:
+    """`headed_by_encoder`'s inverse (fields a file lacks are None)."""
+    values = {f.name: content.get(f.name) for f in dataclasses.fields(cls)}
+    values["encoder"] = from_plain(EncoderConfig, content["encoder"], "encoder")
+    return cls(**values)
 
 
 Header = PretrainedModel | Classifier | Segmenter
