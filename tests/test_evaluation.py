@@ -17,7 +17,7 @@ from droppos.evaluation.knn import knn_accuracy, knn_scores
 from droppos.evaluation.metrics import topk_correct
 from droppos.interop.backbone import build_vit, load_backbone
 from droppos.interop.schema import load_object
-from tests.helpers import tiny_droppos
+from tests.helpers import progress_of, tiny_droppos
 
 TINY_ENCODER = [
     "--model.encoder.img_size", "28",
@@ -274,10 +274,10 @@ def test_an_interrupted_finetuning_resumes_to_the_same_weights(
     with monkeypatch.context() as patch:
         patch.setattr(TrainLoop, "save", save_then_crash)
         with pytest.raises(KeyboardInterrupt):
-            main(finetune_args(interrupted, image_folder, *extra))
-    stopped = load_object(interrupted / "last.pth")["position"]
-    assert (stopped["epoch"], stopped["batch"]) == ((0, 3) if crash_at == 1 else (1, 0))
-    assert main(finetune_args(interrupted, image_folder, *extra)) == 0
+            main(finetune_args(interrupted, shaded_folder, *extra))
+    stopped = progress_of(interrupted / "last.pth")
+    assert (stopped.epoch, stopped.batch) == ((0, 3) if crash_at == 1 else (1, 0))
+    assert main(finetune_args(interrupted, shaded_folder, *extra)) == 0
 
     straight = load_object(tmp_path / "straight" / "last.pth")
     resumed = load_object(interrupted / "last.pth")
@@ -371,8 +371,8 @@ def test_torchrun_two_processes_give_the_single_process_results(tmp_path, image_
     assert (one["top1"], one["top5"]) == (two["top1"], two["top5"])
 
     out = tmp_path / "finetune-2"
-    launch(finetune_args(out, image_folder, "--optim.epochs", "1"), 2)
-    assert results(out)["val_size"] == 8 and load_object(out / "last.pth")["position"]["step"] == 2
+    launch(finetune_args(out, shaded_folder, "--optim.epochs", "1"), 2)
+    assert results(out)["val_size"] == 8 and progress_of(out / "last.pth").step == 2
 
 
 def test_the_linear_probe_matches_a_logistic_regression_on_separable_features():

@@ -18,9 +18,9 @@ from droppos.data import set_epoch
 from droppos.engine.distributed import shutdown_distributed
 from droppos.engine.logging import read_metrics
 from droppos.engine.loop import TrainLoop
-from droppos.interop.schema import load_object
+from droppos.interop.schema import Progress, load_object
 from droppos.methods import pretrain as pretrain_module
-from tests.helpers import assert_trained_alike
+from tests.helpers import assert_trained_alike, progress_of
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +73,26 @@ def test_one_tiny_pretraining_through_the_cli(tmp_path, image_folder):
         assert key in steps[0]
     assert epochs[0]["chance_position_accuracy"] == pytest.approx(1 / 16)
     checkpoint = load_object(out / "last.pth")
-    assert checkpoint["position"] == {"epoch": 1, "batch": 0, "step": 6}
+    assert checkpoint["progress"] == {"epoch": 1, "batch": 0, "step": 6}
     assert [r["step"] for r in steps] == [2, 4, 6]  # the global optimiser step
     assert (epochs[0]["step"], epochs[0]["epoch"]) == (6, 1)  # epochs count from 1
     assert not (out / "checkpoint-0001.pth").exists()  # keep_every_epochs 0: last.pth only
+
+
+def test_a_checkpoint_of_the_older_layout_still_resumes_and_is_read(
+    tmp_path, unsplit_folder, capsys
+):
+    """Older files keep the run's progress under "position"; every reader still takes them."""
+    out = tmp_path / "run"
+    assert main(tiny_args(out, unsplit_folder, "--optim.epochs", "1")) == 0
+    state = dict(load_object(out / "last.pth"))
+    state["position"] = state.pop("progress")
+    torch.save(state, out / "last.pth")
+    assert progress_of(out / "last.pth") == Progress(epoch=1, batch=0, step=6)
+    capsys.readouterr()
+    assert main(tiny_args(out, unsplit_folder, "--optim.epochs", "2")) == 0
+    assert "resuming at epoch 2, step 6" in capsys.readouterr().out
+    assert progress_of(out / "last.pth") == Progress(epoch=2, batch=0, step=12)
 
 
 def final_weights(output_dir):
@@ -111,10 +127,9 @@ def test_an_interrupted_run_resumes_to_the_same_weights(
     with monkeypatch.context() as patch:
         crash_after_saves(patch, crash_at)
         with pytest.raises(KeyboardInterrupt):
-            main(tiny_args(interrupted, image_folder, *extra))
-    stopped = load_object(interrupted / "last.pth")
-    assert stopped["position"]["epoch"] < 2
-    assert main(tiny_args(interrupted, image_folder, *extra)) == 0  # resumes automatically
+            main(tiny_args(interrupted, unsplit_folder, *extra))
+    assert progress_of(interrupted / "last.pth").epoch < 2
+    assert main(tiny_args(interrupted, unsplit_folder, *extra)) == 0  # resumes automatically
 
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(interrupted)
     for name, value in straight.items():
@@ -207,7 +222,7 @@ def test_torchrun_runs_complete_with_a_process_group_even_for_one_process(
     assert done.returncode == 0, done.stderr[-2000:]
     epochs = read_metrics(out / "metrics.jsonl", "epoch")
     assert len(epochs) == 1  # rank 0 alone writes
-    assert load_object(out / "last.pth")["position"]["step"] == 6 // processes  # 24 / (n x 4)
+    assert progress_of(out / "last.pth").step == 6 // processes  # 24 / (n x 4)
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["strategy"], summary["processes"]) == ("ddp", processes)
 
@@ -326,9 +341,9 @@ def test_resume_converts_the_same_global_batch_split_differently(
     with monkeypatch.context() as patch:
         crash_after_saves(patch, 2)  # mid-epoch 1, after step 2 of 3
         with pytest.raises(KeyboardInterrupt):
-            main(tiny_args(split, image_folder, *accumulated))
-    assert load_object(split / "last.pth")["position"]["batch"] == 4
-    assert main(tiny_args(split, image_folder, "--optim.batch_size", "8")) == 0
+            main(tiny_args(split, unsplit_folder, *accumulated))
+    assert progress_of(split / "last.pth").batch == 4
+    assert main(tiny_args(split, unsplit_folder, "--optim.batch_size", "8")) == 0
     assert_trained_alike(final_weights(split), final_weights(straight))
 
 
@@ -388,12 +403,12 @@ def test_help_describes_every_option_once():
         assert len(words) >= 2, text
 
 
-def test_a_planted_payload_in_last_pth_is_refused_and_never_runs(tmp_path, image_folder, capsys):
+def test_a_planted_payload_in_last_pth_is_refused_and_never_runs(tmp_path, unsplit_folder, capsys):
     out = tmp_path / "run"
-    assert main(tiny_args(out, image_folder, "--optim.epochs", "1")) == 0
+    assert main(tiny_args(out, unsplit_folder, "--optim.epochs", "1")) == 0
     marker = tmp_path / "payload-ran"
     state = load_object(out / "last.pth")
-    state["position"]["epoch"] = 0
+    state["progress"]["epoch"] = 0
     state["hook"] = Payload(str(marker))
     torch.save(state, out / "last.pth")
     capsys.readouterr()
@@ -413,9 +428,9 @@ class Payload:
         return (open, (self.path, "w"))
 
 
-def test_a_log_written_to_a_file_has_plain_lines_only(tmp_path, image_folder):
+def test_a_log_written_to_a_file_has_plain_lines_only(tmp_path, unsplit_folder):
     out = tmp_path / "run"
-    args = [a for a in tiny_args(out, image_folder) if a not in ("--run.progress", "false")]
+    args = [a for a in tiny_args(out, unsplit_folder) if a not in ("--run.progress", "false")]
     done = subprocess.run(
         [sys.executable, "-m", "droppos.cli.main", *args],
         capture_output=True,

@@ -23,17 +23,17 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from droppos._version import PACKAGE
 from droppos.interop.formats import from_hf_vit_state
 from droppos.interop.schema import (
     ExportSidecar,
     PretrainedModel,
     header_of,
+    legacy_pretraining,
     load_object,
     normalisation_of,
 )
 from droppos.models.encoder import EncoderConfig, ViTEncoder, pair
-from droppos.models.sizes import HEADS_BY_WIDTH, encoder_shape
+from droppos.models.sizes import HEADS_BY_WIDTH
 
 WRAPPER_KEYS = ("model", "state_dict", "model_ema", "module")
 PREFIXES = ("module.", "_orig_mod.")
@@ -348,20 +348,9 @@ def _metadata(content: Mapping[str, Any], path: Path) -> dict[str, Any]:
             "std": std,
             "classes": getattr(header, "classes", None),
         }
-    config = content.get("config")
-    if isinstance(config, Mapping) and "model_name" in content:  # droppos 0.1 pre-training
-        section = config.get("model", {})
-        name = str(content["model_name"])
-        shape = encoder_shape(name[name.find("vit_") :]) if "vit_" in name else None
-        shape = shape or {}
-        data = config.get("data", {})
-        return {
-            "kind": f"{PACKAGE} pre-training checkpoint ({content['model_name']})",
-            "num_heads": section.get("num_heads") or shape.get("num_heads"),
-            "img_size": section.get("img_size"),
-            "mean": data.get("mean"),
-            "std": data.get("std"),
-        }
+    legacy = legacy_pretraining(content)
+    if legacy is not None:  # ours, droppos 0.1
+        return legacy
     exported = ExportSidecar.beside(path)
     if exported is not None:  # ours, `droppos export`
         return {"kind": "exported model", **exported}
