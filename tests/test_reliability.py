@@ -232,7 +232,7 @@ def test_sigterm_mid_epoch_saves_that_step_and_resumes_exactly(
     assert main(tiny_args(straight, folder_with_bad_images, *extra)) == 0
 
     stopped = tmp_path / "stopped"
-    original = DropPosMethod.after_step
+    original = PretrainStep.after_step
 
     def after_step(self, step):
         original(self, step)
@@ -281,7 +281,7 @@ def test_a_real_sigterm_to_the_command_exits_0_with_a_checkpoint(tmp_path, folde
 
 def stop_at_step(patch, step_to_stop: int, *names: str) -> None:
     """Send each signal of `names` to this process after optimiser step `step_to_stop`."""
-    original = DropPosMethod.after_step
+    original = PretrainStep.after_step
 
     def after_step(self, step):
         original(self, step)
@@ -289,7 +289,7 @@ def stop_at_step(patch, step_to_stop: int, *names: str) -> None:
             for name in names:
                 os.kill(os.getpid(), getattr(signal, name))
 
-    patch.setattr(DropPosMethod, "after_step", after_step)
+    patch.setattr(PretrainStep, "after_step", after_step)
 
 
 def test_sigusr1_stops_like_sigterm_at_the_next_step(tmp_path, folder_with_bad_images, capsys):

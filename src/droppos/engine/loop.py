@@ -103,10 +103,11 @@ class TrainingMethod(Protocol):
     def after_step(self, step: int) -> None: ...
 
     def end_epoch(
-        self, engine_model: nn.Module, epoch: int, metrics: dict[str, float]
+        self, strategy: Strategy, epoch: int, metrics: dict[str, float]
     ) -> dict[str, Any]:
         """Extra epoch metrics (evaluation), pictures and files to write:
-        {"metrics", "images", "files"}."""
+        {"metrics", "images", "files"}; inference outside the step asks `strategy` for what it
+        needs of the model."""
         ...
 
     def epoch_line(self, metrics: dict[str, float]) -> str: ...
@@ -373,7 +374,7 @@ class TrainLoop:
         if epoch_sums.skipped:
             metrics["skipped_steps"] = epoch_sums.skipped
         pos.epoch, pos.batch = pos.epoch + 1, 0
-        extra = self.method.end_epoch(self.engine_model, pos.epoch - 1, metrics)
+        extra = self.method.end_epoch(self.strategy, pos.epoch - 1, metrics)
         self.strategy.settle(self.method.model)
         metrics.update(extra.get("metrics", {}))
         writer.write("epoch", pos.step, {"epoch": pos.epoch, **metrics})

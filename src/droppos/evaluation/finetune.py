@@ -32,7 +32,7 @@ from droppos.engine.collectives import sum_over_ranks
 from droppos.engine.context import RunContext
 from droppos.engine.loop import StepResult, TrainLoop, build_loop, train_command
 from droppos.engine.precision import autocast
-from droppos.engine.strategy import full_model_state
+from droppos.engine.strategy import Strategy, full_model_state, shards_the_model
 from droppos.evaluation.backbone import BackboneSection, backbone_from
 from droppos.evaluation.datasets import (
     EvalDataSection,
@@ -145,10 +145,10 @@ class FinetuneConfig(Sections):
 
     def validate(self) -> None:
         super().validate()
-        if self.model.ema and self.run.strategy == "fsdp":
+        if self.model.ema and shards_the_model(self.run.strategy):
             raise ValueError(
-                "--model.ema keeps a whole copy of the model, which --run.strategy fsdp does not "
-                "hold; use ddp, or --model.ema false"
+                f"--model.ema keeps a whole copy of the model, which --run.strategy "
+                f"{self.run.strategy} does not hold; use ddp, or --model.ema false"
             )
         a = self.augment
         if (a.mixup > 0 or a.cutmix > 0) and self.optim.batch_size % 2:
@@ -277,7 +277,7 @@ class FinetuneMethod:
             self.ema.update(self.model, step=step)
 
     def end_epoch(
-        self, engine_model: nn.Module, epoch: int, metrics: dict[str, float]
+        self, strategy: Strategy, epoch: int, metrics: dict[str, float]
     ) -> dict[str, Any]:
         found = self.evaluate(self.model)
         if self.ema is not None:
