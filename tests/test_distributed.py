@@ -80,12 +80,6 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """24 training and 8 validation images in two classes."""
-    return write_split_images(tmp_path_factory.mktemp("images"))
-
-
 def pretrain_args(output_dir, source, batch, *extra):
     return [
         "pretrain",

@@ -33,14 +33,7 @@ def results(folder):
     return json.loads((folder / "results.json").read_text())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU the threads' spinning
-    makes them several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +219,7 @@ def test_foreign_or_unreadable_checkpoints_fail_with_one_line(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
+def shaded_folder(tmp_path_factory):
     """train/ and val/ with two classes of 8x8-pixel RGB squares (bright vs dark)."""
     root = tmp_path_factory.mktemp("images")
     generator = torch.Generator().manual_seed(0)
@@ -255,12 +248,12 @@ def finetune_args(output_dir, source, *extra):
 
 @pytest.mark.parametrize("crash_at", [1, 2], ids=["mid-epoch-1", "after-epoch-1"])
 def test_an_interrupted_finetuning_resumes_to_the_same_weights(
-    tmp_path, image_folder, monkeypatch, crash_at
+    tmp_path, shaded_folder, monkeypatch, crash_at
 ):
     from droppos.engine.loop import TrainLoop
 
     extra = ("--run.save_every_steps", "3", "--model.ema", "true")
-    assert main(finetune_args(tmp_path / "straight", image_folder, *extra)) == 0
+    assert main(finetune_args(tmp_path / "straight", shaded_folder, *extra)) == 0
 
     original, saves = TrainLoop.save, []
 
@@ -301,9 +294,9 @@ def test_an_interrupted_finetuning_resumes_to_the_same_weights(
     ],
 )
 def test_finetune_user_mistakes_exit_2_with_one_line(
-    tmp_path, image_folder, capsys, extra, message
+    tmp_path, shaded_folder, capsys, extra, message
 ):
-    assert main(finetune_args(tmp_path, image_folder, *extra)) == 2
+    assert main(finetune_args(tmp_path, shaded_folder, *extra)) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
 
@@ -352,7 +345,7 @@ def test_defaults_evaluate_the_default_pretraining_output(command):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_give_the_single_process_results(tmp_path, image_folder):
+def test_torchrun_two_processes_give_the_single_process_results(tmp_path, shaded_folder):
     """Features are sharded over ranks and gathered back in order; evaluation counts add up."""
     import subprocess
     import sys
@@ -363,7 +356,7 @@ def test_torchrun_two_processes_give_the_single_process_results(tmp_path, image_
         done = subprocess.run([*runner, *command_args], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
 
-    shape = finetune_args(tmp_path, image_folder)[1:17]  # the random encoder and the data
+    shape = finetune_args(tmp_path, shaded_folder)[1:17]  # the random encoder and the data
     for processes in (1, 2):
         out = tmp_path / f"knn-{processes}"
         launch(["knn", *shape, "--run.output_dir", str(out), *QUIET], processes)
