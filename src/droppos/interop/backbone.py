@@ -143,18 +143,13 @@ class Backbone:
         return "avg" if self.has_fc_norm or self.num_classes == 0 else "token"
 
 
-def load_backbone(
-    checkpoint: str | Path, num_heads: int | None = None, random_shape: EncoderConfig | None = None
-) -> Backbone:
-    """A checkpoint file, or `random` (a fresh encoder of `random_shape`), as a Backbone.
+def load_backbone(checkpoint: str | Path, num_heads: int | None = None) -> Backbone:
+    """A checkpoint file (or a Hugging Face folder) as a Backbone; a fresh encoder is
+    `random_backbone`'s.
 
     Raises FileNotFoundError for a missing file and ValueError, naming what is wrong, for a
     file that holds no ViT encoder or whose shape cannot be told.
     """
-    if str(checkpoint) == "random":
-        if random_shape is None:
-            raise ValueError("a random backbone needs a shape")
-        return random_backbone(random_shape)
     path = Path(checkpoint)
     if path.is_dir() and (path / "config.json").is_file():
         return hf_backbone(path)

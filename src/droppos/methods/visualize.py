@@ -133,7 +133,8 @@ class PictureRunSection(OutputSection):
 
 @dataclass
 class VisualizeConfig(Sections):
-    """Pictures of the jigsaw a pre-training checkpoint solves (DropPos: the decoder is needed)."""
+    """Pictures of the jigsaw a pre-training checkpoint solves (its whole model: the method's
+    decoder or head too, not an exported encoder)."""
 
     model: PictureModelSection = field(default_factory=PictureModelSection)
     data: PictureDataSection = field(default_factory=PictureDataSection)
