@@ -157,6 +157,24 @@ def test_layer_decay_gives_the_patch_embedding_the_smallest_and_the_head_the_lar
     assert "head.weight" not in no_decay
 
 
+def test_build_vit_initialises_a_new_head_and_keeps_a_loaded_one():
+    """The head is decided once, where the weights are loaded: `init_new_head` runs on a head
+    the file could not give, never on one it did."""
+    encoder = create_model("vit_tiny_patch16", img_size=32, patch_size=8, depth=1)
+    initialised = []
+    new = build_vit(load_backbone_from_state(encoder.state_dict()), num_classes=3,
+                    init_new_head=initialised.append)  # fmt: skip
+    assert initialised == [new.head]
+    trained = dict(new.state_dict())
+    trained["head.weight"] = torch.ones_like(trained["head.weight"])
+    again = build_vit(
+        load_backbone_from_state(trained), num_classes=3, init_new_head=initialised.append
+    )
+    assert initialised == [new.head] and torch.equal(again.head.weight, trained["head.weight"])
+    build_vit(load_backbone_from_state(trained), num_classes=5, init_new_head=initialised.append)
+    assert len(initialised) == 2  # another class count: a new head
+
+
 def load_backbone_from_state(state, tmp_path=None, **extra):
     import tempfile
     from pathlib import Path

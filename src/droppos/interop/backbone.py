@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -278,14 +278,15 @@ def build_vit(
     global_pool: str = "token",
     fc_norm: bool | None = None,
     drop_path_rate: float = 0.0,
+    init_new_head: Callable[[nn.Linear], None] | None = None,
 ) -> VisionTransformer:
     """timm's VisionTransformer with the backbone's weights.
 
     `num_classes=0` gives a feature extractor whose output is the pooled feature. `fc_norm`
     (default: as in the file) puts a LayerNorm after pooling instead of the final norm: the
-    MAE fine-tuning head, which drops the pre-trained final norm. A head is new (to be
-    initialised by the caller) unless the file has one of the same size; anything else that
-    does not fit raises ValueError naming the keys.
+    MAE fine-tuning head, which drops the pre-trained final norm. The file's head is kept when
+    it has the same size; otherwise the head is new, and `init_new_head` (if given) initialises
+    it. Anything else that does not fit raises ValueError naming the keys.
     """
     enc = backbone.encoder
     model = VisionTransformer(
@@ -309,6 +310,7 @@ def build_vit(
             state = {k: v for k, v in state.items() if not k.startswith(prefix)}
     if "head.weight" in state and state["head.weight"].shape != own["head.weight"].shape:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    new_head = num_classes > 0 and "head.weight" not in state
     missing = sorted(k for k in set(own) - set(state) if not k.startswith(("head.", "fc_norm.")))
     unexpected = sorted(set(state) - set(own))
     mismatched = sorted(
@@ -321,14 +323,9 @@ def build_vit(
             f"{backbone.source}: " + describe_mismatch(missing, unexpected, mismatched)
         )
     model.load_state_dict(state, strict=False)
+    if new_head and init_new_head is not None:
+        init_new_head(model.head)
     return model
-
-
-def has_loaded_head(backbone: Backbone, model: nn.Module) -> bool:
-    """Whether `build_vit` kept the file's classifier (same class count) rather than a new one."""
-    head = getattr(model, "head", None)
-    weight = backbone.state.get("head.weight")
-    return isinstance(head, nn.Linear) and weight is not None and weight.shape == head.weight.shape
 
 
 def _metadata(content: Mapping[str, Any], path: Path) -> dict[str, Any]:
