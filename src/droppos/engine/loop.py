@@ -568,6 +568,8 @@ def build_loop(
         timeout=data.timeout,
         collate_fn=collate_fn,
     )
+    # the attention kernel of this device and precision, before the strategy wraps (compiles) it
+    use_fused_attention(method.model, fused_attention_pays(env.device, context.precision))
     steps_per_epoch = optimizer_steps_per_epoch(
         len(loader), optim.batch_size, optim.accum_steps, len(train_set), env.world_size
     )
@@ -576,7 +578,6 @@ def build_loop(
         check_can_compile(env.device)
     if run_options.activation_checkpointing:
         checkpoint_activations(method.model)
-    use_fused_attention(method.model, fused_attention_pays(env.device, context.precision))
     engine_model = strategy.wrap(method.model, run_options.compile)  # FSDP swaps parameters:
     optimizer, peak_lr = adamw_for_run(method.model, optim, env.world_size)  # optimiser after
     loop = TrainLoop(
