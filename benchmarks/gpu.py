@@ -125,13 +125,13 @@ def loop_for(argv: list[str], work: Path) -> Any:
 
 def synthetic_batch(loop: Any, batch: int) -> OnDevice:
     """One loader batch of random images (already on the device) with the method's noise."""
-    method = loop.method
-    encoder = method.config.model.encoder
+    step = loop.method  # the run's conductor (methods/pretrain.py:PretrainStep)
+    encoder = step.config.model.encoder
     size = encoder.img_size if isinstance(encoder.img_size, int) else encoder.img_size[0]
     images = torch.randint(0, 256, (batch, encoder.in_chans, size, size), dtype=torch.uint8)
-    lengths = type(method).noise_lengths(method.config.model)
+    lengths = step.method.noise_lengths(step.config.model)
     raw = (images, torch.zeros(batch), *(torch.rand(batch, n) for n in lengths))
-    return OnDevice(method.to_device(raw), raw)
+    return OnDevice(step.to_device(raw), raw)
 
 
 def time_steps(loop: Any, batch: int, accum: int, steps: int, warmup: int) -> dict[str, float]:

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from tests.helpers import write_split_images
+
 
 @pytest.fixture
 def images():
@@ -10,3 +12,20 @@ def images():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """train/ and val/ of 24 and 8 random 20x20 RGB images in two classes (`a`, `b`); a module's
+    own copy, so that a test that adds a file changes no other module's data."""
+    return write_split_images(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU the threads' spinning
+    makes them several times slower (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from droppos import create_model
+from droppos.interop.schema import Progress, TrainingCheckpoint
 
 
 def tiny_droppos(**overrides):
@@ -47,3 +48,8 @@ def assert_trained_alike(weights, reference) -> None:
             value = torch.cat([value[:dim], value[2 * dim :]])
             expected = torch.cat([expected[:dim], expected[2 * dim :]])
         torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def progress_of(checkpoint: Path) -> Progress:
+    """Where the run that wrote `checkpoint` stood, read through the checkpoint schema."""
+    return TrainingCheckpoint.read(checkpoint).progress

@@ -25,7 +25,7 @@ from droppos.cli.main import main
 from droppos.engine import collectives
 from droppos.engine.guards import RunLock
 from droppos.interop.schema import load_object
-from tests.helpers import write_split_images
+from tests.helpers import progress_of
 
 SRC = Path(__file__).parents[1] / "src" / "droppos"
 COLLECTIVES = {
@@ -78,12 +78,6 @@ def free_ports(count: int) -> list[int]:
     for s in sockets:
         s.close()
     return ports
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """24 training and 8 validation images in two classes."""
-    return write_split_images(tmp_path_factory.mktemp("images"))
 
 
 def pretrain_args(output_dir, source, batch, *extra):
@@ -288,7 +282,7 @@ def test_a_run_moves_between_ddp_and_fsdp(two_rank_runs):
 def test_a_stop_signal_on_one_rank_stops_every_rank_within_one_step(two_rank_runs):
     out, reports = two_rank_runs
     assert [r["signal"] for r in reports] == [0, 0]  # asked for: resumable, exit 0
-    assert load_object(out / "signal" / "last.pth")["position"]["step"] == 2
+    assert progress_of(out / "signal" / "last.pth").step == 2
 
 
 def test_every_collective_puts_its_tensors_where_the_group_reduces(two_rank_runs):

@@ -17,7 +17,7 @@ from droppos.evaluation.knn import knn_accuracy, knn_scores
 from droppos.evaluation.metrics import topk_correct
 from droppos.interop.backbone import build_vit, load_backbone
 from droppos.interop.schema import load_object
-from tests.helpers import tiny_droppos
+from tests.helpers import progress_of, tiny_droppos
 
 TINY_ENCODER = [
     "--model.encoder.img_size", "28",
@@ -33,14 +33,7 @@ def results(folder):
     return json.loads((folder / "results.json").read_text())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU the threads' spinning
-    makes them several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +157,24 @@ def test_layer_decay_gives_the_patch_embedding_the_smallest_and_the_head_the_lar
     assert "head.weight" not in no_decay
 
 
+def test_build_vit_initialises_a_new_head_and_keeps_a_loaded_one():
+    """The head is decided once, where the weights are loaded: `init_new_head` runs on a head
+    the file could not give, never on one it did."""
+    encoder = create_model("vit_tiny_patch16", img_size=32, patch_size=8, depth=1)
+    initialised = []
+    new = build_vit(load_backbone_from_state(encoder.state_dict()), num_classes=3,
+                    init_new_head=initialised.append)  # fmt: skip
+    assert initialised == [new.head]
+    trained = dict(new.state_dict())
+    trained["head.weight"] = torch.ones_like(trained["head.weight"])
+    again = build_vit(
+        load_backbone_from_state(trained), num_classes=3, init_new_head=initialised.append
+    )
+    assert initialised == [new.head] and torch.equal(again.head.weight, trained["head.weight"])
+    build_vit(load_backbone_from_state(trained), num_classes=5, init_new_head=initialised.append)
+    assert len(initialised) == 2  # another class count: a new head
+
+
 def load_backbone_from_state(state, tmp_path=None, **extra):
     import tempfile
     from pathlib import Path
@@ -226,7 +237,7 @@ def test_foreign_or_unreadable_checkpoints_fail_with_one_line(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
+def shaded_folder(tmp_path_factory):
     """train/ and val/ with two classes of 8x8-pixel RGB squares (bright vs dark)."""
     root = tmp_path_factory.mktemp("images")
     generator = torch.Generator().manual_seed(0)
@@ -255,12 +266,12 @@ def finetune_args(output_dir, source, *extra):
 
 @pytest.mark.parametrize("crash_at", [1, 2], ids=["mid-epoch-1", "after-epoch-1"])
 def test_an_interrupted_finetuning_resumes_to_the_same_weights(
-    tmp_path, image_folder, monkeypatch, crash_at
+    tmp_path, shaded_folder, monkeypatch, crash_at
 ):
     from droppos.engine.loop import TrainLoop
 
     extra = ("--run.save_every_steps", "3", "--model.ema", "true")
-    assert main(finetune_args(tmp_path / "straight", image_folder, *extra)) == 0
+    assert main(finetune_args(tmp_path / "straight", shaded_folder, *extra)) == 0
 
     original, saves = TrainLoop.save, []
 
@@ -274,10 +285,10 @@ def test_an_interrupted_finetuning_resumes_to_the_same_weights(
     with monkeypatch.context() as patch:
         patch.setattr(TrainLoop, "save", save_then_crash)
         with pytest.raises(KeyboardInterrupt):
-            main(finetune_args(interrupted, image_folder, *extra))
-    stopped = load_object(interrupted / "last.pth")["position"]
-    assert (stopped["epoch"], stopped["batch"]) == ((0, 3) if crash_at == 1 else (1, 0))
-    assert main(finetune_args(interrupted, image_folder, *extra)) == 0
+            main(finetune_args(interrupted, shaded_folder, *extra))
+    stopped = progress_of(interrupted / "last.pth")
+    assert (stopped.epoch, stopped.batch) == ((0, 3) if crash_at == 1 else (1, 0))
+    assert main(finetune_args(interrupted, shaded_folder, *extra)) == 0
 
     straight = load_object(tmp_path / "straight" / "last.pth")
     resumed = load_object(interrupted / "last.pth")
@@ -301,9 +312,9 @@ def test_an_interrupted_finetuning_resumes_to_the_same_weights(
     ],
 )
 def test_finetune_user_mistakes_exit_2_with_one_line(
-    tmp_path, image_folder, capsys, extra, message
+    tmp_path, shaded_folder, capsys, extra, message
 ):
-    assert main(finetune_args(tmp_path, image_folder, *extra)) == 2
+    assert main(finetune_args(tmp_path, shaded_folder, *extra)) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
 
@@ -352,7 +363,7 @@ def test_defaults_evaluate_the_default_pretraining_output(command):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_give_the_single_process_results(tmp_path, image_folder):
+def test_torchrun_two_processes_give_the_single_process_results(tmp_path, shaded_folder):
     """Features are sharded over ranks and gathered back in order; evaluation counts add up."""
     import subprocess
     import sys
@@ -363,7 +374,7 @@ def test_torchrun_two_processes_give_the_single_process_results(tmp_path, image_
         done = subprocess.run([*runner, *command_args], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
 
-    shape = finetune_args(tmp_path, image_folder)[1:17]  # the random encoder and the data
+    shape = finetune_args(tmp_path, shaded_folder)[1:17]  # the random encoder and the data
     for processes in (1, 2):
         out = tmp_path / f"knn-{processes}"
         launch(["knn", *shape, "--run.output_dir", str(out), *QUIET], processes)
@@ -371,8 +382,8 @@ def test_torchrun_two_processes_give_the_single_process_results(tmp_path, image_
     assert (one["top1"], one["top5"]) == (two["top1"], two["top5"])
 
     out = tmp_path / "finetune-2"
-    launch(finetune_args(out, image_folder, "--optim.epochs", "1"), 2)
-    assert results(out)["val_size"] == 8 and load_object(out / "last.pth")["position"]["step"] == 2
+    launch(finetune_args(out, shaded_folder, "--optim.epochs", "1"), 2)
+    assert results(out)["val_size"] == 8 and progress_of(out / "last.pth").step == 2
 
 
 def test_the_linear_probe_matches_a_logistic_regression_on_separable_features():

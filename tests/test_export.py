@@ -22,17 +22,12 @@ TOLERANCE = dict(rtol=0, atol=1e-5)  # fp32, as the issue asks
 BLOCK_PARTS = ["norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared CPU they only slow down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
+def grey_folder(tmp_path_factory):
+    """train/ and val/ of 16 and 8 random 20x20 greyscale images in two classes."""
     root = tmp_path_factory.mktemp("images")
     generator = torch.Generator().manual_seed(0)
     for split, count in (("train", 16), ("val", 8)):
@@ -56,19 +51,19 @@ QUIET = [
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, image_folder):
+def pretrained(tmp_path_factory, grey_folder):
     """A droppos pre-training checkpoint of a 32-wide greyscale ViT (non-standard everything)."""
     out = tmp_path_factory.mktemp("pretrain")
     args = ["pretrain", *SHAPE, "--model.decoder_embed_dim", "32", "--model.decoder_num_heads", "2"]
-    args += ["--data.source", str(image_folder), "--optim.epochs", "1", "--optim.batch_size", "4"]
+    args += ["--data.source", str(grey_folder), "--optim.epochs", "1", "--optim.batch_size", "4"]
     assert main([*args, "--run.output_dir", str(out), *QUIET]) == 0
     return out / "last.pth"
 
 
 @pytest.fixture(scope="module")
-def finetuned(tmp_path_factory, image_folder, pretrained):
+def finetuned(tmp_path_factory, grey_folder, pretrained):
     out = tmp_path_factory.mktemp("finetune")
-    args = ["finetune", "--model.checkpoint", str(pretrained), "--data.source", str(image_folder)]
+    args = ["finetune", "--model.checkpoint", str(pretrained), "--data.source", str(grey_folder)]
     args += ["--optim.epochs", "1", "--optim.warmup_epochs", "0", "--optim.batch_size", "4"]
     assert main([*args, "--run.output_dir", str(out), *QUIET]) == 0
     return out / "best.pth"
@@ -294,7 +289,7 @@ def test_the_hf_folder_loads_offline_into_transformers_with_the_same_features(
 
 
 def test_a_cls_pooled_classifier_loads_as_a_hf_vit_for_image_classification(
-    tmp_path, image_folder, pretrained, monkeypatch, capsys
+    tmp_path, grey_folder, pretrained, monkeypatch, capsys
 ):
     """`--model.global_pool token` heads read [CLS] through the final norm, as transformers'
     ViT classifier does: its logits equal droppos's; the default mean-token head says why it
@@ -302,7 +297,7 @@ def test_a_cls_pooled_classifier_loads_as_a_hf_vit_for_image_classification(
     transformers = pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "finetune"
-    args = ["finetune", "--model.checkpoint", str(pretrained), "--data.source", str(image_folder)]
+    args = ["finetune", "--model.checkpoint", str(pretrained), "--data.source", str(grey_folder)]
     args += ["--optim.epochs", "1", "--optim.warmup_epochs", "0", "--optim.batch_size", "4"]
     args += ["--model.global_pool", "token", "--run.output_dir", str(out), *QUIET]
     assert main(args) == 0

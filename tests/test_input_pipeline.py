@@ -14,6 +14,7 @@ from droppos.data import AugmentedDataset, build_loader, build_source
 from droppos.data.shards import ShardDataset, shard_paths
 from droppos.engine.loop import TrainLoop
 from droppos.interop.schema import load_object
+from tests.helpers import progress_of
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,7 @@ def test_pretraining_on_shards_resumes_mid_epoch_and_equals_the_folder_run(
         patch.setattr(TrainLoop, "save", save_then_crash)
         with pytest.raises(KeyboardInterrupt):
             main(tiny_args(on_shards, shards, "--run.save_every_steps", "2"))
-    assert load_object(on_shards / "last.pth")["position"]["batch"] == 4
+    assert progress_of(on_shards / "last.pth").batch == 4
     assert main(tiny_args(on_shards, shards, "--run.save_every_steps", "2")) == 0
 
     folder = load_object(on_folder / "last.pth")["model"]
@@ -315,7 +316,7 @@ def test_pretraining_decodes_on_the_device(tmp_path, class_folder, capsys):
     out = tmp_path / "run"
     args = tiny_args(out, class_folder, "--data.decode", "device", "--data.num_workers", "2")
     assert main(args) == 0
-    assert load_object(out / "last.pth")["position"]["step"] == 6
+    assert progress_of(out / "last.pth").step == 6
     assert main(tiny_args(tmp_path / "demo", "demo", "--data.decode", "device")) == 2
     assert "holds none" in capsys.readouterr().err
 

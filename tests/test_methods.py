@@ -4,9 +4,11 @@ command line with no line of droppos naming it."""
 
 from __future__ import annotations
 
+import inspect
 import json
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import pytest
 import timm
@@ -25,10 +27,11 @@ from droppos.methods import (
     register_method,
     unregister_method,
 )
+from droppos.methods.base import PretrainBatch, StepResult
 from droppos.models.encoder import EncoderConfig, ViTEncoder
 from droppos.objective.losses import patchify
 from droppos.objective.masking import gather_tokens, random_patch_mask
-from tests.helpers import write_split_images
+from tests.helpers import progress_of
 
 
 @dataclass
@@ -62,33 +65,34 @@ class PatchMeanModel(ViTEncoder):
 
 
 class PatchMean(PretrainingMethod):
+    """All a method declares: its name, configuration, model, demo, noise, and its step."""
+
     name = "patch-mean"
     Config = PatchMeanConfig
+    Model = PatchMeanModel
 
     @classmethod
     def demo_config(cls) -> PatchMeanConfig:
         return PatchMeanConfig(encoder=EncoderConfig(28, 7, 1, 32, 1, 2))
 
     @classmethod
-    def build_model(cls, config: PatchMeanConfig) -> PatchMeanModel:
-        return PatchMeanModel(config)
-
-    @classmethod
     def noise_lengths(cls, config: PatchMeanConfig) -> tuple[int, ...]:
         return (config.encoder.num_patches,)
 
-    def ahead(self, engine_model: nn.Module, batch: Any) -> tuple[None, dict[str, torch.Tensor]]:
+    def ahead(
+        self, engine_model: nn.Module, batch: PretrainBatch
+    ) -> tuple[None, dict[str, torch.Tensor]]:
         cfg = self.config.model
         keep = max(1, int(cfg.encoder.num_patches * cfg.keep_ratio))
-        return None, {"patches": torch.tensor(float(len(batch[1]) * keep), device=self.device)}
+        count = float(len(batch.images) * keep)
+        return None, {"patches": torch.tensor(count, device=self.device)}
 
-    def forward(self, engine_model: nn.Module, batch: Any, cache: None) -> Any:
-        images, (noise,) = batch.images, batch.noise
-        error, count = engine_model(images, noise)
-        return self.step_result(
-            {"patches": count},
-            lambda total: error / total["patches"],
-            {"patch_mse": (error.detach(), count)},
+    def forward(self, engine_model: nn.Module, batch: PretrainBatch, cache: None) -> StepResult:
+        error, count = engine_model(batch.images, *batch.noise)
+        return StepResult(
+            normalisers={"patches": count},
+            share=lambda total: error / total["patches"],
+            metrics={"patch_mse": (error.detach(), count)},
         )
 
 
@@ -100,12 +104,6 @@ def toy_method():
     finally:
         unregister_method(PatchMean.name)
     assert PatchMean.name not in method_names()
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """24 training and 8 validation images in two classes."""
-    return write_split_images(tmp_path_factory.mktemp("images"))
 
 
 def toy_args(output_dir, source, *extra):
@@ -146,7 +144,7 @@ def test_a_registered_method_pretrains_resumes_exports_and_is_probed(
         patch.setattr(TrainLoop, "save", save_then_crash)
         with pytest.raises(KeyboardInterrupt):
             main(toy_args(interrupted, image_folder))
-    assert load_object(interrupted / "last.pth")["position"]["epoch"] == 1
+    assert progress_of(interrupted / "last.pth").epoch == 1
     assert main(toy_args(interrupted, image_folder)) == 0
     resumed = load_object(interrupted / "last.pth")["model"]
     for name, value in saved["model"].items():
@@ -183,6 +181,25 @@ def test_a_registered_method_pretrains_resumes_exports_and_is_probed(
     results = json.loads((probe / "results.json").read_text())
     assert results["checkpoint_kind"] == "droppos pre-training checkpoint (patch-mean)"
     assert 0 <= results["top1"] <= 100 and results["val_patches"] == 8 * 12
+
+
+def test_the_base_a_method_subclasses_declares_and_conducts_nothing():
+    """Moving batches, decoding, monitors, pictures and the console line are the run's
+    (`methods/pretrain.py:PretrainStep`), not something a method author inherits."""
+    declared = {*vars(PretrainingMethod), *PretrainingMethod.__annotations__}
+    members = {name for name in declared if not name.startswith("_")}
+    assert members == {
+        "name", "Config", "Model", "position_accuracy_of", "demo_config", "build_model",
+        "noise_lengths", "config_from_options", "config_from_plain", "model_from_checkpoint",
+        "jigsaw", "draws_jigsaw", "start_epoch", "ahead", "forward", "epoch_metrics", "describe",
+    }  # fmt: skip
+    assert "torch.cuda" not in inspect.getsource(sys.modules[PretrainingMethod.__module__])
+
+
+def test_accumulation_runs_the_toy_methods_no_grad_pass(tmp_path, image_folder, toy_method):
+    out = tmp_path / "accumulated"
+    assert main(toy_args(out, image_folder, "--optim.accum_steps", "2", "--optim.epochs", "1")) == 0
+    assert progress_of(out / "last.pth").step == 3  # 24 images, 2 x 4 a step
 
 
 def test_create_model_builds_a_registered_method_by_name(toy_method):

@@ -69,3 +69,21 @@ def test_the_loaded_model_gives_the_same_loss(images):
         source(images, patch_noise=noise[0], position_noise=noise[1]).loss,
         target(images, patch_noise=noise[0], position_noise=noise[1]).loss,
     )
+
+
+def test_a_droppos_0_1_checkpoint_reads_as_a_backbone_through_the_schema(tmp_path):
+    """The first release's layout (`model_name` beside its `config`, no header) still reads:
+    heads and image size from its config, mean and std from its data section."""
+    from droppos.interop.backbone import load_backbone
+
+    model = tiny_droppos()
+    path = tmp_path / "old.pth"
+    config = {"model": {"num_heads": 4, "img_size": 32}, "data": {"mean": [0.5] * 3}}
+    torch.save(
+        {"model": model.state_dict(), "model_name": "droppos_vit_tiny", "config": config}, path
+    )
+    backbone = load_backbone(path)
+    assert backbone.kind == "droppos pre-training checkpoint (droppos_vit_tiny)"
+    assert (backbone.encoder.num_heads, backbone.encoder.img_size) == (4, 32)
+    assert backbone.mean == (0.5, 0.5, 0.5) and backbone.std is None
+    assert torch.equal(backbone.state["blocks.0.attn.qkv.weight"], model.blocks[0].attn.qkv.weight)

@@ -27,11 +27,6 @@ def tiny(output_dir, source, *extra):
 
 
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    return write_split_images(tmp_path_factory.mktemp("images"))
-
-
-@pytest.fixture(scope="module")
 def monitored(tmp_path_factory, image_folder):
     out = tmp_path_factory.mktemp("monitored")
     assert main(tiny(out, image_folder, "--run.monitor_every", "1")) == 0

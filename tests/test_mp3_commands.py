@@ -14,7 +14,6 @@ from droppos.cli.main import main
 from droppos.engine.loop import TrainLoop
 from droppos.interop.schema import load_object
 from droppos.methods import pretrained_model
-from tests.helpers import write_split_images
 
 QUIET = ["--data.num_workers", "0", "--run.progress", "false"]
 
@@ -29,11 +28,6 @@ def mp3_args(output_dir, source, *extra):
         "--optim.warmup_epochs", "1", "--run.output_dir", str(output_dir),
         "--run.precision", "fp32", "--run.tensorboard", "false", *QUIET, *extra,
     ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    return write_split_images(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")

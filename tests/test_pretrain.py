@@ -18,13 +18,13 @@ from droppos.data import set_epoch
 from droppos.engine.distributed import shutdown_distributed
 from droppos.engine.logging import read_metrics
 from droppos.engine.loop import TrainLoop
-from droppos.interop.schema import load_object
+from droppos.interop.schema import Progress, load_object
 from droppos.methods import pretrain as pretrain_module
-from tests.helpers import assert_trained_alike
+from tests.helpers import assert_trained_alike, progress_of
 
 
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
+def unsplit_folder(tmp_path_factory):
     """24 small RGB images in two class folders."""
     root = tmp_path_factory.mktemp("images")
     generator = torch.Generator().manual_seed(0)
@@ -61,9 +61,9 @@ def tiny_args(output_dir, source, *extra):
     ]  # fmt: skip
 
 
-def test_one_tiny_pretraining_through_the_cli(tmp_path, image_folder):
+def test_one_tiny_pretraining_through_the_cli(tmp_path, unsplit_folder):
     out = tmp_path / "run"
-    assert main(tiny_args(out, image_folder, "--optim.epochs", "1")) == 0
+    assert main(tiny_args(out, unsplit_folder, "--optim.epochs", "1")) == 0
     for name in ("config.yaml", "metrics.jsonl", "last.pth", "summary.json", "tensorboard"):
         assert (out / name).exists(), name
     steps = read_metrics(out / "metrics.jsonl", "step")
@@ -73,10 +73,26 @@ def test_one_tiny_pretraining_through_the_cli(tmp_path, image_folder):
         assert key in steps[0]
     assert epochs[0]["chance_position_accuracy"] == pytest.approx(1 / 16)
     checkpoint = load_object(out / "last.pth")
-    assert checkpoint["position"] == {"epoch": 1, "batch": 0, "step": 6}
+    assert checkpoint["progress"] == {"epoch": 1, "batch": 0, "step": 6}
     assert [r["step"] for r in steps] == [2, 4, 6]  # the global optimiser step
     assert (epochs[0]["step"], epochs[0]["epoch"]) == (6, 1)  # epochs count from 1
     assert not (out / "checkpoint-0001.pth").exists()  # keep_every_epochs 0: last.pth only
+
+
+def test_a_checkpoint_of_the_older_layout_still_resumes_and_is_read(
+    tmp_path, unsplit_folder, capsys
+):
+    """Older files keep the run's progress under "position"; every reader still takes them."""
+    out = tmp_path / "run"
+    assert main(tiny_args(out, unsplit_folder, "--optim.epochs", "1")) == 0
+    state = dict(load_object(out / "last.pth"))
+    state["position"] = state.pop("progress")
+    torch.save(state, out / "last.pth")
+    assert progress_of(out / "last.pth") == Progress(epoch=1, batch=0, step=6)
+    capsys.readouterr()
+    assert main(tiny_args(out, unsplit_folder, "--optim.epochs", "2")) == 0
+    assert "resuming at epoch 2, step 6" in capsys.readouterr().out
+    assert progress_of(out / "last.pth") == Progress(epoch=2, batch=0, step=12)
 
 
 def final_weights(output_dir):
@@ -103,18 +119,17 @@ def crash_after_saves(monkeypatch, count):
     ids=["after-epoch-1", "mid-epoch"],
 )
 def test_an_interrupted_run_resumes_to_the_same_weights(
-    tmp_path, image_folder, monkeypatch, extra, crash_at
+    tmp_path, unsplit_folder, monkeypatch, extra, crash_at
 ):
-    assert main(tiny_args(tmp_path / "straight", image_folder, *extra)) == 0
+    assert main(tiny_args(tmp_path / "straight", unsplit_folder, *extra)) == 0
 
     interrupted = tmp_path / "interrupted"
     with monkeypatch.context() as patch:
         crash_after_saves(patch, crash_at)
         with pytest.raises(KeyboardInterrupt):
-            main(tiny_args(interrupted, image_folder, *extra))
-    stopped = load_object(interrupted / "last.pth")
-    assert stopped["position"]["epoch"] < 2
-    assert main(tiny_args(interrupted, image_folder, *extra)) == 0  # resumes automatically
+            main(tiny_args(interrupted, unsplit_folder, *extra))
+    assert progress_of(interrupted / "last.pth").epoch < 2
+    assert main(tiny_args(interrupted, unsplit_folder, *extra)) == 0  # resumes automatically
 
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(interrupted)
     for name, value in straight.items():
@@ -169,12 +184,12 @@ ALL_ON = ("--model.pixel_branch.depth", "1", "--model.pixel_branch.embed_dim", "
           "--model.pixel_branch.num_heads", "2", "--model.confidence_ignore", "true")  # fmt: skip
 
 
-def test_gradient_accumulation_gives_the_gradient_of_one_big_batch(tmp_path, image_folder):
+def test_gradient_accumulation_gives_the_gradient_of_one_big_batch(tmp_path, unsplit_folder):
     big, accum = tmp_path / "big.pt", tmp_path / "accum.pt"
-    args = tiny_args(tmp_path / "b", image_folder, *ALL_ON, "--optim.batch_size", "8")
+    args = tiny_args(tmp_path / "b", unsplit_folder, *ALL_ON, "--optim.batch_size", "8")
     _first_step_gradients(0, 1, _free_port(), args, big)
     args = tiny_args(
-        tmp_path / "a", image_folder, *ALL_ON, "--optim.batch_size", "4",
+        tmp_path / "a", unsplit_folder, *ALL_ON, "--optim.batch_size", "4",
         "--optim.accum_steps", "2",
     )  # fmt: skip
     _first_step_gradients(0, 1, _free_port(), args, accum)
@@ -183,31 +198,31 @@ def test_gradient_accumulation_gives_the_gradient_of_one_big_batch(tmp_path, ima
 
 
 def test_two_gloo_ranks_give_the_gradients_of_one_process_on_the_global_batch(
-    tmp_path, image_folder
+    tmp_path, unsplit_folder
 ):
     two, one = tmp_path / "two.pt", tmp_path / "one.pt"
-    args = tiny_args(tmp_path / "ddp", image_folder, *ALL_ON, "--optim.batch_size", "4")
+    args = tiny_args(tmp_path / "ddp", unsplit_folder, *ALL_ON, "--optim.batch_size", "4")
     mp.spawn(_first_step_gradients, args=(2, _free_port(), args, two), nprocs=2, join=True)
-    args = tiny_args(tmp_path / "single", image_folder, *ALL_ON, "--optim.batch_size", "8")
+    args = tiny_args(tmp_path / "single", unsplit_folder, *ALL_ON, "--optim.batch_size", "8")
     _first_step_gradients(0, 1, _free_port(), args, one)
     assert_same_gradients(one, two)
 
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_torchrun_runs_complete_with_a_process_group_even_for_one_process(
-    tmp_path, image_folder, processes
+    tmp_path, unsplit_folder, processes
 ):
     out = tmp_path / "torchrun"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
         str(processes), "-m", "droppos.cli.main",
-        *tiny_args(out, image_folder, "--optim.epochs", "1"),
+        *tiny_args(out, unsplit_folder, "--optim.epochs", "1"),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     epochs = read_metrics(out / "metrics.jsonl", "epoch")
     assert len(epochs) == 1  # rank 0 alone writes
-    assert load_object(out / "last.pth")["position"]["step"] == 6 // processes  # 24 / (n x 4)
+    assert progress_of(out / "last.pth").step == 6 // processes  # 24 / (n x 4)
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["strategy"], summary["processes"]) == ("ddp", processes)
 
@@ -218,9 +233,9 @@ def parse(args):
     return to_config(parser, parser.parse_args(args), "pretrain")
 
 
-def test_the_written_config_round_trips(tmp_path, image_folder):
+def test_the_written_config_round_trips(tmp_path, unsplit_folder):
     out = tmp_path / "run"
-    args = tiny_args(out, image_folder, "--optim.epochs", "1", "--model.mask_token_kind", "zeros")
+    args = tiny_args(out, unsplit_folder, "--optim.epochs", "1", "--model.mask_token_kind", "zeros")
     main(args)
     reloaded = parse(["pretrain", "--config", str(out / "config.yaml")])
     assert reloaded == parse(args)
@@ -249,12 +264,12 @@ def test_the_tiny_preset_is_the_default():
     assert parse(["pretrain"]) == parse(["pretrain", "--config", "tiny_cpu"])
 
 
-def test_every_mae_option_reaches_the_model(tmp_path, image_folder):
+def test_every_mae_option_reaches_the_model(tmp_path, unsplit_folder):
     out = tmp_path / "mae"
     options = ("--model.name", "mae", "--model.decoder.depth", "3",
                "--model.decoder.embed_dim", "24", "--model.decoder.num_heads", "4",
                "--model.patch_mask_ratio", "0.5", "--optim.epochs", "1")  # fmt: skip
-    args = tiny_args(out, image_folder, *options)
+    args = tiny_args(out, unsplit_folder, *options)
     for option in ("--model.decoder_embed_dim", "--model.decoder_num_heads"):  # DropPos only
         del args[args.index(option) : args.index(option) + 2]
     assert main(args) == 0
@@ -264,9 +279,9 @@ def test_every_mae_option_reaches_the_model(tmp_path, image_folder):
     assert "pixel_loss" in read_metrics(out / "metrics.jsonl", "epoch")[0]
 
 
-def test_the_multi_task_branch_is_configured_from_the_command_line(tmp_path, image_folder):
+def test_the_multi_task_branch_is_configured_from_the_command_line(tmp_path, unsplit_folder):
     out = tmp_path / "multi"
-    assert main(tiny_args(out, image_folder, *ALL_ON, "--optim.epochs", "1")) == 0
+    assert main(tiny_args(out, unsplit_folder, *ALL_ON, "--optim.epochs", "1")) == 0
     weights = final_weights(out)
     assert "aux_decoder_blocks.0.attn.qkv.weight" in weights
     assert "aux_decoder_blocks.1.attn.qkv.weight" not in weights  # depth 1 as asked
@@ -281,34 +296,34 @@ def test_an_option_of_the_other_model_is_an_error_not_ignored(capsys):
     assert "unknown option --model.position_drop_ratio" in err and len(err.splitlines()) == 1
 
 
-def test_resume_refuses_another_batch_geometry(tmp_path, image_folder, capsys):
+def test_resume_refuses_another_batch_geometry(tmp_path, unsplit_folder, capsys):
     out = tmp_path / "run"
-    assert main(tiny_args(out, image_folder, "--optim.epochs", "1")) == 0
+    assert main(tiny_args(out, unsplit_folder, "--optim.epochs", "1")) == 0
     before = (out / "last.pth").read_bytes()
     capsys.readouterr()
-    args = tiny_args(out, image_folder, "--optim.epochs", "2", "--optim.batch_size", "3")
+    args = tiny_args(out, unsplit_folder, "--optim.epochs", "2", "--optim.batch_size", "3")
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "batch_size 4 -> 3" in err and len(err.splitlines()) == 1
     assert (out / "last.pth").read_bytes() == before  # nothing touched
 
 
-def test_resume_refuses_another_model(tmp_path, image_folder, capsys):
+def test_resume_refuses_another_model(tmp_path, unsplit_folder, capsys):
     out = tmp_path / "run"
-    assert main(tiny_args(out, image_folder, "--optim.epochs", "1")) == 0
+    assert main(tiny_args(out, unsplit_folder, "--optim.epochs", "1")) == 0
     capsys.readouterr()
-    args = tiny_args(out, image_folder, "--optim.epochs", "2", "--model.encoder.depth", "2")
+    args = tiny_args(out, unsplit_folder, "--optim.epochs", "2", "--model.encoder.depth", "2")
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "model.encoder.depth: 1 -> 2" in err and len(err.splitlines()) == 1
 
 
-def test_resume_refuses_another_seed(tmp_path, image_folder, capsys):
+def test_resume_refuses_another_seed(tmp_path, unsplit_folder, capsys):
     out = tmp_path / "run"
-    assert main(tiny_args(out, image_folder, "--optim.epochs", "1")) == 0
+    assert main(tiny_args(out, unsplit_folder, "--optim.epochs", "1")) == 0
     before = (out / "last.pth").read_bytes()
     capsys.readouterr()
-    args = tiny_args(out, image_folder, "--optim.epochs", "2", "--run.seed", "7")
+    args = tiny_args(out, unsplit_folder, "--optim.epochs", "2", "--run.seed", "7")
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "--run.seed 0" in err and len(err.splitlines()) == 1
@@ -316,25 +331,25 @@ def test_resume_refuses_another_seed(tmp_path, image_folder, capsys):
 
 
 def test_resume_converts_the_same_global_batch_split_differently(
-    tmp_path, image_folder, monkeypatch
+    tmp_path, unsplit_folder, monkeypatch
 ):
     straight = tmp_path / "straight"
-    assert main(tiny_args(straight, image_folder, "--optim.batch_size", "8")) == 0
+    assert main(tiny_args(straight, unsplit_folder, "--optim.batch_size", "8")) == 0
     split = tmp_path / "split"
     accumulated = ("--optim.batch_size", "4", "--optim.accum_steps", "2",
                    "--run.save_every_steps", "1")  # fmt: skip
     with monkeypatch.context() as patch:
         crash_after_saves(patch, 2)  # mid-epoch 1, after step 2 of 3
         with pytest.raises(KeyboardInterrupt):
-            main(tiny_args(split, image_folder, *accumulated))
-    assert load_object(split / "last.pth")["position"]["batch"] == 4
-    assert main(tiny_args(split, image_folder, "--optim.batch_size", "8")) == 0
+            main(tiny_args(split, unsplit_folder, *accumulated))
+    assert progress_of(split / "last.pth").batch == 4
+    assert main(tiny_args(split, unsplit_folder, "--optim.batch_size", "8")) == 0
     assert_trained_alike(final_weights(split), final_weights(straight))
 
 
-def test_a_finished_run_says_so_and_leaves_its_outputs_alone(tmp_path, image_folder, capsys):
+def test_a_finished_run_says_so_and_leaves_its_outputs_alone(tmp_path, unsplit_folder, capsys):
     out = tmp_path / "run"
-    args = tiny_args(out, image_folder, "--optim.epochs", "1")
+    args = tiny_args(out, unsplit_folder, "--optim.epochs", "1")
     assert main(args) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     capsys.readouterr()
@@ -352,8 +367,8 @@ def test_a_finished_run_says_so_and_leaves_its_outputs_alone(tmp_path, image_fol
         (("--model.encoder.patch_size", "5"), "not a multiple of patch_size"),
     ],
 )
-def test_user_mistakes_exit_2_with_one_line(tmp_path, image_folder, capsys, extra, message):
-    assert main(tiny_args(tmp_path, image_folder, *extra)) == 2
+def test_user_mistakes_exit_2_with_one_line(tmp_path, unsplit_folder, capsys, extra, message):
+    assert main(tiny_args(tmp_path, unsplit_folder, *extra)) == 2
     err = capsys.readouterr().err.strip()
     assert message in err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
@@ -388,16 +403,16 @@ def test_help_describes_every_option_once():
         assert len(words) >= 2, text
 
 
-def test_a_planted_payload_in_last_pth_is_refused_and_never_runs(tmp_path, image_folder, capsys):
+def test_a_planted_payload_in_last_pth_is_refused_and_never_runs(tmp_path, unsplit_folder, capsys):
     out = tmp_path / "run"
-    assert main(tiny_args(out, image_folder, "--optim.epochs", "1")) == 0
+    assert main(tiny_args(out, unsplit_folder, "--optim.epochs", "1")) == 0
     marker = tmp_path / "payload-ran"
     state = load_object(out / "last.pth")
-    state["position"]["epoch"] = 0
+    state["progress"]["epoch"] = 0
     state["hook"] = Payload(str(marker))
     torch.save(state, out / "last.pth")
     capsys.readouterr()
-    assert main(tiny_args(out, image_folder, "--optim.epochs", "2")) == 2
+    assert main(tiny_args(out, unsplit_folder, "--optim.epochs", "2")) == 2
     err = capsys.readouterr().err.strip()
     assert "asks to run code while loading" in err and len(err.splitlines()) == 1, err
     assert not marker.exists()
@@ -413,9 +428,9 @@ class Payload:
         return (open, (self.path, "w"))
 
 
-def test_a_log_written_to_a_file_has_plain_lines_only(tmp_path, image_folder):
+def test_a_log_written_to_a_file_has_plain_lines_only(tmp_path, unsplit_folder):
     out = tmp_path / "run"
-    args = [a for a in tiny_args(out, image_folder) if a not in ("--run.progress", "false")]
+    args = [a for a in tiny_args(out, unsplit_folder) if a not in ("--run.progress", "false")]
     done = subprocess.run(
         [sys.executable, "-m", "droppos.cli.main", *args],
         capture_output=True,
@@ -429,16 +444,16 @@ def test_a_log_written_to_a_file_has_plain_lines_only(tmp_path, image_folder):
 
 
 def test_finetuning_into_the_pretraining_folder_never_replaces_its_checkpoint(
-    tmp_path, image_folder, capsys
+    tmp_path, unsplit_folder, capsys
 ):
     """The refusal's advice once was `--run.resume null`, which then overwrote pre/last.pth."""
     pre = tmp_path / "pre"
-    assert main(tiny_args(pre, image_folder, "--optim.epochs", "1")) == 0
+    assert main(tiny_args(pre, unsplit_folder, "--optim.epochs", "1")) == 0
     before = (pre / "last.pth").read_bytes()
     for extra in ([], ["--run.resume", "null"]):
         capsys.readouterr()
         args = ["finetune", "--model.checkpoint", str(pre / "last.pth"), "--data.source",
-                str(image_folder), "--run.output_dir", str(pre), "--optim.epochs", "1",
+                str(unsplit_folder), "--run.output_dir", str(pre), "--optim.epochs", "1",
                 *extra]  # fmt: skip
         assert main(args) == 2
         err = capsys.readouterr().err.strip()
@@ -446,12 +461,14 @@ def test_finetuning_into_the_pretraining_folder_never_replaces_its_checkpoint(
         assert (pre / "last.pth").read_bytes() == before
 
 
-def test_starting_afresh_over_a_run_is_refused_and_keeps_its_files(tmp_path, image_folder, capsys):
+def test_starting_afresh_over_a_run_is_refused_and_keeps_its_files(
+    tmp_path, unsplit_folder, capsys
+):
     out = tmp_path / "run"
-    assert main(tiny_args(out, image_folder, "--optim.epochs", "1")) == 0
+    assert main(tiny_args(out, unsplit_folder, "--optim.epochs", "1")) == 0
     files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     capsys.readouterr()
-    assert main(tiny_args(out, image_folder, "--optim.epochs", "1", "--run.resume", "null")) == 2
+    assert main(tiny_args(out, unsplit_folder, "--optim.epochs", "1", "--run.resume", "null")) == 2
     assert "holds a run" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files
 
@@ -461,15 +478,15 @@ HAS_COMPILER = any(shutil.which(c) for c in ("g++", "clang++", "c++"))
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="inductor on the CPU builds C++: no compiler here")
 def test_compile_true_goes_through_inductor_and_trains_like_eager(
-    tmp_path, image_folder, monkeypatch
+    tmp_path, unsplit_folder, monkeypatch
 ):
     """The real torch.compile (Dynamo + inductor, C++ kernels built here), not a stub: the run
     finishes, inductor built code, and the weights match the eager run's to float rounding."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    assert main(tiny_args(eager, image_folder, "--optim.epochs", "1")) == 0
+    assert main(tiny_args(eager, unsplit_folder, "--optim.epochs", "1")) == 0
     torch._dynamo.reset()
-    args = tiny_args(compiled, image_folder, "--optim.epochs", "1", "--run.compile", "true")
+    args = tiny_args(compiled, unsplit_folder, "--optim.epochs", "1", "--run.compile", "true")
     assert main(args) == 0
     torch._dynamo.reset()
     assert any((tmp_path / "inductor").rglob("*.so"))  # kernels were compiled and loaded
@@ -483,11 +500,11 @@ def test_compile_true_goes_through_inductor_and_trains_like_eager(
 
 
 def test_compile_on_a_cpu_without_a_compiler_is_one_line(
-    tmp_path, image_folder, monkeypatch, capsys
+    tmp_path, unsplit_folder, monkeypatch, capsys
 ):
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
-    args = tiny_args(tmp_path / "run", image_folder, "--run.compile", "true")
+    args = tiny_args(tmp_path / "run", unsplit_folder, "--run.compile", "true")
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "needs a C++ compiler" in err and len(err.splitlines()) == 1

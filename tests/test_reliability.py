@@ -21,8 +21,10 @@ from droppos.cli.main import main
 from droppos.data.decode import BadImageError, load_image
 from droppos.engine.logging import read_metrics
 from droppos.interop import schema as checkpoint_module
-from droppos.interop.schema import load_object
+from droppos.interop.schema import Progress, load_object
 from droppos.methods.droppos import DropPos as DropPosMethod
+from droppos.methods.pretrain import PretrainStep
+from tests.helpers import progress_of
 
 BAD = {3: "truncated.jpg", 7: "empty.png", 11: "text.png", 15: "huge.png"}
 
@@ -165,7 +167,7 @@ def test_a_non_finite_step_stops_before_anything_is_saved(
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "NaN or infinite at step 4" in err and "step 3" in err  # the last good checkpoint
     saved = load_object(out / "last.pth")
-    assert saved["position"]["step"] == 3
+    assert progress_of(out / "last.pth").step == 3
     assert all(v.isfinite().all() for v in saved["model"].values() if v.is_floating_point())
     strict_json_lines(out / "metrics.jsonl")
 
@@ -230,7 +232,7 @@ def test_sigterm_mid_epoch_saves_that_step_and_resumes_exactly(
     assert main(tiny_args(straight, folder_with_bad_images, *extra)) == 0
 
     stopped = tmp_path / "stopped"
-    original = DropPosMethod.after_step
+    original = PretrainStep.after_step
 
     def after_step(self, step):
         original(self, step)
@@ -238,14 +240,10 @@ def test_sigterm_mid_epoch_saves_that_step_and_resumes_exactly(
             os.kill(os.getpid(), signal.SIGTERM)
 
     with monkeypatch.context() as patch:
-        patch.setattr(DropPosMethod, "after_step", after_step)
+        patch.setattr(PretrainStep, "after_step", after_step)
         assert main(tiny_args(stopped, folder_with_bad_images, *extra)) == 0
     assert "stopped by SIGTERM at epoch 1, step 3" in capsys.readouterr().out
-    assert load_object(stopped / "last.pth")["position"] == {
-        "epoch": 0,
-        "batch": 3,
-        "step": 3,
-    }
+    assert progress_of(stopped / "last.pth") == Progress(epoch=0, batch=3, step=3)
     assert main(tiny_args(stopped, folder_with_bad_images, *extra)) == 0
     final = load_object(stopped / "last.pth")["model"]
     for name, value in load_object(straight / "last.pth")["model"].items():
@@ -277,13 +275,13 @@ def test_a_real_sigterm_to_the_command_exits_0_with_a_checkpoint(tmp_path, folde
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-2000:]
     assert "stopped by SIGTERM" in stdout and "Traceback" not in stderr
-    assert load_object(out / "last.pth")["position"]["step"] >= 3
+    assert progress_of(out / "last.pth").step >= 3
     assert not (out / ".droppos.lock").exists()
 
 
 def stop_at_step(patch, step_to_stop: int, *names: str) -> None:
     """Send each signal of `names` to this process after optimiser step `step_to_stop`."""
-    original = DropPosMethod.after_step
+    original = PretrainStep.after_step
 
     def after_step(self, step):
         original(self, step)
@@ -291,7 +289,7 @@ def stop_at_step(patch, step_to_stop: int, *names: str) -> None:
             for name in names:
                 os.kill(os.getpid(), getattr(signal, name))
 
-    patch.setattr(DropPosMethod, "after_step", after_step)
+    patch.setattr(PretrainStep, "after_step", after_step)
 
 
 def test_sigusr1_stops_like_sigterm_at_the_next_step(tmp_path, folder_with_bad_images, capsys):
@@ -301,7 +299,7 @@ def test_sigusr1_stops_like_sigterm_at_the_next_step(tmp_path, folder_with_bad_i
         stop_at_step(patch, 2, "SIGUSR1")
         assert main(args) == 0
     assert "stopped by SIGUSR1 at epoch 1, step 2" in capsys.readouterr().out
-    assert load_object(out / "last.pth")["position"]["step"] == 2
+    assert progress_of(out / "last.pth").step == 2
 
 
 def test_a_second_ctrl_c_interrupts_at_once_without_the_save(tmp_path, folder_with_bad_images):
@@ -344,7 +342,7 @@ def test_keep_every_epochs_keeps_those_epochs_checkpoints(tmp_path, folder_with_
     names = sorted(p.name for p in out.glob("checkpoint-*.pth"))
     assert names == [f"checkpoint-{epoch:04d}.pth" for epoch in kept]
     for epoch in kept:
-        assert load_object(out / f"checkpoint-{epoch:04d}.pth")["position"]["epoch"] == epoch
+        assert progress_of(out / f"checkpoint-{epoch:04d}.pth").epoch == epoch
     last, kept_last = load_object(out / "last.pth"), load_object(out / names[-1])
     for name, value in last["model"].items():
         assert torch.equal(value, kept_last["model"][name]), name
@@ -375,7 +373,7 @@ def test_disk_full_keeps_the_previous_checkpoint_and_says_so(
     assert main(args) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if "warning:" not in line]
     assert len(err) == 1 and "No space left on device" in err[0], err
-    assert load_object(out / "last.pth")["position"]["epoch"] == 1
+    assert progress_of(out / "last.pth").epoch == 1
     assert not list(out.glob(".*.pth.*"))
 
 

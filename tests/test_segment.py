@@ -39,12 +39,7 @@ SMALL = ["--data.train_images", "48", "--data.val_from_train", "16", "--data.bat
 QUIET = ["--data.num_workers", "0", "--run.progress", "false", "--run.precision", "fp32"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def results(folder):

@@ -6,6 +6,7 @@ from droppos.interop.backbone import load_original_checkpoint
 from droppos.methods import create_model, method_named, method_names, register_method
 from droppos.methods.droppos import DropPosConfig, DropPosModel, DropPosOutput
 from droppos.methods.mae import MAEConfig, MAEModel, MAEOutput
+from droppos.methods.mp3 import MP3Config, MP3Model, MP3Output
 from droppos.models import EncoderConfig, ViTEncoder
 
 __all__ = [
@@ -16,6 +17,9 @@ __all__ = [
     "MAEConfig",
     "MAEModel",
     "MAEOutput",
+    "MP3Config",
+    "MP3Model",
+    "MP3Output",
     "ViTEncoder",
     "__version__",
     "create_model",

@@ -14,6 +14,9 @@ import math
 from dataclasses import dataclass, fields
 from typing import Literal
 
+StrategyName = Literal["auto", "ddp", "fsdp"]
+"""How torchrun's processes share a model (`engine/strategy.py` has a class for each)."""
+
 DEFAULT_CHECKPOINT = "runs/pretrain/last.pth"  # where `droppos pretrain` leaves its model
 DEFAULT_MAX_IMAGE_PIXELS = 200_000_000  # 14,000 x 14,000: far above any training image
 
@@ -91,14 +94,12 @@ class DataSection:
         for name, values in (("mean", self.mean), ("std", self.std)):
             if values is not None and not all(math.isfinite(v) for v in values):
                 raise ValueError(f"--data.{name} must be finite numbers, got {list(values)}")
-        if self.std is not None and min(self.std, default=1) <= 0:
+            if values is not None and not values:
+                raise ValueError(f"--data.{name} needs one value per channel")
+        if self.std is not None and min(self.std) <= 0:
             raise ValueError(f"--data.std must be > 0, got {list(self.std)}")
         if self.max_image_pixels < 1 or self.timeout < 0:
             raise ValueError("--data.max_image_pixels must be >= 1 and --data.timeout >= 0")
-        for name in ("mean", "std"):
-            values = getattr(self, name)
-            if values is not None and (not values or (name == "std" and min(values) <= 0)):
-                raise ValueError(f"--data.{name} needs one value per channel (std > 0)")
 
 
 def check_crop_scale(option: str, scale: tuple[float, float]) -> None:
@@ -193,7 +194,7 @@ class TrainRunSection(RunSection):
     """Folder for this run's outputs (config, metrics, checkpoints)."""
     compile: bool = False
     """torch.compile the model (pays off on GPUs for long runs)."""
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    strategy: StrategyName = "auto"
     """How torchrun's processes share the model: ddp (a full replica each; auto's choice under
     torchrun), fsdp (parameters, gradients and optimiser state sharded: for models one GPU
     cannot hold). auto without torchrun: one process."""

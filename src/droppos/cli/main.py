@@ -87,7 +87,7 @@ COMMANDS: dict[str, Command] = {
     "visualize": Command(
         visualize.VisualizeConfig,
         visualize.run,
-        "Pictures of the jigsaw a DropPos checkpoint solves.",
+        "Pictures of the jigsaw a pre-training checkpoint solves (DropPos, MP3).",
     ),
     "write-shards": Command(
         write_shards.WriteShardsConfig,

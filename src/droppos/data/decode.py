@@ -17,7 +17,7 @@ import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, get_args
 
 import numpy as np
 import torch
@@ -29,7 +29,8 @@ from torchvision.io import decode_image as torchvision_decode_image
 from droppos.sections import DEFAULT_MAX_IMAGE_PIXELS
 
 DecodeMode = Literal["pil", "draft", "tensor", "device"]
-DECODE_MODES: tuple[str, ...] = ("pil", "draft", "tensor", "device")
+"""The decode paths (`--data.decode`), the one list of them."""
+DECODE_MODES: tuple[str, ...] = get_args(DecodeMode)
 _GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 

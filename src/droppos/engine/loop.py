@@ -104,10 +104,11 @@ class TrainingMethod(Protocol):
     def after_step(self, step: int) -> None: ...
 
     def end_epoch(
-        self, engine_model: nn.Module, epoch: int, metrics: dict[str, float]
+        self, strategy: Strategy, epoch: int, metrics: dict[str, float]
     ) -> dict[str, Any]:
         """Extra epoch metrics (evaluation), pictures and files to write:
-        {"metrics", "images", "files"}."""
+        {"metrics", "images", "files"}; inference outside the step asks `strategy` for what it
+        needs of the model."""
         ...
 
     def epoch_line(self, metrics: dict[str, float]) -> str: ...
@@ -374,7 +375,7 @@ class TrainLoop:
         if epoch_sums.skipped:
             metrics["skipped_steps"] = epoch_sums.skipped
         pos.epoch, pos.batch = pos.epoch + 1, 0
-        extra = self.method.end_epoch(self.engine_model, pos.epoch - 1, metrics)
+        extra = self.method.end_epoch(self.strategy, pos.epoch - 1, metrics)
         self.strategy.settle(self.method.model)
         metrics.update(extra.get("metrics", {}))
         writer.write("epoch", pos.step, {"epoch": pos.epoch, **metrics})
@@ -584,6 +585,8 @@ def build_loop(
         timeout=data.timeout,
         collate_fn=collate_fn,
     )
+    # the attention kernel of this device and precision, before the strategy wraps (compiles) it
+    use_fused_attention(method.model, fused_attention_pays(env.device, context.precision))
     steps_per_epoch = optimizer_steps_per_epoch(
         len(loader), optim.batch_size, optim.accum_steps, len(train_set), env.world_size
     )
@@ -593,7 +596,6 @@ def build_loop(
         check_can_compile(env.device)
     if run_options.activation_checkpointing:
         checkpoint_activations(method.model)
-    use_fused_attention(method.model, fused_attention_pays(env.device, context.precision))
     engine_model = strategy.wrap(method.model, run_options.compile)  # FSDP swaps parameters:
     optimizer, peak_lr = adamw_for_run(method.model, optim, env.world_size)  # optimiser after
     loop = TrainLoop(

@@ -26,7 +26,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
 
 import torch
 from timm.models.vision_transformer import Block
@@ -44,8 +44,9 @@ from torch.nn.parallel import DistributedDataParallel
 from droppos.engine.distributed import DistEnv
 from droppos.interop import sharded
 from droppos.interop.schema import TrainingCheckpoint
+from droppos.sections import StrategyName
 
-STRATEGIES = ("auto", "ddp", "fsdp")
+STRATEGIES: tuple[str, ...] = get_args(StrategyName)
 
 
 class Strategy(Protocol):
@@ -65,6 +66,11 @@ class Strategy(Protocol):
     def settle(self, model: nn.Module) -> None:
         """Put the model back as training left it after inference outside the step (an
         evaluation, pictures): what state dicts and the optimiser expect."""
+        ...
+
+    def gathered(self, model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+        """The bare model whole, for a no-grad pass that calls its parts rather than its
+        `forward` (the monitors read the encoder's blocks one by one)."""
         ...
 
     def state(
@@ -135,6 +141,10 @@ class SingleProcess:
 
     def settle(self, model: nn.Module) -> None:
         return None
+
+    @contextlib.contextmanager
+    def gathered(self, model: nn.Module) -> Iterator[nn.Module]:
+        yield model
 
     def state(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path
@@ -232,6 +242,16 @@ class FSDP:
             if isinstance(module, FSDPModule):
                 module.reshard()
 
+    @contextlib.contextmanager
+    def gathered(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The root's own parameters (patch embedding, tokens, final norm) gathered; each
+        block gathers its own as it runs."""
+        model.unshard()  # type: ignore[operator]
+        try:
+            yield model
+        finally:
+            model.reshard()  # type: ignore[operator]
+
     def state(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path
     ) -> tuple[dict[str, Any], dict[str, Any], str | None]:
@@ -275,6 +295,16 @@ class FSDP:
                 "param_groups": saved.optimizer["param_groups"],
             },
         )
+
+
+_CLASSES: dict[str, type] = {"auto": SingleProcess, "ddp": DDP, "fsdp": FSDP}
+"""Each `--run.strategy` name's class (`auto`: one process, or DDP under torchrun)."""
+
+
+def shards_the_model(choice: str) -> bool:
+    """Whether `--run.strategy choice` keeps only a shard of the model on each rank (asked by
+    a configuration before any process starts)."""
+    return bool(_CLASSES[choice].sharded)
 
 
 def strategy_for(env: DistEnv, choice: str = "auto", precision: str = "fp32") -> Strategy:

@@ -32,12 +32,13 @@ class BackboneSection(CheckpointSection):
 
 def backbone_from(section: BackboneSection) -> Backbone:
     """The backbone a command's `--model.*` options name (see BackboneSection)."""
-    if section.checkpoint == "random":
-        return random_backbone(section.encoder)
-    backbone = load_backbone(section.checkpoint, section.num_heads)
-    if not section.random_init:
-        return backbone
-    fresh = random_backbone(backbone.encoder)
-    fresh.source = f"random init shaped like {backbone.source}"
-    fresh.mean, fresh.std = backbone.mean, backbone.std  # the data pipeline stays the same
+    loaded = None
+    if section.checkpoint != "random":
+        loaded = load_backbone(section.checkpoint, section.num_heads)
+        if not section.random_init:
+            return loaded
+    fresh = random_backbone(section.encoder if loaded is None else loaded.encoder)
+    if loaded is not None:  # the no-pretraining baseline of the same model and data pipeline
+        fresh.source = f"random init shaped like {loaded.source}"
+        fresh.mean, fresh.std = loaded.mean, loaded.std
     return fresh

@@ -115,9 +115,15 @@ def normalisation(
     return (data.mean or backbone.mean, data.std or backbone.std)
 
 
-def eval_view(dataset: Dataset, data: EvalDataSection, backbone: Backbone) -> AugmentedDataset:
-    """The deterministic resize + centre-crop view at the backbone's resolution and channels."""
-    mean, std = normalisation(data, backbone)
+def eval_view(
+    dataset: Dataset,
+    data: EvalDataSection,
+    backbone: Backbone,
+    decided: tuple[tuple[float, ...] | None, tuple[float, ...] | None] | None = None,
+) -> AugmentedDataset:
+    """The deterministic resize + centre-crop view at the backbone's resolution and channels,
+    normalised as `decided` (a command's own `normalisation`), else as `normalisation` says."""
+    mean, std = decided if decided is not None else normalisation(data, backbone)
     enc = backbone.encoder
     transform = eval_transform(enc.img_size, enc.in_chans, mean, std, crop_pct=data.crop_pct)
     return AugmentedDataset(dataset, transform)

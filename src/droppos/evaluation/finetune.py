@@ -32,7 +32,7 @@ from droppos.engine.collectives import sum_over_ranks
 from droppos.engine.context import RunContext
 from droppos.engine.loop import StepResult, TrainLoop, build_loop, train_command
 from droppos.engine.precision import autocast
-from droppos.engine.strategy import full_model_state
+from droppos.engine.strategy import Strategy, full_model_state, shards_the_model
 from droppos.evaluation.backbone import BackboneSection, backbone_from
 from droppos.evaluation.datasets import (
     EvalDataSection,
@@ -43,7 +43,7 @@ from droppos.evaluation.datasets import (
 )
 from droppos.evaluation.metrics import as_percent, topk_correct
 from droppos.evaluation.report import write_results
-from droppos.interop.backbone import Backbone, build_vit, has_loaded_head
+from droppos.interop.backbone import Backbone, build_vit
 from droppos.interop.schema import Classifier, ClassifierWeights
 from droppos.sections import OptimSection, Sections, TrainRunSection, check_crop_scale
 
@@ -145,10 +145,10 @@ class FinetuneConfig(Sections):
 
     def validate(self) -> None:
         super().validate()
-        if self.model.ema and self.run.strategy == "fsdp":
+        if self.model.ema and shards_the_model(self.run.strategy):
             raise ValueError(
-                "--model.ema keeps a whole copy of the model, which --run.strategy fsdp does not "
-                "hold; use ddp, or --model.ema false"
+                f"--model.ema keeps a whole copy of the model, which --run.strategy "
+                f"{self.run.strategy} does not hold; use ddp, or --model.ema false"
             )
         a = self.augment
         if (a.mixup > 0 or a.cutmix > 0) and self.optim.batch_size % 2:
@@ -157,24 +157,10 @@ class FinetuneConfig(Sections):
             )
 
 
-def classifier(backbone: Backbone, config: FinetuneConfig, num_classes: int) -> VisionTransformer:
-    """The backbone with the recipe's head: pooled tokens -> (LayerNorm) -> Linear.
-
-    The positional embedding becomes a learnable parameter (fixed sin-cos in pre-training,
-    learnable in fine-tuning, as in MAE). A new head starts near zero (MAE: std 2e-5).
-    """
-    pool = config.model.global_pool
-    model = build_vit(
-        backbone,
-        num_classes=num_classes,
-        global_pool=pool,
-        fc_norm=pool == "avg",
-        drop_path_rate=config.model.drop_path_rate,
-    )
-    if not has_loaded_head(backbone, model):
-        trunc_normal_(model.head.weight, std=2e-5)
-        nn.init.zeros_(model.head.bias)
-    return model
+def near_zero_head(head: nn.Linear) -> None:
+    """MAE's start for a new classifier head: weights N(0, 2e-5) truncated, zero bias."""
+    trunc_normal_(head.weight, std=2e-5)
+    nn.init.zeros_(head.bias)
 
 
 def cross_entropy_sum(
@@ -197,6 +183,9 @@ class FinetuneMethod:
     context: RunContext
     backbone: Backbone
     splits: LabelledSplits
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    """The normalisation the run decided (`normalisation`): training, validation, the file."""
     # drop path and mixup draw from generators seeded per (epoch, batch, rank)
     split_invariant: bool = False
     epoch: int = 0
@@ -207,7 +196,7 @@ class FinetuneMethod:
 
     def __post_init__(self) -> None:
         config, env = self.config, self.context.env
-        val = eval_view(self.splits.val, config.data, self.backbone)
+        val = eval_view(self.splits.val, config.data, self.backbone, (self.mean, self.std))
         self.val_size = len(val)  # the whole split; each rank's loader holds its share
         self.val_loader = build_loader(
             Subset(val, range(env.rank, len(val), env.world_size)),
@@ -277,7 +266,7 @@ class FinetuneMethod:
             self.ema.update(self.model, step=step)
 
     def end_epoch(
-        self, engine_model: nn.Module, epoch: int, metrics: dict[str, float]
+        self, strategy: Strategy, epoch: int, metrics: dict[str, float]
     ) -> dict[str, Any]:
         found = self.evaluate(self.model)
         if self.ema is not None:
@@ -337,14 +326,13 @@ class FinetuneMethod:
 
     def describe(self) -> Classifier:
         """What a fine-tuned file says about itself, so that every command can read it back."""
-        mean, std = normalisation(self.config.data, self.backbone)
         return Classifier(
             encoder=self.backbone.encoder,
             global_pool=self.config.model.global_pool,
             num_classes=self.num_classes,
             classes=self.classes,
-            mean=mean,
-            std=std,
+            mean=self.mean,
+            std=self.std,
             source_checkpoint=self.backbone.source,
         )
 
@@ -357,18 +345,25 @@ def finetuning_loop(config: FinetuneConfig) -> TrainLoop:
     """
     config.validate()
     context = run_context.start(config.run)  # the same new head (and random backbone) everywhere
-    env = context.env
     backbone = backbone_from(config.model)
+    mean, std = normalisation(config.data, backbone)  # decided once: training, val, the file
     splits = labelled_splits(config.data)
-    model = classifier(backbone, config, splits.num_classes).to(env.device)
-
-    enc = backbone.encoder
-    mean, std = normalisation(config.data, backbone)
-    aug = config.augment
+    # The recipe's classifier: pooled tokens -> (LayerNorm) -> Linear, a new head near zero; its
+    # positional embedding becomes learnable (fixed sin-cos in pre-training, as in MAE).
+    pool = config.model.global_pool
+    model = build_vit(
+        backbone,
+        num_classes=splits.num_classes,
+        global_pool=pool,
+        fc_norm=pool == "avg",
+        drop_path_rate=config.model.drop_path_rate,
+        init_new_head=near_zero_head,
+    ).to(context.device)
+    enc, aug = backbone.encoder, config.augment
     transform = finetune_transform(
         enc.img_size, enc.in_chans, mean, std, config.data.crop_scale, aug.auto_augment, aug.reprob
     )
-    method = FinetuneMethod(model, config, context, backbone, splits)
+    method = FinetuneMethod(model, config, context, backbone, splits, mean, std)
     train_set = AugmentedDataset(
         splits.train, transform, seed=config.run.seed, on_bad_image=config.data.on_bad_image
     )

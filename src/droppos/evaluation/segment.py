@@ -50,7 +50,7 @@ from droppos.engine.context import RunContext
 from droppos.engine.logging import MetricWriter, write_config
 from droppos.engine.loop import StepResult, TrainLoop, build_loop, train_command
 from droppos.engine.precision import autocast
-from droppos.engine.strategy import full_model_state
+from droppos.engine.strategy import Strategy, full_model_state
 from droppos.evaluation.backbone import BackboneSection, backbone_from
 from droppos.evaluation.datasets import normalisation
 from droppos.evaluation.dense_heads import (
@@ -577,7 +577,7 @@ class SegmentationTraining:
         return segmentation_scores(sum_over_ranks({"c": confusion})["c"], classes)
 
     def end_epoch(
-        self, engine_model: nn.Module, epoch: int, metrics: dict[str, float]
+        self, strategy: Strategy, epoch: int, metrics: dict[str, float]
     ) -> dict[str, Any]:
         found = self.evaluate()
         files = {}

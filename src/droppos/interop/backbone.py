@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,18 +23,18 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from droppos._version import PACKAGE
 from droppos.interop.formats import from_hf_vit_state
 from droppos.interop.schema import (
     ExportSidecar,
     PretrainedModel,
     Segmenter,
     header_of,
+    legacy_pretraining,
     load_object,
     normalisation_of,
 )
 from droppos.models.encoder import EncoderConfig, ViTEncoder, pair
-from droppos.models.sizes import HEADS_BY_WIDTH, encoder_shape
+from droppos.models.sizes import HEADS_BY_WIDTH
 
 WRAPPER_KEYS = ("model", "state_dict", "model_ema", "module")
 PREFIXES = ("module.", "_orig_mod.")
@@ -158,18 +158,13 @@ class Backbone:
         return "avg" if self.has_fc_norm or self.num_classes == 0 else "token"
 
 
-def load_backbone(
-    checkpoint: str | Path, num_heads: int | None = None, random_shape: EncoderConfig | None = None
-) -> Backbone:
-    """A checkpoint file, or `random` (a fresh encoder of `random_shape`), as a Backbone.
+def load_backbone(checkpoint: str | Path, num_heads: int | None = None) -> Backbone:
+    """A checkpoint file (or a Hugging Face folder) as a Backbone; a fresh encoder is
+    `random_backbone`'s.
 
     Raises FileNotFoundError for a missing file and ValueError, naming what is wrong, for a
     file that holds no ViT encoder or whose shape cannot be told.
     """
-    if str(checkpoint) == "random":
-        if random_shape is None:
-            raise ValueError("a random backbone needs a shape")
-        return random_backbone(random_shape)
     path = Path(checkpoint)
     if path.is_dir() and (path / "config.json").is_file():
         return hf_backbone(path)
@@ -300,16 +295,18 @@ def build_vit(
     global_pool: str = "token",
     fc_norm: bool | None = None,
     drop_path_rate: float = 0.0,
+    init_new_head: Callable[[nn.Linear], None] | None = None,
     dynamic_img_size: bool = False,
 ) -> VisionTransformer:
     """timm's VisionTransformer with the backbone's weights.
 
     `num_classes=0` gives a feature extractor whose output is the pooled feature. `fc_norm`
     (default: as in the file) puts a LayerNorm after pooling instead of the final norm: the
-    MAE fine-tuning head, which drops the pre-trained final norm. A head is new (to be
-    initialised by the caller) unless the file has one of the same size; anything else that
-    does not fit raises ValueError naming the keys. `dynamic_img_size` takes images of any size
-    (a multiple of the patch), the positional embedding interpolated to their grid (timm's).
+    MAE fine-tuning head, which drops the pre-trained final norm. The file's head is kept when
+    it has the same size; otherwise the head is new, and `init_new_head` (if given) initialises
+    it. Anything else that does not fit raises ValueError naming the keys. `dynamic_img_size`
+    takes images of any size (a multiple of the patch), the positional embedding interpolated to
+    their grid (timm's).
     """
     enc = backbone.encoder
     model = VisionTransformer(
@@ -334,6 +331,7 @@ def build_vit(
             state = {k: v for k, v in state.items() if not k.startswith(prefix)}
     if "head.weight" in state and state["head.weight"].shape != own["head.weight"].shape:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    new_head = num_classes > 0 and "head.weight" not in state
     missing, unexpected, mismatched = key_differences(own, state)
     missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]  # a new head
     if missing or unexpected or mismatched:
@@ -341,14 +339,9 @@ def build_vit(
             f"{backbone.source}: " + describe_mismatch(missing, unexpected, mismatched)
         )
     model.load_state_dict(state, strict=False)
+    if new_head and init_new_head is not None:
+        init_new_head(model.head)
     return model
-
-
-def has_loaded_head(backbone: Backbone, model: nn.Module) -> bool:
-    """Whether `build_vit` kept the file's classifier (same class count) rather than a new one."""
-    head = getattr(model, "head", None)
-    weight = backbone.state.get("head.weight")
-    return isinstance(head, nn.Linear) and weight is not None and weight.shape == head.weight.shape
 
 
 def _metadata(content: Mapping[str, Any], path: Path) -> dict[str, Any]:
@@ -363,20 +356,9 @@ def _metadata(content: Mapping[str, Any], path: Path) -> dict[str, Any]:
             "std": std,
             "classes": getattr(header, "classes", None),
         }
-    config = content.get("config")
-    if isinstance(config, Mapping) and "model_name" in content:  # droppos 0.1 pre-training
-        section = config.get("model", {})
-        name = str(content["model_name"])
-        shape = encoder_shape(name[name.find("vit_") :]) if "vit_" in name else None
-        shape = shape or {}
-        data = config.get("data", {})
-        return {
-            "kind": f"{PACKAGE} pre-training checkpoint ({content['model_name']})",
-            "num_heads": section.get("num_heads") or shape.get("num_heads"),
-            "img_size": section.get("img_size"),
-            "mean": data.get("mean"),
-            "std": data.get("std"),
-        }
+    legacy = legacy_pretraining(content)
+    if legacy is not None:  # ours, droppos 0.1
+        return legacy
     exported = ExportSidecar.beside(path)
     if exported is not None:  # ours, `droppos export`
         return {"kind": "exported model", **exported}

@@ -35,6 +35,7 @@ import torch
 from droppos._version import PACKAGE, __version__
 from droppos.interop import sharded
 from droppos.models.encoder import EncoderConfig
+from droppos.models.sizes import encoder_shape
 
 KIND_KEY = PACKAGE  # {package name: "pretrain", "finetune" or "segment"} marks our checkpoints
 PRETRAIN, FINETUNE, SEGMENT = "pretrain", "finetune", "segment"
@@ -353,6 +354,22 @@ class Progress:
     step: int = 0
 
 
+PROGRESS_KEY = "progress"
+OLD_PROGRESS_KEY = "position"  # what older files call it (a patch's place, everywhere else)
+
+
+def progress_of(content: Mapping[str, Any]) -> Progress | None:
+    """Where the run that wrote a training checkpoint stood (None for any other file), read
+    under today's key or the older one."""
+    values = content.get(PROGRESS_KEY, content.get(OLD_PROGRESS_KEY))
+    if not isinstance(values, Mapping):
+        return None
+    known = {f.name: values.get(f.name, f.default) for f in dataclasses.fields(Progress)}
+    if not all(isinstance(v, int) for v in known.values()):
+        return None
+    return Progress(**known)
+
+
 @dataclass
 class TrainingCheckpoint:
     """A run's whole state (`last.pth`): what is trained, weights, optimiser, where it is, how its
@@ -379,7 +396,7 @@ class TrainingCheckpoint:
             **state,
             "optimizer": self.optimizer,
             "scaler": self.scaler,
-            "position": asdict(self.progress),
+            PROGRESS_KEY: asdict(self.progress),
             "geometry": self.geometry,
             "config": self.config,
             "method_state": self.method_state,
@@ -388,8 +405,9 @@ class TrainingCheckpoint:
     @classmethod
     def from_dict(cls, content: Mapping[str, Any], where: str) -> TrainingCheckpoint:
         header = header_of(content)
+        progress = progress_of(content)
         has_weights = "model" in content or "shards" in content
-        if header is None or "position" not in content or not has_weights:
+        if header is None or progress is None or not has_weights:
             raise ValueError(
                 f"cannot resume from {where}: not a {PACKAGE} training checkpoint (pick another "
                 "--run.output_dir)"
@@ -399,7 +417,7 @@ class TrainingCheckpoint:
             model=dict(content.get("model") or {}),
             optimizer=dict(content.get("optimizer") or {}),
             scaler=dict(content.get("scaler") or {}),
-            progress=Progress(**content["position"]),
+            progress=progress,
             geometry=dict(content.get("geometry") or {}),
             config=dict(content.get("config") or {}),
             method_state=dict(content.get("method_state") or {}),
@@ -425,10 +443,6 @@ class TrainingCheckpoint:
             return None
         return self.location.with_name(self.shards)
 
-    def data_normalisation(self) -> tuple[list[float] | None, list[float] | None]:
-        data = self.config.get("data") or {}
-        return data.get("mean"), data.get("std")
-
 
 @dataclass
 class ClassifierWeights:
@@ -449,6 +463,26 @@ class ClassifierWeights:
             "epoch": self.epoch,
             "top1": self.top1,
         }
+
+
+def legacy_pretraining(content: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What a droppos 0.1 pre-training checkpoint (its `model_name` beside its `config`) says of
+    its model, in the terms `interop/backbone.py` reads (kind, heads, image size, mean, std);
+    None for any other file. Its tensors carry the rest of the shape."""
+    config = content.get("config")
+    if not isinstance(config, Mapping) or "model_name" not in content:
+        return None
+    section = config.get("model", {})
+    name = str(content["model_name"])
+    shape = (encoder_shape(name[name.find("vit_") :]) if "vit_" in name else None) or {}
+    data = config.get("data", {})
+    return {
+        "kind": f"{PACKAGE} pre-training checkpoint ({name})",
+        "num_heads": section.get("num_heads") or shape.get("num_heads"),
+        "img_size": section.get("img_size"),
+        "mean": data.get("mean"),
+        "std": data.get("std"),
+    }
 
 
 def normalisation_of(content: Mapping[str, Any]) -> tuple[Any, Any]:

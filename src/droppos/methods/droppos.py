@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from droppos.methods.base import PositionPretext, PretrainBatch
+from droppos.methods.base import PositionPretext, PretrainBatch, StepResult
 from droppos.methods.registry import register_method
 from droppos.models.encoder import EncoderConfig, ViTEncoder, init_weights, transformer_blocks
 from droppos.models.pixel_decoder import PixelDecoderConfig, PixelDecoderParts, reconstruct_pixels
@@ -466,7 +466,7 @@ class DropPos(PositionPretext):
         normalisers = {"position": output.position_normaliser.detach()}
         if output.masked_patches is not None:
             normalisers["pixel"] = output.masked_patches.sum().float()
-        return self.step_result(
+        return StepResult(
             normalisers,
             lambda total: output.global_loss(total["position"], total.get("pixel")),
             output.metric_sums(),

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from droppos.methods.base import PretrainBatch, PretrainingMethod
+from droppos.methods.base import PretrainBatch, PretrainingMethod, StepResult
 from droppos.methods.registry import register_method
 from droppos.models.encoder import EncoderConfig, ViTEncoder, init_weights
 from droppos.models.pixel_decoder import PixelDecoderConfig, PixelDecoderParts, reconstruct_pixels
@@ -135,7 +135,7 @@ class MAE(PretrainingMethod):
     def forward(self, engine_model: nn.Module, batch: PretrainBatch, cache: None) -> Any:
         images, (patch_noise,) = batch.images, batch.noise
         output = engine_model(images, patch_noise=patch_noise)
-        return self.step_result(
+        return StepResult(
             {"pixel": output.masked.sum().float()},
             lambda total: output.global_loss(total["pixel"]),
             output.metric_sums(),

@@ -26,6 +26,7 @@ from droppos.data.pipeline import AugmentedDataset
 from droppos.data.transforms import eval_transform, mean_std
 from droppos.engine.collectives import world_and_rank
 from droppos.engine.context import RunContext
+from droppos.engine.strategy import Strategy
 from droppos.evaluation.datasets import EvalDataSection, labelled_splits
 from droppos.evaluation.features import extract_features
 from droppos.evaluation.knn import knn_accuracy
@@ -114,21 +115,17 @@ class Monitors:
         return AugmentedDataset(Subset(dataset, indices), transform, on_bad_image="skip")
 
     @torch.no_grad()
-    def measure(self, encoder: nn.Module) -> dict[str, float]:
-        """{"monitor_knn_top1", "monitor_position_top1"} (%) of `encoder` as it is now."""
+    def measure(self, encoder: nn.Module, strategy: Strategy) -> dict[str, float]:
+        """{"monitor_knn_top1", "monitor_position_top1"} (%) of `encoder` as it is now (the
+        strategy hands it over whole: the monitors call its parts, not its forward)."""
         devices = [self.context.device] if self.context.device.type == "cuda" else []
         was_training = encoder.training
-        sharded = hasattr(encoder, "unshard")  # FSDP2: the root's own parameters gathered
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), strategy.gathered(encoder) as whole:
             try:
-                encoder.eval()
-                if sharded:
-                    encoder.unshard()
-                return {**self._knn(encoder), **self._position_probe(encoder)}
+                whole.eval()
+                return {**self._knn(whole), **self._position_probe(whole)}
             finally:
-                if sharded:
-                    encoder.reshard()
-                encoder.train(was_training)
+                whole.train(was_training)
 
     def _knn(self, encoder: nn.Module) -> dict[str, float]:
         train, val = self.splits.train, self.splits.val

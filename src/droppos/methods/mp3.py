@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from droppos.methods.base import PositionPretext, PretrainBatch
+from droppos.methods.base import PositionPretext, PretrainBatch, StepResult
 from droppos.methods.registry import register_method
 from droppos.models.encoder import EncoderConfig, ViTEncoder, init_weights
 from droppos.models.sizes import demo_encoder
@@ -162,7 +162,7 @@ class MP3(PositionPretext):
     def forward(self, engine_model: nn.Module, batch: PretrainBatch, cache: None) -> Any:
         images, (patch_noise,) = batch.images, batch.noise
         output = engine_model(images, target_map=self.target_map, patch_noise=patch_noise)
-        return self.step_result(
+        return StepResult(
             {"position": output.patches},
             lambda total: output.global_loss(total["position"]),
             output.metric_sums(),

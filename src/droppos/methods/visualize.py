@@ -1,17 +1,21 @@
-"""`droppos visualize`: pictures of the jigsaw a pre-training checkpoint solves."""
+"""Pictures of the jigsaw a method solves: a pre-training run's, every few epochs, and
+`droppos visualize`'s, of a checkpoint."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
+from torch import nn
 
 from droppos.data.transforms import mean_std
+from droppos.engine.collectives import computed_by_rank0
 from droppos.engine.distributed import resolve_device
-from droppos.interop.schema import load_object, normalisation_of
-from droppos.methods.base import draw_pictures
+from droppos.interop.schema import load_object, normalisation_of, progress_of
+from droppos.methods.base import PretrainingMethod
 from droppos.methods.registry import method_named, pretrained_model
 from droppos.sections import (
     DEFAULT_CHECKPOINT,
@@ -19,7 +23,77 @@ from droppos.sections import (
     OutputSection,
     Sections,
 )
-from droppos.visual.jigsaw import picture_batch, save_pictures
+from droppos.visual.jigsaw import draw_jigsaw, picture_batch, save_pictures
+
+RUN_PICTURES = 4  # images a pre-training run draws every --run.pictures_every epochs
+
+
+def picture_noise(
+    method: type[PretrainingMethod], config: Any, count: int, seed: int, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """The masks of the pictures: the method's noise for `count` images, drawn from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = method.noise_lengths(config)
+    return tuple(torch.rand(count, n, generator=generator).to(device) for n in lengths)
+
+
+def draw_pictures(
+    method: type[PretrainingMethod],
+    config: Any,
+    model: nn.Module,
+    images: torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    seed: int,
+    caption: str = "",
+) -> list[Any]:
+    """One picture per image of the jigsaw `model` solves (none if the method solves none),
+    captioned with what it shows (checkpoint or run, epoch)."""
+    was_training = model.training
+    noise = picture_noise(method, config, len(images), seed, images.device)
+    view = method.jigsaw(model, images, noise)
+    model.train(was_training)
+    return [] if view is None else draw_jigsaw(images, view, mean, std, caption)
+
+
+@dataclass
+class RunPictures:
+    """A pre-training run's pictures: the jigsaw of a few fixed images every
+    `--run.pictures_every` epochs, into output_dir/pictures (and TensorBoard)."""
+
+    method: type[PretrainingMethod]
+    config: Any
+    """The `pretrain` command's whole configuration."""
+    device: torch.device
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    images: torch.Tensor | None = None
+
+    def due(self, epoch: int) -> bool:
+        every = self.config.run.pictures_every
+        return bool(every) and (epoch + 1) % every == 0 and self.method.draws_jigsaw()
+
+    def draw(self, model: nn.Module, epoch: int, is_main: bool) -> dict[str, Any]:
+        """On every rank (a sharded model runs collectively); the main rank writes the files.
+        -> {"jigsaw/i": picture} for TensorBoard."""
+        data, encoder = self.config.data, self.config.model.encoder
+        if self.images is None:
+            images = picture_batch(
+                data.source, encoder.img_size, encoder.in_chans, RUN_PICTURES, self.mean,
+                self.std, computed_by_rank0,
+            )  # fmt: skip
+            self.images = images.to(self.device)
+        caption = f"{self.method.name}, epoch {epoch + 1} of {self.config.optim.epochs}"
+        drawn = draw_pictures(
+            self.method, self.config.model, model, self.images, self.mean, self.std,
+            self.config.run.seed, caption,
+        )  # fmt: skip
+        if not drawn:
+            return {}
+        if is_main:
+            folder = Path(self.config.run.output_dir) / "pictures"
+            save_pictures(drawn, folder, f"epoch-{epoch + 1:04d}")
+        return {f"jigsaw/{i}": np.asarray(picture) for i, picture in enumerate(drawn)}
 
 
 @dataclass
@@ -59,7 +133,8 @@ class PictureRunSection(OutputSection):
 
 @dataclass
 class VisualizeConfig(Sections):
-    """Pictures of the jigsaw a pre-training checkpoint solves (DropPos: the decoder is needed)."""
+    """Pictures of the jigsaw a pre-training checkpoint solves (its whole model: the method's
+    decoder or head too, not an exported encoder)."""
 
     model: PictureModelSection = field(default_factory=PictureModelSection)
     data: PictureDataSection = field(default_factory=PictureDataSection)
@@ -82,10 +157,9 @@ def visualize_checkpoint(
     mean, std = mean_std(encoder.in_chans, *normalisation_of(content))
     images = picture_batch(source, encoder.img_size, encoder.in_chans, count, mean, std)
     config = method.config_from_plain(header.model_config)
-    progress = content.get("position")  # where the run stood: epochs done, steps taken
-    done = progress.get("epoch") if isinstance(progress, dict) else None
+    progress = progress_of(content)  # where the run stood: epochs done, steps taken
     caption = f"{Path(checkpoint).name} ({header.method}" + (
-        f", after {done} epoch(s))" if isinstance(done, int) else ")"
+        f", after {progress.epoch} epoch(s))" if progress is not None else ")"
     )
     pictures = draw_pictures(
         method, config, model.to(device), images.to(device), mean, std, seed, caption

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import torch
 from timm.layers import PatchEmbed
@@ -259,12 +258,4 @@ class ViTEncoder(nn.Module):
         """Tokens and fixed tables; biases and norms are excluded by dimensionality."""
         return {name for name, _ in self.named_parameters() if name.endswith("_token")} | {
             "pos_embed"
-        }
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """Layer groups for layer-wise lr decay, in timm's format."""
-        return {
-            "stem": r"^cls_token|^pos_embed|^patch_embed|^mask_pos_token",
-            "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
         }

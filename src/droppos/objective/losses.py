@@ -45,22 +45,6 @@ def position_loss(
     return (weights * cross_entropy).sum() / normaliser.float().clamp_min(1e-12)
 
 
-def position_accuracy(
-    logits: torch.Tensor, target_positions: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
-    """`sum(m * [argmax == true]) / sum(m)`; with m = the dropped mask, the plain accuracy."""
-    hits, total = weighted_hits(logits, target_positions, weights)
-    return hits / total.clamp_min(1e-12)
-
-
-def weighted_hits(
-    logits: torch.Tensor, target_positions: torch.Tensor, weights: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(sum(m * [argmax == true]), sum(m))`: an accuracy as a ratio that adds up over shards."""
-    _check_tokens(logits, target_positions=target_positions, weights=weights)
-    return weighted_sum(correct_positions(logits, target_positions), weights)
-
-
 def correct_positions(logits: torch.Tensor, target_positions: torch.Tensor) -> torch.Tensor:
     """[N, V] float: 1 where the most likely position [N, V, L] is the true one [N, V]."""
     return (logits.argmax(dim=-1) == target_positions).float()
