@@ -72,7 +72,7 @@ def visualize_checkpoint(
 ) -> list[Path]:  # fmt: skip
     """Pictures of `count` images of `source` for a pre-training checkpoint."""
     content = load_object(checkpoint)
-    header, model = pretrained_model(content)
+    header, model = pretrained_model(content, checkpoint)
     method = method_named(header.method)
     if not method.draws_jigsaw():
         raise ValueError(
