@@ -169,7 +169,8 @@ class PretrainingMethod(abc.ABC):
             if self._monitors:  # on every rank: features are extracted sharded
                 found["metrics"].update(self._monitors.measure(self.model))
         every = self.config.run.pictures_every
-        if every and (epoch + 1) % every == 0 and self.draws_jigsaw():
+        last = epoch + 1 == self.config.optim.epochs  # a short run draws one at its end
+        if every and ((epoch + 1) % every == 0 or last) and self.draws_jigsaw():
             pictures = self.pictures(epoch)  # on every rank: a sharded model runs collectively
             if pictures and self.context.is_main:
                 found["images"] = pictures

@@ -188,5 +188,6 @@ class MP3(PositionPretext):
             logits=out.position_logits,
             attention=out.context,
             titles=("input", "every patch placed", "predicted places", "error (cells)", "context"),
-            heat_label="in the context (1) or not (0)",
+            heat_label="context",
+            heat_states=("not in the context", "in the context"),
         )
