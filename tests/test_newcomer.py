@@ -73,6 +73,8 @@ def test_the_configuration_reference_has_every_command_and_method():
         assert f"\n## {command}\n" in reference
     for method in method_names():
         assert f"--model.name {method}" in reference
+    mae = reference.split("### `--model.name mae`")[1].split("\n## ")[0]
+    assert "`--model.patch_mask_ratio`" in mae  # each method's own options, not only its encoder
     assert "`--knn.k`" in reference and "`--head.name" in reference  # segment, automatically
 
 

@@ -24,10 +24,10 @@ def option_row(parser: ArgumentParser, action: Action) -> str:
 
 def section_of(group: object) -> str:
     """The configuration section a group of options belongs to (`--model.encoder.depth` ->
-    model), or "" for the command's own options (`--config`)."""
+    model; the command's own options: `--config` -> config)."""
     actions = [a for a in group._group_actions if a.option_strings]  # type: ignore[attr-defined]
     first = actions[0].option_strings[-1].removeprefix("--") if actions else ""
-    return first.split(".")[0] if "." in first else ""
+    return first.split(".")[0]  # `--model` (the section's own YAML) or `--model.name`
 
 
 def groups_markdown(parser: ArgumentParser, sections: set[str] | None, level: str) -> list[str]:
