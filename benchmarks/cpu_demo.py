@@ -6,7 +6,7 @@ speed drifts moves both alike; the ratio is taken pair by pair and its median re
 baseline runs from a `git worktree` of `--baseline`, with the same interpreter and packages.
 `--busy` keeps one other process spinning on a core throughout (a shared machine). `--steps`
 instead times one training step of each pretext on the demo (batch 64, one process, the step
-timer of `benchmarks/gpu.py`): README's "Choosing a pretext" table.
+timer of `benchmarks/gpu.py`): the "Choosing a pretext" table of docs/guide/pretraining.md.
 
     python benchmarks/cpu_demo.py --json benchmarks/results/cpu_demo.json
     python benchmarks/cpu_demo.py --busy --pairs 2 --json benchmarks/results/cpu_demo_busy.json \

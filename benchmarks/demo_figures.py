@@ -1,17 +1,18 @@
-"""Every figure README quotes for the built-in demo, from one command, into one JSON.
+"""Every figure the documentation quotes for the built-in demo, from one command, into one JSON.
 
     python benchmarks/demo_figures.py --output-dir runs/demo-figures \
         --json benchmarks/results/demo_figures.json
 
-Runs what README's demo sections say a user runs, with their defaults, each in its own process
-as a user would: DropPos and MP3 pre-training, kNN and linear probe (mean token and `[CLS]`) of
-the pre-trained and the freshly initialised encoder, 10-epoch fine-tuning of both, the position
-probe of the four encoders at 0.75 and 0 dropped, order sensitivity of both classifiers, and the
-raw-pixel floor (the same kNN and linear-probe code on the standardised pixels). Every command's
-own results.json / summary.json is kept whole, with its wall time; the machine (CPU, bf16 or
-not, threads) is recorded beside them. Resumable: a finished step's JSON is not recomputed.
-`tests/test_docs.py` checks README's demo figures against the committed JSON. About 20 minutes
-on a 2-core CPU with native bf16.
+Runs what the documentation's demo sections say a user runs, with their defaults, each in its
+own process as a user would: DropPos and MP3 pre-training, kNN and linear probe (mean token and
+`[CLS]`) of the pre-trained and the freshly initialised encoder, 10-epoch fine-tuning of both,
+the position probe of the four encoders at 0.75 and 0 dropped, order sensitivity of both
+classifiers, and the raw-pixel floor (the same kNN and linear-probe code on the standardised
+pixels). Every command's own results.json / summary.json is kept whole, with its wall time; the
+machine (CPU, bf16 or not, threads) is recorded beside them. Resumable: a finished step's JSON
+is not recomputed.
+`tests/test_docs.py` checks the pages' demo figures (tests/demo_figure_quotes.txt) against the
+committed JSON. About 20 minutes on a 2-core CPU with native bf16.
 """
 
 from __future__ import annotations

@@ -827,13 +827,18 @@ def plot(summaries: list[dict[str, Any]], rows: list[Row], root: Path, report: P
     if not labelled:
         return
     figure, axis = plt.subplots(figsize=(8, 5))
+    markers, styles = "osD^vP*X", ["-", "--", "-.", ":"]
     for i, s in enumerate(labelled):
         budgets = s["labels"]["budgets"].values()
-        xs = [b["images"] for b in budgets]
+        # Rows that score alike would hide one another: each is nudged sideways a little (on
+        # the log axis) and has its own marker and line style.
+        nudge = 1.04 ** (i - (len(labelled) - 1) / 2)
+        xs = [b["images"] * nudge for b in budgets]
         means = [statistics.fmean(r["test_top1"] for r in b["seeds"]) for b in budgets]
         spread = [statistics.stdev([r["test_top1"] for r in b["seeds"]])
                   if len(b["seeds"]) > 1 else 0.0 for b in budgets]  # fmt: skip
-        axis.errorbar(xs, means, yerr=spread, marker="o", capsize=3, label=s["row"],
+        axis.errorbar(xs, means, yerr=spread, marker=markers[i % len(markers)], capsize=3,
+                      linestyle=styles[i % len(styles)], label=s["row"],
                       color=plt.get_cmap("tab10")(i % 10))  # fmt: skip
     axis.set_xscale("log")
     axis.set(xlabel="labelled training images (log scale)", ylabel="top-1 on the test split (%)",

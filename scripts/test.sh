@@ -5,4 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+# the documentation site, warnings as errors: a broken link or docstring reference fails here
+.venv/bin/mkdocs build --strict --quiet --site-dir build/site
 .venv/bin/python -m pytest -q -m "not slow" "$@"

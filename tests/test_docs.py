@@ -18,6 +18,11 @@ from droppos.models.pixel_decoder import PixelDecoderConfig
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
 DOCS = ROOT / "docs"
+# What a user reads: the front page, the site's pages, and the pages the site takes from
+# benchmarks/ (docs/hooks.py). A figure or an option may live on any of them.
+PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md")), ROOT / "benchmarks" / "STUDY.md",
+         ROOT / "benchmarks" / "RESULTS.md"]  # fmt: skip
+USER_TEXT = "\n\n".join(page.read_text() for page in PAGES)
 
 
 def every_option() -> set[str]:
@@ -32,27 +37,30 @@ def every_option() -> set[str]:
     return options
 
 
-def test_every_option_the_readme_names_exists():
+def test_every_option_the_pages_name_exists():
     known = every_option()
-    named = set(re.findall(r"(--[a-z_]+(?:\.[a-z_]+)+)", README))
+    named = set(re.findall(r"(--[a-z_]+(?:\.[a-z_]+)+)", USER_TEXT))
     assert len(named) > 30
     prefixes = {o.rsplit(".", 1)[0] for o in known}  # a section named on its own: `--optim.*`
     # an option inside the optional nested config `--model.pixel_branch` (a field of it)
     nested = {f"--model.pixel_branch.{f.name}" for f in fields(PixelDecoderConfig)}
-    refused_examples = {"--optim.e"}  # README's example of an abbreviation droppos refuses
+    # examples of what droppos refuses: an abbreviation, another library's name
+    refused_examples = {"--optim.e", "--optim.learning_rate", "--optim.lr=abc"}
     unknown = sorted(n for n in named if n not in known | prefixes | nested | refused_examples)
     assert not unknown, unknown
 
 
-def test_the_readme_describes_the_demo_preset_as_it_is():
+def test_the_pages_describe_the_demo_preset_as_it_is():
     preset = yaml.safe_load((ROOT / "src/droppos/configs/tiny_cpu.yaml").read_text())
     encoder = preset["model"]["encoder"]
     side = encoder["img_size"] // encoder["patch_size"]
-    assert f"{encoder['depth']}-block ViT-Tiny" in README
-    assert f"{encoder['patch_size']}x{encoder['patch_size']} patches" in README
-    assert f"{side}x{side} grid of {side * side} positions" in README
-    assert f"for {preset['optim']['epochs']} epochs" in README
-    depths = {int(d) for d in re.findall(r"(\d+)-block ViT-Tiny", README)}
+    demo = (DOCS / "results" / "demo.md").read_text()
+    assert f"{encoder['depth']}-block ViT-Tiny" in demo
+    assert f"{encoder['patch_size']}x{encoder['patch_size']} patches" in demo
+    assert f"{side}x{side} grid of {side * side} positions" in demo
+    for text in (README, demo):
+        assert f"for {preset['optim']['epochs']} epochs" in text
+    depths = {int(d) for d in re.findall(r"(\d+)-block ViT-Tiny", USER_TEXT)}
     assert depths == {encoder["depth"]}  # no other depth claimed anywhere
 
 
@@ -71,7 +79,7 @@ def test_the_pages_exist_and_name_only_modules_that_exist(page):
 
 
 def test_nothing_points_at_a_spec_users_do_not_have():
-    for path in [ROOT / "README.md", *sorted((ROOT / "src").rglob("*.py"))]:
+    for path in [*PAGES, *sorted((ROOT / "src").rglob("*.py"))]:
         assert not re.search(r"SPEC\b", path.read_text()), path
     for path in sorted((ROOT / "src/droppos/configs").glob("*.yaml")):
         assert "SPEC" not in path.read_text(), path
@@ -162,21 +170,31 @@ def test_method_names_are_spelled_only_in_the_methods_package():
     assert spelled and all(path.startswith("methods/") for path in spelled), spelled
 
 
-# -- README's demo figures, against the JSON the script that measured them wrote --------------
+# -- the pages' demo figures, against the JSON the script that measured them wrote ------------
 
 FIGURES = ROOT / "benchmarks" / "results" / "demo_figures.json"
 
-QUOTES = Path(__file__).with_name("readme_demo_quotes.txt")
+QUOTES = Path(__file__).with_name("demo_figure_quotes.txt")
 
 
-def demo_quotes() -> list[str]:
-    """The templates of README's demo figures (tests/readme_demo_quotes.txt)."""
-    text = "\n".join(x for x in QUOTES.read_text().splitlines() if not x.startswith("#"))
-    return [quote.strip() for quote in text.split("\n---\n") if quote.strip()]
+def demo_quotes() -> list[tuple[str, str]]:
+    """(page, template) of each of the pages' demo figures (tests/demo_figure_quotes.txt): a
+    `# page: PATH` line names the page of the quotes that follow it."""
+    quotes, page, lines = [], "README.md", []
+    for line in [*QUOTES.read_text().splitlines(), "---"]:
+        if line.startswith("# page: "):
+            page = line.removeprefix("# page: ").strip()
+        elif line == "---":
+            if "\n".join(lines).strip():
+                quotes.append((page, "\n".join(lines).strip()))
+            lines = []
+        elif not line.startswith("#"):
+            lines.append(line)
+    return quotes
 
 
 def about(value: float) -> str:
-    """A wall time as README rounds it: two significant digits (132 -> 130, 9.4 -> 9.4)."""
+    """A wall time as the pages round it: two significant digits (132 -> 130, 9.4 -> 9.4)."""
     return f"{float(f'{value:.2g}'):g}"
 
 
@@ -211,17 +229,17 @@ def squeeze(text: str) -> str:
     return " ".join(text.split())
 
 
-def test_readme_quotes_the_demo_figures_the_script_measured():
+def test_the_pages_quote_the_demo_figures_the_script_measured():
+    """Each quote is found on the page it names (`# page: docs/...` above it in the file)."""
     data = json.loads(FIGURES.read_text())
     assert len(demo_quotes()) >= 12
-    readme = squeeze(README)
     missing = [
-        rendered
-        for template in demo_quotes()
-        if (rendered := squeeze(render(template, data))) not in readme
+        f"{page}: {rendered}"
+        for page, template in demo_quotes()
+        if (rendered := squeeze(render(template, data))) not in squeeze((ROOT / page).read_text())
     ]
-    assert not missing, "README does not say (benchmarks/demo_figures.py measured):\n" + "\n".join(
-        missing
+    assert not missing, "the pages do not say (benchmarks/demo_figures.py measured):\n" + (
+        "\n".join(missing)
     )
 
 

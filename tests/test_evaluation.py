@@ -377,7 +377,7 @@ def test_torchrun_two_processes_give_the_single_process_results(tmp_path, shaded
     shape = finetune_args(tmp_path, shaded_folder)[1:17]  # the random encoder and the data
     for processes in (1, 2):
         out = tmp_path / f"knn-{processes}"
-        launch(["knn", *shape, "--run.output_dir", str(out), *QUIET], processes)
+        launch(["knn", *shape, "--knn.k", "10", "--run.output_dir", str(out), *QUIET], processes)
     one, two = results(tmp_path / "knn-1"), results(tmp_path / "knn-2")
     assert (one["top1"], one["top5"]) == (two["top1"], two["top5"])
 

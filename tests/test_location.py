@@ -22,7 +22,14 @@ from droppos.evaluation.position_probe import (
 )
 from droppos.visual.jigsaw import (
     ERROR_KEY,
+    FRAME,
+    HIDDEN,
+    KEPT,
+    NEXT_BEST,
+    STATES,
+    JigsawView,
     assign_cells,
+    draw_jigsaw,
     heat,
     heat_levels,
     place_patches,
@@ -94,6 +101,68 @@ def test_shuffling_patches_matters_only_to_a_model_with_positions():
             model, images, "shuffled_patches", torch.Generator().manual_seed(0)
         )
         assert torch.allclose(intact, shuffled, atol=1e-5) != changes
+
+
+def drawn(view: JigsawView) -> np.ndarray:
+    """The one picture of a black 32x32 image (a dark background everywhere) under `view`."""
+    images = torch.zeros(1, 1, 32, 32)
+    (picture,) = draw_jigsaw(images, view, (0.0,), (1.0,))
+    return np.asarray(picture.convert("RGB"))
+
+
+def has(pixels: np.ndarray, colour: np.ndarray) -> bool:
+    """Whether `colour` fills a 4x4 block somewhere (a swatch or a frame's corner, not a pixel
+    of a letter's anti-aliased edge)."""
+    same = (pixels == colour).all(axis=-1)
+    blocks = same[:-3, :-3] & same[1:-2, 1:-2] & same[2:-1, 2:-1] & same[3:, 3:]
+    blocks &= same[:-3, 3:] & same[3:, :-3]
+    return bool(blocks.any())
+
+
+def test_hidden_patches_stand_out_from_a_black_background():
+    assert HIDDEN.min() > 100 and HIDDEN.max() - HIDDEN.min() > 60  # bright, and not a grey
+
+
+def test_two_patches_claiming_one_cell_are_both_drawn_and_the_move_is_marked():
+    visible = torch.tensor([[0, 5, 10]])
+    logits = torch.full((1, 3, L), -10.0)
+    logits[0, 0, 0], logits[0, 1, 0], logits[0, 2, 10] = 9.0, 5.0, 9.0  # 0 and 5 claim cell 0
+    view = JigsawView(GRID, 8, visible, torch.tensor([[True, True, False]]), logits,
+                      torch.full((1, L), 1 / L))  # fmt: skip
+    pixels = drawn(view)
+    panel3 = pixels[24 : 24 + 192, 8 + 2 * 200 : 8 + 2 * 200 + 192]  # 32 px drawn 6x, 8 apart
+    assert has(panel3, NEXT_BEST)  # the patch that lost its cell is framed where it went
+    key = pixels[24 + 192 :]
+    for colour in (FRAME, KEPT, HIDDEN, NEXT_BEST):
+        assert has(key, colour), colour
+
+
+def test_a_yes_no_map_gets_two_colours_and_only_the_keys_that_apply():
+    every = torch.arange(L)[None]
+    view = JigsawView(GRID, 8, every, torch.ones(1, L, dtype=torch.bool),
+                      torch.nn.functional.one_hot(every, L).float() * 10,
+                      (torch.arange(L)[None] % 2).float(),
+                      heat_states=("not in the context", "in the context"))  # fmt: skip
+    pixels = drawn(view)
+    heat_panel = pixels[24 : 24 + 192, -8 - 192 : -8]
+    colours = {tuple(c) for c in heat_panel.reshape(-1, 3)}
+    assert colours == {tuple(STATES[0]), tuple(STATES[1])}  # no continuous scale
+    key = pixels[24 + 192 :]
+    assert has(key, STATES[0]) and has(key, STATES[1])
+    for colour in (FRAME, KEPT, HIDDEN, NEXT_BEST):  # every position dropped, every patch seen
+        assert not has(key, colour), colour
+
+
+def test_a_run_shorter_than_pictures_every_draws_its_last_epoch(tmp_path):
+    args = [
+        "pretrain", "--model.encoder.embed_dim", "32", "--model.encoder.depth", "1",
+        "--model.encoder.num_heads", "2", "--model.decoder_embed_dim", "32",
+        "--model.decoder_num_heads", "2", "--optim.epochs", "1", "--optim.batch_size", "256",
+        "--run.output_dir", str(tmp_path), "--run.pictures_every", "5",
+        "--run.monitor_every", "-1", *QUIET,
+    ]  # fmt: skip
+    assert main(args) == 0
+    assert len(list((tmp_path / "pictures").glob("epoch-0001-*.png"))) == 4
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ line and an exit status.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
 import sys
@@ -22,11 +23,18 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
+from jsonargparse import (
+    ActionConfigFile,
+    ArgumentParser,
+    DefaultHelpFormatter,
+    Namespace,
+    set_parsing_settings,
+)
 
-from droppos._version import PACKAGE
+from droppos._version import PACKAGE, __version__
 from droppos.data import write_shards
 from droppos.data.decode import BadImageError
+from droppos.engine.context import RUN_MARKER
 from droppos.engine.distributed import shutdown_distributed
 from droppos.engine.guards import RunStopped
 from droppos.evaluation import (
@@ -106,11 +114,20 @@ class UsageError(Exception):
     """A command-line mistake, as one line (the usage is for `--help`)."""
 
 
+class HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help, except where an option states its own type: `--model.name` lists
+    every registered method, where its annotation names only the section's own."""
+
+    def _get_type_str(self, action: Any) -> str | None:
+        return getattr(action, "type_in_help", None) or super()._get_type_str(action)
+
+
 class Parser(ArgumentParser):
     """jsonargparse without prefix abbreviations, whose errors are one line, not a usage dump."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
@@ -130,13 +147,34 @@ def methods_taking(option: str) -> list[str]:
     ]
 
 
+# Names other libraries give droppos's options (`--optim.learning_rate`): each -> droppos's names,
+# the first one a command has being suggested (linprobe sweeps `--probe.base_lrs`, not `lr`).
+SYNONYMS = {
+    "learning_rate": ("lr", "base_lr", "base_lrs"),
+    "lr": ("lr", "base_lr", "base_lrs"),
+    "base_lr": ("base_lr", "base_lrs"),
+    "lrs": ("base_lrs",),
+    "wd": ("weight_decay",),
+    "bs": ("batch_size",),
+    "batch": ("batch_size",),
+    "epoch": ("epochs",),
+    "num_epochs": ("epochs",),
+}
+
+
 def closest_option(option: str, known: list[str]) -> str | None:
     """The option a typo most likely meant: one the typed text begins (`--optim.e` ->
-    `--optim.epochs`, the shortest such), else the closest spelling in any section
+    `--optim.epochs`, the shortest such), else droppos's name for another library's
+    (`--optim.learning_rate` -> `--optim.lr`), else the closest spelling in any section
     (`--optm.epochs` -> `--optim.epochs`), else None. Never applied, only suggested."""
     started = [k for k in known if k.startswith(option) and k != option]
     if started:
         return min(started, key=len)
+    section, _, leaf = option.removeprefix("--").rpartition(".")
+    for synonym in SYNONYMS.get(leaf, ()):
+        named = [k for k in known if k.rsplit(".", 1)[-1] == synonym]
+        if named:  # the typed section first (`--optim.lr`), else any (`--probe.base_lrs`)
+            return min(named, key=lambda k: (not k.startswith(f"--{section}."), len(k)))
     close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
     if close:
         return close[0]
@@ -178,11 +216,19 @@ def usage_line(message: str, parser: ArgumentParser) -> str:
             reason = next(
                 (x for x in lines if x.startswith(("Expected", "Given value", "Does not"))), ""
             )
+            union = re.search(r"Subtypes: \[(.*)\]", message)
+            given = re.search(r"Given value: (.*)", message)
+            if key and union and given:  # `float | None`: name the types, not "Union subtypes"
+                types = re.findall(r"<class '(\w+)'>|(\w+\[.*?\])", union.group(1))
+                names = [("null" if t == "NoneType" else t) or g for t, g in types]
+                return f"--{key.group(1)}: expected {' or '.join(names)}, got {given.group(1)!r}"
             if key:
                 reason = re.sub(r"<class '(\w+)'>", r"\1", reason or line)
                 reason = re.sub(r"typing\.Literal\[(.*)\]", r"one of \1", reason)
                 wrong = re.match(r"Expected an? (.*)\. Got value: (.*)", reason)
-                if wrong:
+                if wrong and wrong.group(1) == "list":  # `--help` shows [ITEM,...]
+                    reason = f"expected a list, such as 1,2 or [1,2], got {wrong.group(2)!r}"
+                elif wrong:
                     reason = f"expected {wrong.group(1)}, got {wrong.group(2)!r}"
                 return f"--{key.group(1)}: {reason}"
     return lines[0] if lines else "invalid command line (--help lists the options)"
@@ -314,7 +360,20 @@ def command_parser(command: str, chosen: dict[str, str] | None = None) -> Argume
             name = (chosen or {}).get(f.name, fallback)
             default = options()[name if name in options() else fallback]()
         sub.add_class_arguments(type(default), f.name, default=default, fail_untyped=True)
+        if choices is not None:
+            name_option(sub, f.name, list(options()))
     return sub
+
+
+def name_option(parser: ArgumentParser, section: str, names: list[str]) -> None:
+    """`--SECTION.name` in `--help`: every variant, and how to see another's options."""
+    action = next(a for a in parser._actions if f"--{section}.name" in a.option_strings)
+    action.metavar = "{" + ",".join(names) + "}"
+    action.type_in_help = "one of " + ", ".join(names)
+    action.help = (
+        f"Which variant this section configures; the options listed here are {action.default}'s "
+        f"(`--{section}.name NAME --help` lists another's)."
+    )
 
 
 def build_parser(chosen: dict[str, str] | None = None) -> ArgumentParser:
@@ -322,6 +381,7 @@ def build_parser(chosen: dict[str, str] | None = None) -> ArgumentParser:
         prog=PACKAGE,
         description="DropPos: pre-train Vision Transformers by reconstructing dropped positions.",
     )
+    parser.add_argument("--version", action="version", version=f"{PACKAGE} {__version__}")
     commands = parser.add_subcommands(dest="command", required=True)
     for name, spec in COMMANDS.items():
         commands.add_subcommand(name, command_parser(name, chosen), help=spec.help)
@@ -341,6 +401,27 @@ def parser_for(argv: list[str]) -> ArgumentParser:
                 )
             chosen[section] = name
     return build_parser(chosen)
+
+
+LIST_METAVAR = "[ITEM,...]"  # what `--help` shows for a list option
+
+
+def bracket_lists(argv: list[str], parser: ArgumentParser) -> list[str]:
+    """`--probe.base_lrs 3,10` as `--probe.base_lrs [3,10]`: a list option takes the
+    comma-separated values its `--help` line ([ITEM,...]) shows, brackets or not."""
+    subcommands = parser._subcommands_action._name_parser_map  # type: ignore[attr-defined]
+    sub = subcommands.get(argv[0]) if argv else None
+    if sub is None:
+        return argv
+    lists = {o for a in sub._actions if a.metavar == LIST_METAVAR for o in a.option_strings}
+    out = list(argv)
+    for i, arg in enumerate(out):
+        option, equals, value = arg.partition("=")
+        if equals and option in lists and "," in value and not value.startswith("["):
+            out[i] = f"{option}=[{value}]"
+        elif i and out[i - 1] in lists and "," in arg and not arg.startswith(("[", "-")):
+            out[i] = f"[{arg}]"
+    return out
 
 
 def to_config(parser: ArgumentParser, args: Namespace, command: str) -> Any:
@@ -365,12 +446,38 @@ def one_line(error: BaseException) -> str:
     return re.sub(r"^[\w.]+(Error|Exception): ", "", line)
 
 
+def output_folder(config: Any) -> Path | None:
+    run = getattr(config, "run", None)
+    return Path(run.output_dir) if getattr(run, "output_dir", None) else None
+
+
+def remove_if_untouched(folder: Path | None) -> None:
+    """Remove an output folder a failed command made and left holding nothing but droppos's
+    marker: a refused command leaves no trace (a folder that was there before is kept)."""
+    if folder is None or not folder.is_dir():
+        return
+    if all(p.name == RUN_MARKER for p in folder.iterdir()):
+        with contextlib.suppress(OSError):
+            (folder / RUN_MARKER).unlink(missing_ok=True)
+            folder.rmdir()
+
+
 def run_command(command: str, config: Any) -> int:
     """Run one command and print its last line: the exit status, every failure one line.
 
     A user mistake is 2; a stop asked for with a signal is 0 (resumable); a fault of the data,
-    the disk or the optimisation is 1.
+    the disk or the optimisation is 1. A failed command removes the output folder it made, when
+    it wrote nothing there.
     """
+    folder = output_folder(config)
+    new_folder = folder if folder is not None and not folder.exists() else None
+    code = run_and_report(command, config)
+    if code != 0:
+        remove_if_untouched(new_folder)
+    return code
+
+
+def run_and_report(command: str, config: Any) -> int:
     try:
         line = COMMANDS[command].run(config)
     except RunStopped as stop:
@@ -399,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         argv = resolve_presets(argv)
         parser = parser_for(argv)
-        args = parser.parse_args(argv)
+        args = parser.parse_args(bracket_lists(argv, parser))
         config = to_config(parser, args, args.command)
     except (UsageError, ValueError) as error:
         return fail(command, error)

@@ -29,7 +29,7 @@ class WriteShardsConfig(Sections):
     """Write a data source as WebDataset-style tar shards (fewer, larger files)."""
 
     data: ShardSourceSection = field(default_factory=ShardSourceSection)
-    run: OutputSection = field(default_factory=lambda: OutputSection(output_dir="shards"))
+    run: OutputSection = field(default_factory=lambda: OutputSection(output_dir="runs/shards"))
 
 
 def check_output(output: Path, source: str) -> None:

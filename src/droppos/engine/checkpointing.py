@@ -87,7 +87,8 @@ def check_resume(
         raise ValueError(
             f"--run.resume: {path} was trained with another model ("
             + "; ".join(f"model.{c}" for c in changed_model[:4])
-            + "); pick another --run.output_dir"
+            + "): resume with the model it was trained with, or start afresh with "
+            "--run.resume null in a new --run.output_dir"
         )
     saved_seed = saved_config.get("run", {}).get("seed")
     seed = config.get("run", {}).get("seed")

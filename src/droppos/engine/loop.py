@@ -233,6 +233,13 @@ class TrainLoop:
 
     def restore(self, path: Path) -> None:
         saved = TrainingCheckpoint.read(path, whole=not self.strategy.sharded)
+        this = self.method.describe()
+        if saved.header.label != this.label:  # another command's or method's run
+            raise ValueError(
+                f"--run.resume: {path} holds a {saved.header.label}, not a {this.label} like "
+                "this run's: resume from a last.pth this command wrote with this model, or "
+                "start afresh with --run.resume null in a new --run.output_dir"
+            )
         progress, notes = check_resume(
             path, saved, self.config, self.geometry(), self.method.split_invariant
         )

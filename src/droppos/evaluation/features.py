@@ -134,15 +134,21 @@ class FrozenFeatures:
 
 
 def frozen_features(
-    model: FeatureBackboneSection, data: EvalDataSection, context: RunContext
+    model: FeatureBackboneSection,
+    data: EvalDataSection,
+    context: RunContext,
+    check_train_size: Callable[[int], None] | None = None,
 ) -> FrozenFeatures:
     """Load the backbone named by `--model.*` and extract both splits' features once.
 
-    User mistakes (missing or foreign checkpoint, unlabelled data) raise ValueError or
-    FileNotFoundError before any image is read.
+    User mistakes (missing or foreign checkpoint, unlabelled data, an option the training split
+    is too small for: `check_train_size`) raise ValueError or FileNotFoundError before any image
+    is read.
     """
     backbone = backbone_from(model)
     splits = labelled_splits(data)
+    if check_train_size is not None:
+        check_train_size(len(splits.train))
     extractor = feature_extractor(backbone, model).to(context.device)
     started = time.perf_counter()
     extracted = [
@@ -162,7 +168,10 @@ def frozen_features(
 
 
 def evaluate_frozen_features(
-    config: Any, command: str, score: Callable[[FrozenFeatures, bool], dict[str, Any]]
+    config: Any,
+    command: str,
+    score: Callable[[FrozenFeatures, bool], dict[str, Any]],
+    check_train_size: Callable[[int], None] | None = None,
 ) -> tuple[FrozenFeatures, dict[str, Any], Path] | None:
     """What `knn` and `linprobe` do around their own scoring: validate, start, extract both
     splits' features once (sharded over ranks), `score(features, progress)`, and write
@@ -170,7 +179,7 @@ def evaluate_frozen_features(
     process, None on the others."""
     config.validate()
     context = run_context.start(config.run)
-    features = frozen_features(config.model, config.data, context)
+    features = frozen_features(config.model, config.data, context, check_train_size)
     results = score(features, context.progress)
     if not context.is_main:
         return None

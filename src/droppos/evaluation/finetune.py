@@ -373,7 +373,7 @@ def finetuning_loop(config: FinetuneConfig) -> TrainLoop:
         loop.notes.append(
             f"{images} training images: a recipe made for large sets (RandAugment, "
             "random erasing, drop path); `--config finetune_few_labels` fits a small labelled "
-            "set better (README, 'Few labels')"
+            "set better (the user guide's evaluation page, 'Few labels')"
         )
     return loop
 

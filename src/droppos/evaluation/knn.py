@@ -117,9 +117,24 @@ def score_features(config: KnnConfig, features: FrozenFeatures) -> dict[str, Any
     }
 
 
+def check_k(k: int, train_size: int) -> None:
+    """Refuse more neighbours than the training split holds (the vote would quietly use them
+    all), before any feature is extracted."""
+    if k > train_size:
+        raise ValueError(
+            f"--knn.k {k} is more neighbours than the {train_size} training images: give at "
+            f"most {train_size} (the default is 20)"
+        )
+
+
 def run(config: KnnConfig) -> str | None:
     """`droppos knn`: extract both splits' features once, vote, write results.json."""
-    done = evaluate_frozen_features(config, "knn", lambda f, _: score_features(config, f))
+    done = evaluate_frozen_features(
+        config,
+        "knn",
+        lambda f, _: score_features(config, f),
+        lambda train_size: check_k(config.knn.k, train_size),
+    )
     if done is None:
         return None
     features, results, path = done

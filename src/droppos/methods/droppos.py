@@ -47,9 +47,10 @@ AttentiveSource = Literal["full_image", "visible"]
 
 @dataclass
 class DropPosConfig:
-    """The DropPos model and objective (`droppos pretrain` starts from the demo's values, the
-    defaults `--help` shows; the field defaults, what `create_model` builds, are the ImageNet
-    recipe)."""
+    """The DropPos model and objective (`--model.name droppos`).
+
+    `droppos pretrain` starts from the demo's values, the defaults `--help` shows; the field
+    defaults, what `create_model` builds, are the ImageNet recipe."""
 
     name: Literal["droppos"] = "droppos"
     """The pre-training method (--model.name): this section's options follow it."""

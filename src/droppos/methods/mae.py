@@ -23,9 +23,10 @@ from droppos.objective.masking import gather_tokens, num_visible, random_patch_m
 
 @dataclass
 class MAEConfig:
-    """Plain MAE (`droppos pretrain` starts from the demo's values, the
-    defaults `--help` shows; the field defaults, what `create_model` builds, are the ImageNet
-    recipe)."""
+    """Plain MAE, the baseline (`--model.name mae`).
+
+    `droppos pretrain` starts from the demo's values, the defaults `--help` shows; the field
+    defaults, what `create_model` builds, are the ImageNet recipe."""
 
     name: Literal["mae"] = "mae"
     """The pre-training method (--model.name): this section's options follow it."""

@@ -28,9 +28,10 @@ from droppos.visual.jigsaw import JigsawView
 
 @dataclass
 class MP3Config:
-    """MP3 (`droppos pretrain` starts from the demo's values, the
-    defaults `--help` shows; the field defaults, what `create_model` builds, are the ImageNet
-    recipe)."""
+    """MP3: positions from content alone (`--model.name mp3`).
+
+    `droppos pretrain` starts from the demo's values, the defaults `--help` shows; the field
+    defaults, what `create_model` builds, are the ImageNet recipe."""
 
     name: Literal["mp3"] = "mp3"
     """The pre-training method (--model.name): this section's options follow it."""
@@ -187,5 +188,6 @@ class MP3(PositionPretext):
             logits=out.position_logits,
             attention=out.context,
             titles=("input", "every patch placed", "predicted places", "error (cells)", "context"),
-            heat_label="in the context (1) or not (0)",
+            heat_label="context",
+            heat_states=("not in the context", "in the context"),
         )

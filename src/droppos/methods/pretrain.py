@@ -63,8 +63,8 @@ class PretrainRunSection(TrainRunSection):
     """Where outputs go, precision, checkpoints, logging and monitors of a pre-training run."""
 
     pictures_every: int = 5
-    """Every N epochs, draw the jigsaw the method solves (DropPos, MP3) on a few images into
-    output_dir/pictures and TensorBoard (0 = never)."""
+    """Every N epochs and after the last, draw the jigsaw the method solves (DropPos, MP3) on
+    a few images into output_dir/pictures and TensorBoard (0 = never)."""
     monitor_every: int = 5
     """Measure the features (a kNN top-1 on held-out images, a position-probe top-1) after
     every N epochs and after the last; 0: after the last only (the ImageNet presets); -1:

@@ -102,11 +102,19 @@ def _reject(name: str, leftover: dict[str, Any]) -> None:
 # -- checkpoints of a method -----------------------------------------------------------------------
 
 
-def pretrained_model(source: str | Path | Mapping[str, Any]) -> tuple[PretrainedModel, nn.Module]:
-    """The header and the whole model (decoders included) of a `droppos pretrain` checkpoint."""
+def pretrained_model(
+    source: str | Path | Mapping[str, Any], name: str | Path | None = None
+) -> tuple[PretrainedModel, nn.Module]:
+    """The header and the whole model (decoders included) of a `droppos pretrain` checkpoint
+    (`source`: a path, or a file's content already read from `name`)."""
     content = source if isinstance(source, Mapping) else load_object(source)
     header = header_of(content)
     if not isinstance(header, PretrainedModel):
-        raise ValueError(f"{source} is not a droppos pre-training checkpoint")
+        named = name or (source if not isinstance(source, Mapping) else "the checkpoint")
+        holds = f"a {header.label}" if header is not None else "no droppos model (a foreign file)"
+        raise ValueError(
+            f"{named} holds {holds}, not a droppos pre-training checkpoint: give the last.pth "
+            "of a `droppos pretrain` run"
+        )
     method = method_named(header.method)
     return header, method.model_from_checkpoint(header, content)

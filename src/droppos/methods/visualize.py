@@ -70,8 +70,10 @@ class RunPictures:
     images: torch.Tensor | None = None
 
     def due(self, epoch: int) -> bool:
+        """Every `--run.pictures_every` epochs and after the last (a short run draws one)."""
         every = self.config.run.pictures_every
-        return bool(every) and (epoch + 1) % every == 0 and self.method.draws_jigsaw()
+        last = epoch + 1 == self.config.optim.epochs
+        return bool(every) and ((epoch + 1) % every == 0 or last) and self.method.draws_jigsaw()
 
     def draw(self, model: nn.Module, epoch: int, is_main: bool) -> dict[str, Any]:
         """On every rank (a sharded model runs collectively); the main rank writes the files.
@@ -147,7 +149,7 @@ def visualize_checkpoint(
 ) -> list[Path]:  # fmt: skip
     """Pictures of `count` images of `source` for a pre-training checkpoint."""
     content = load_object(checkpoint)
-    header, model = pretrained_model(content)
+    header, model = pretrained_model(content, checkpoint)
     method = method_named(header.method)
     if not method.draws_jigsaw():
         raise ValueError(

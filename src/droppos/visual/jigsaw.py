@@ -27,7 +27,10 @@ from droppos.data.transforms import eval_transform
 
 PANELS = ("input", "visible", "predicted places", "error (cells)", "attentive weights")
 FRAME = np.array([255, 140, 0], dtype=np.uint8)  # dropped position: orange
-HIDDEN, KEPT = np.array([40, 40, 40], np.uint8), np.array([170, 170, 170], np.uint8)
+# hidden: a blue no image holds in grey, and far from the black of a dark background
+HIDDEN, KEPT = np.array([120, 160, 215], np.uint8), np.array([170, 170, 170], np.uint8)
+NEXT_BEST = np.array([200, 0, 200], np.uint8)  # a patch whose best cell another patch took
+STATES = (np.array([30, 30, 30], np.uint8), np.array([255, 220, 60], np.uint8))  # no, yes
 OFF_BY = np.array([[40, 170, 60], [240, 200, 40], [220, 40, 40]], np.uint8)  # 0, 1, 2+ cells
 ERROR_KEY = (
     (FRAME, "position dropped (frame, panel 2)"),
@@ -106,10 +109,12 @@ def heat_levels(weights: np.ndarray) -> tuple[np.ndarray, float]:
 
 def compose(
     panels: list[np.ndarray], titles: tuple[str, ...], caption: str, heat_top: float,
-    heat_label: str,
+    heat_label: str, key: tuple[tuple[np.ndarray, str], ...] = ERROR_KEY,
+    states: tuple[str, str] | None = None,
 ) -> Image.Image:  # fmt: skip
     """Panels [H, W, 3] side by side, enlarged (nearest) to PANEL_SIDE, with their titles, a
-    caption, the error map's key and the heat map's colour scale."""
+    caption, the key of the colours drawn (`key`: the error map's, those that apply) and the
+    heat map's colour scale, or, for a yes/no map, its two `states`' colours."""
     scale = max(1, -(-PANEL_SIDE // panels[0].shape[0]))
     tiles = [Image.fromarray(p).resize((p.shape[1] * scale, p.shape[0] * scale), Image.NEAREST)
              for p in panels]  # fmt: skip
@@ -127,13 +132,22 @@ def compose(
     below = top + tiles[0].height + gap
     draw.text((gap, below), caption, fill=(0, 0, 0), font=small)
     x = gap  # the error map's colours, in one row
-    for colour, meaning in ERROR_KEY:
+    for colour, meaning in key:
         y = below + line + 3
         draw.rectangle((x, y, x + 12, y + 12), fill=tuple(int(c) for c in colour),
                        outline=(0, 0, 0))  # fmt: skip
         draw.text((x + 17, y - 1), meaning, fill=(0, 0, 0), font=small)
         x += 17 + int(draw.textlength(meaning, font=small)) + 14
     left = width - gap - tiles[-1].width  # the heat map's scale, under the heat map
+    if states is not None:  # a yes/no map: its two colours, not a continuous scale
+        y = below + 2 * line + 2
+        x = width - gap - sum(31 + int(draw.textlength(m, font=small)) for m in states) + 14
+        for colour, meaning in zip(STATES, states):
+            draw.rectangle((x, y, x + 12, y + 12), fill=tuple(int(c) for c in colour),
+                           outline=(0, 0, 0))  # fmt: skip
+            draw.text((x + 17, y - 1), meaning, fill=(0, 0, 0), font=small)
+            x += 17 + int(draw.textlength(meaning, font=small)) + 14
+        return picture
     bar = heat(np.linspace(0, 1, tiles[-1].width)[None, :].repeat(10, axis=0))
     y = below + 2 * line + 2
     picture.paste(Image.fromarray(bar), (left, y))
@@ -170,6 +184,9 @@ class JigsawView:
     """The five panels' titles (a method names its own visible set and heat map)."""
     heat_label: str = "attentive weight (square-root scale)"
     """What the heat map's values are, written beside its colour scale."""
+    heat_states: tuple[str, str] | None = None
+    """For a yes/no map (0 or 1 per patch): the two states' names, drawn in two colours with
+    their key instead of a heat scale."""
 
 
 @torch.no_grad()
@@ -193,35 +210,52 @@ def draw_jigsaw(
         patches = to_patches(image, p)
         visible = view.ids_keep[i].cpu().numpy()
         dropped = view.dropped[i].cpu().numpy()
-        framed = patches.copy()
-        for edge in (np.s_[:, 0], np.s_[:, -1], np.s_[:, :, 0], np.s_[:, :, -1]):
-            frames = framed[visible[dropped]]
-            frames[edge] = FRAME
-            framed[visible[dropped]] = frames
+        some_kept = not dropped.all()  # every position dropped (MP3): a frame says nothing
+        framed = frame(patches, visible[dropped], FRAME) if some_kept else patches
         seen = place_patches(framed, visible, visible, grid)
         predicted_cells = assign_cells(view.logits[i].cpu()).numpy()
-        solved = place_patches(patches, visible, predicted_cells, grid)
+        best = view.logits[i].argmax(dim=-1).cpu().numpy()
+        moved = predicted_cells != best  # two patches claimed one cell: the less sure moved on
+        solved = place_patches(frame(patches, visible[moved], NEXT_BEST), visible,
+                               predicted_cells, grid)  # fmt: skip
         errors = np.tile(HIDDEN, (num_patches, 1))
         errors[visible] = KEPT
-        best = view.logits[i].argmax(dim=-1).cpu().numpy()
         dy = best // grid[1] - visible // grid[1]
         dx = best % grid[1] - visible % grid[1]
         distance = np.sqrt(dy**2 + dx**2)
         errors[visible[dropped]] = OFF_BY[np.minimum(np.ceil(distance[dropped]), 2).astype(int)]
         weights = view.attention[i].float().cpu().numpy()
         levels, top = heat_levels(weights)
-        panels = [
-            image,
-            seen,
-            solved,
-            cell_map(errors, grid, p),
-            cell_map(heat(levels), grid, p),
-        ]
+        if view.heat_states is not None:
+            heat_cells = np.where((weights > 0.5)[:, None], STATES[1], STATES[0])
+        else:
+            heat_cells = heat(levels)
+        panels = [image, seen, solved, cell_map(errors, grid, p), cell_map(heat_cells, grid, p)]
+        key = tuple(
+            (colour, meaning)
+            for colour, meaning in ERROR_KEY
+            if (some_kept or (colour is not FRAME and colour is not KEPT))
+            and (len(visible) < num_patches or colour is not HIDDEN)
+        )
+        if moved.any():
+            key += ((NEXT_BEST, "best cell taken: placed in the next best (panel 3)"),)
         right = int((distance[dropped] == 0).sum())
         said = f"image {i}: {right} of {int(dropped.sum())} dropped-position patches in their cell"
         line = f"{caption}   {said}" if caption else said
-        pictures.append(compose(panels, view.titles, line, top, view.heat_label))
+        pictures.append(
+            compose(panels, view.titles, line, top, view.heat_label, key, view.heat_states)
+        )
     return pictures
+
+
+def frame(patches: np.ndarray, which: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    """A copy of `patches` [L, p, p, C] with a one-pixel `colour` frame around patches `which`."""
+    framed = patches.copy()
+    for edge in (np.s_[:, 0], np.s_[:, -1], np.s_[:, :, 0], np.s_[:, :, -1]):
+        frames = framed[which]
+        frames[edge] = colour[: patches.shape[-1]]
+        framed[which] = frames
+    return framed
 
 
 def save_pictures(pictures: list[Image.Image], folder: str | Path, stem: str) -> list[Path]:
