@@ -29,7 +29,7 @@ from droppos.evaluation.metrics import confusion_matrix
 class ProbeHeadSection:
     """The frozen linear head's training on cached features: AdamW, warmup, half-cosine."""
 
-    lrs: list[float] = field(default_factory=lambda: [3e-3, 1e-2, 3e-2])
+    lrs: list[float] = field(default_factory=lambda: [1e-2, 3e-2, 1e-1])
     """Learning rates trained side by side on the same cached features; the best on the val
     split is reported, with all of them."""
     epochs: int = 10
