@@ -72,7 +72,7 @@ SCENES = {  # training scenes the frozen heads and banks fit, held-out validatio
 PROBE_LRS = [3e-3, 1e-2, 3e-2, 1e-1]
 PROBE_EPOCHS = 8
 FEATURE_BLOCKS = [1, 4]
-KNN_KS = [10, 30, 50]
+KNN_KS = [3, 5, 10, 20, 30, 50]
 BANK_PATCHES = 20_000
 FINETUNE_LRS = ["1e-3", "3e-3"]
 FINETUNE = {  # the fine-tuned protocol's training scenes (of the validation-free rest) and budget
@@ -206,15 +206,21 @@ def frozen_protocols(row: str, root: Path, scenes: Scenes, smoke: bool) -> dict[
         probe_scores(features, scenes.classes, [best["lr"]], seed, "test", epochs)[0]
         for seed in SEEDS
     ]
-    bank = 2_000 if smoke else BANK_PATCHES
-    knn_features = features_by_blocks[1]  # the bank reads the last block (memory)
-    knn_val = knn_scores(knn_features, scenes.classes, KNN_KS, 0, "val", bank)
-    k = max(knn_val, key=lambda s: s["miou"])["k"]
-    knn_test = [knn_scores(knn_features, scenes.classes, [k], s, "test", bank)[0] for s in SEEDS]
     return {
         "probe_selection": [without_classes(s) for s in selection],
         "probe_choice": {"lr": best["lr"], "blocks": best["blocks"]},
         "probe_test": test,
+    }
+
+
+def knn_protocol(row: str, root: Path, scenes: Scenes, smoke: bool) -> dict[str, Any]:
+    """Dense kNN on the last block's patches: k chosen on validation, 3 bank seeds on test."""
+    features = features_of(extractor(row, 1, root, smoke), scenes)
+    bank = 2_000 if smoke else BANK_PATCHES
+    knn_val = knn_scores(features, scenes.classes, KNN_KS, 0, "val", bank)
+    k = max(knn_val, key=lambda s: s["miou"])["k"]
+    knn_test = [knn_scores(features, scenes.classes, [k], s, "test", bank)[0] for s in SEEDS]
+    return {
         "knn_selection": [without_classes(s) for s in knn_val],
         "knn_choice": {"k": k},
         "knn_test": knn_test,
@@ -306,6 +312,9 @@ def main(argv: list[str] | None = None) -> None:
         found = cached(
             folder / "frozen.json",
             functools.partial(frozen_protocols, row, root, scenes, args.smoke),
+        )
+        found |= cached(  # its own file: the k grid was widened after the first frozen runs
+            folder / "knn.json", functools.partial(knn_protocol, row, root, scenes, args.smoke)
         )
         if row in KEY_ROWS and not args.no_finetune:
             found |= cached(

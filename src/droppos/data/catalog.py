@@ -11,14 +11,13 @@ from droppos.data.sources import (
     DEFAULT_FASHION_MNIST_ROOT,
     DemoDataset,
     FashionMNISTDataset,
-    FileListDataset,
     ImageFolderDataset,
     ImageSource,
     Share,
     alone,
     canonical_split,
-    list_entries,
-    visible_subdirs,
+    located_file_list,
+    split_of_folder,
 )
 
 SOURCE_HELP = (
@@ -50,36 +49,30 @@ def build_source(
     if source == "fashion-mnist" or source.startswith("fashion-mnist:"):
         root = source.partition(":")[2] or DEFAULT_FASHION_MNIST_ROOT
         return FashionMNISTDataset(root, split)
-    if not source:
-        raise ValueError(f"empty data source: {SOURCE_HELP}")
-    path = Path(source).expanduser()
-    if path.is_file():
-        if path.suffix.lower() != ".txt":
-            raise ValueError(f"data source {source!r} is not a .txt file list: {SOURCE_HELP}")
-        return _file_list(path, [path.with_suffix(""), path.parent], options)
-    if not path.is_dir():
-        raise ValueError(f"data source {source!r} does not exist: {SOURCE_HELP}")
-    if is_shard_folder(path, source):  # WebDataset-style shards (droppos write-shards)
+    path = _existing(source)
+    if path.is_dir() and is_shard_folder(path, source):  # WebDataset-style (write-shards)
         shards = shard_paths(path, split)
         if not shards:
             raise ValueError(f"data source {source!r} has no {split}-*.tar shards")
         return ShardDataset(shards, max_pixels, decode, share)
-    if not has_splits(path):
+    laid_out = path.is_dir() and has_splits(path)
+    if path.is_file():
+        return located_file_list(path, [path.with_suffix(""), path.parent], options)
+    if not laid_out:
         return ImageFolderDataset(path, **options)
-    if (path / f"{split}.txt").is_file():
-        return _file_list(path / f"{split}.txt", [path / split, path], options)
-    train = path / "train"
-    classes = [d.name for d in visible_subdirs(train)] if train.is_dir() else None
-    if split == "train" or not classes:
-        classes = None  # other splits are labelled by train's class names: one meaning each
-    if (path / split).is_dir():
-        return ImageFolderDataset(path / split, classes=classes, **options)
-    if split == "val" and (path / "test").is_dir():
-        return ImageFolderDataset(path / "test", classes=classes, **options)
-    raise ValueError(
-        f"data source {source!r} is split into train/val but has no '{split}/' folder "
-        f"or '{split}.txt' list"
-    )
+    return split_of_folder(path, split, source, options)
+
+
+def _existing(source: str) -> Path:
+    """The folder or .txt list `source` names; ValueError in one line otherwise."""
+    if not source:
+        raise ValueError(f"empty data source: {SOURCE_HELP}")
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix.lower() != ".txt":
+        raise ValueError(f"data source {source!r} is not a .txt file list: {SOURCE_HELP}")
+    if not (path.is_file() or path.is_dir()):
+        raise ValueError(f"data source {source!r} does not exist: {SOURCE_HELP}")
+    return path
 
 
 def is_shard_folder(path: Path, source: str) -> bool:
@@ -122,17 +115,3 @@ def source_splits(source: str) -> list[str]:
     except ValueError:
         return ["train"]
     return ["train"] if val.origin == train.origin else ["train", "val"]
-
-
-def _file_list(
-    list_file: Path, candidate_roots: list[Path], options: dict[str, Any]
-) -> FileListDataset:
-    """The original code reads ``DATA/train.txt`` relative to ``DATA/train``; fall back to the
-    list's own folder when the listed paths resolve there instead."""
-    first = next((path for _, path, _ in list_entries(list_file)), None)
-    if first is not None:
-        for root in candidate_roots:
-            if (root / first).is_file():
-                return FileListDataset(root, list_file, **options)
-    # raises a message naming the path
-    return FileListDataset(candidate_roots[-1], list_file, **options)

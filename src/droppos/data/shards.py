@@ -185,11 +185,11 @@ class ShardDataset(ImageSource):
         if not self.members:
             raise ValueError(f"no images in the shards {self.shards[0]} ...")
         labels = [member[3] for member in self.members]
-        check_labels(labels, str(self.shards[0].parent))
         labelled = min(labels) >= 0
-        self.num_classes = max(labels) + 1 if labelled else 0
         names = self.shards[0].parent / CLASSES_FILE
         self.classes = read_class_names(names) if labelled and names.is_file() else None
+        check_labels(labels, str(self.shards[0].parent))
+        self.num_classes = max(labels) + 1 if labelled else 0
         self._handles: dict[int, Any] = {}
         self._pid = os.getpid()
 

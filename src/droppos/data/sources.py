@@ -144,6 +144,32 @@ def balanced_pick(labels: Sequence[int], count: int, seed: int, what: str) -> li
     return sorted(picked)
 
 
+def carved_splits(
+    train: ImageSource, val: ImageSource | None, held_out: int, train_images: int, seed: int
+) -> tuple[ImageSource, ImageSource]:
+    """`held_out` > 0: a class-balanced validation split held out of `train` (`val` is then
+    None, never read); `train_images` > 0: train as a class-balanced subset of what is left.
+    Both picks are drawn from `seed` alone (`balanced_pick`)."""
+    if held_out:
+        labels = train.all_labels()
+        if held_out >= len(labels):
+            raise ValueError(
+                f"--data.val_from_train {held_out} leaves no training image of {len(labels)}"
+            )
+        chosen = balanced_pick(labels, held_out, seed, "--data.val_from_train")
+        rest = sorted(set(range(len(labels))) - set(chosen))
+        train, val = SourceSubset(train, rest, "train"), SourceSubset(train, chosen, "held-out val")
+    assert val is not None, "a source's own val split, or one held out of train"
+    if train_images:
+        if train_images > len(train):
+            raise ValueError(
+                f"--data.train_images {train_images}: the training split has {len(train)} images"
+            )
+        chosen = balanced_pick(train.all_labels(), train_images, seed, "--data.train_images")
+        train = SourceSubset(train, chosen, f"{train_images} images")
+    return train, val
+
+
 Share = Callable[[Callable[[], Any]], Any]
 """How a listing is made: `alone` computes it here; under torchrun, rank 0 computes it once
 and every rank receives it (`engine/collectives.py:computed_by_rank0`), so a folder of a
@@ -303,6 +329,43 @@ class FileListDataset(_FileSource):
         check_labels(labels, str(self.list_file))
         self.num_classes = max(labels) + 1 if labels[0] >= 0 else 0
         self.classes = None
+
+
+def located_file_list(
+    list_file: Path, candidate_roots: list[Path], options: dict[str, Any]
+) -> FileListDataset:
+    """The list's images under the first of `candidate_roots` that holds its first path: the
+    original code reads ``DATA/train.txt`` relative to ``DATA/train``, other lists are relative
+    to their own folder. `options` as every file source takes them."""
+    first = next((path for _, path, _ in list_entries(list_file)), None)
+    if first is not None:
+        for root in candidate_roots:
+            if (root / first).is_file():
+                return FileListDataset(root, list_file, **options)
+    # raises a message naming the path
+    return FileListDataset(candidate_roots[-1], list_file, **options)
+
+
+def split_of_folder(
+    path: Path, split: str, source: str, options: dict[str, Any]
+) -> FileListDataset | ImageFolderDataset:
+    """`split` of a folder laid out by split: its `split.txt` list, else its `split/` folder
+    (val falls back on `test/`), labelled by train's class names (one meaning each)."""
+    if (path / f"{split}.txt").is_file():
+        return located_file_list(path / f"{split}.txt", [path / split, path], options)
+    folder = path / split
+    if not folder.is_dir() and split == "val":
+        folder = path / "test"
+    if not folder.is_dir():
+        raise ValueError(
+            f"data source {source!r} is split into train/val but has no '{split}/' folder "
+            f"or '{split}.txt' list"
+        )
+    train = path / "train"
+    classes = [d.name for d in visible_subdirs(train)] if train.is_dir() else None
+    if split == "train" or not classes:
+        classes = None
+    return ImageFolderDataset(folder, classes=classes, **options)
 
 
 def _split_line(line: str) -> tuple[str, int | None]:

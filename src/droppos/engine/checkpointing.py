@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from droppos.engine.collectives import from_rank0
 from droppos.engine.guards import NonFiniteWatch, RunStopped
 from droppos.interop import sharded
@@ -150,12 +152,12 @@ class Checkpointer:
         self,
         output_dir: str | Path,
         is_main: bool,
-        nonfinite: NonFiniteWatch,
+        device: torch.device,
         sharded: bool = False,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.is_main = is_main
-        self.nonfinite = nonfinite
+        self.nonfinite = NonFiniteWatch(device)  # no checkpoint is written from a NaN
         self.sharded = sharded
         self.last_saved_step: int | None = None
         self.resumed_from: Path | None = None

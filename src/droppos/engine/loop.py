@@ -43,7 +43,6 @@ from droppos.engine.context import RunContext
 from droppos.engine.distributed import DistEnv
 from droppos.engine.guards import (
     BadImageBudget,
-    NonFiniteWatch,
     RunLock,
     RunStopped,
     StepFlags,
@@ -154,12 +153,11 @@ class TrainLoop:
     run_options: TrainRunSection
     data: DataSection
     config: dict[str, Any]
-    loader: DataLoader
+    train_set: Dataset
     engine_model: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     peak_lr: float
-    steps_per_epoch: int
     checkpointer: Checkpointer
     progress: Progress = field(default_factory=Progress)
     notes: list[str] = field(default_factory=list)
@@ -169,9 +167,41 @@ class TrainLoop:
     bad_images_at_epoch_start: int = 0
     step_flags: StepFlags = field(init=False)
     upcoming: OnDevice | None = None
+    collate_fn: Any = None
+    loader: DataLoader = field(init=False)
+    steps_per_epoch: int = field(init=False)
 
     def __post_init__(self) -> None:
+        """What follows from the loop's own sections: the attention kernel of its device and
+        precision (a compiled model traces at its first forward, so after wrapping is in time),
+        its loader (this rank's shard, in an order that is a function of seed and epoch), and
+        its schedule (optimiser steps an epoch, as many epochs as `--optim.min_steps` needs)."""
         self.step_flags = StepFlags(self.env.device)
+        use_fused_attention(
+            self.method.model, fused_attention_pays(self.env.device, self.precision)
+        )
+        self.loader = build_loader(
+            self.train_set,
+            self.optim.batch_size,
+            shuffle=True,
+            seed=self.run_options.seed,
+            num_workers=self.data.num_workers,
+            prefetch_factor=self.data.prefetch_factor,
+            drop_last=True,
+            replicas=(self.env.world_size, self.env.rank),
+            device_type=self.env.device.type,
+            timeout=self.data.timeout,
+            collate_fn=self.collate_fn,
+        )
+        self.steps_per_epoch = optimizer_steps_per_epoch(
+            len(self.loader),
+            self.optim.batch_size,
+            self.optim.accum_steps,
+            len(self.train_set),  # type: ignore[arg-type]
+            self.env.world_size,
+        )
+        self.optim, note = epochs_for_min_steps(self.optim, self.steps_per_epoch)
+        self.notes.extend(note)
 
     def close(self) -> None:
         """Release the output folder (every command calls it however the run ended)."""
@@ -569,8 +599,8 @@ def build_loop(
     train_set: Dataset,
     collate_fn: Any = None,
 ) -> TrainLoop:
-    """The training loader (this rank's shard, in an order that is a function of seed and
-    epoch), optimizer, scaler and wrapped model for `method`; restores a checkpoint if due.
+    """The wrapped model, optimizer and scaler for `method` (the loop adds its loader and
+    schedule), the output folder held for this run; restores a checkpoint if due.
 
     `config` is the command's configuration: its `optim`, `run` and `data` sections drive the
     loop, and the whole of it is recorded in every checkpoint.
@@ -579,25 +609,6 @@ def build_loop(
     run_options: TrainRunSection = config.run
     data: DataSection = config.data
     env = context.env
-    loader = build_loader(
-        train_set,
-        optim.batch_size,
-        shuffle=True,
-        seed=run_options.seed,
-        num_workers=data.num_workers,
-        prefetch_factor=data.prefetch_factor,
-        drop_last=True,
-        replicas=(env.world_size, env.rank),
-        device_type=env.device.type,
-        timeout=data.timeout,
-        collate_fn=collate_fn,
-    )
-    # the attention kernel of this device and precision, before the strategy wraps (compiles) it
-    use_fused_attention(method.model, fused_attention_pays(env.device, context.precision))
-    steps_per_epoch = optimizer_steps_per_epoch(
-        len(loader), optim.batch_size, optim.accum_steps, len(train_set), env.world_size
-    )
-    optim, note = epochs_for_min_steps(optim, steps_per_epoch)
     strategy = strategy_for(env, run_options.strategy, context.precision)
     if run_options.compile:
         check_can_compile(env.device)
@@ -613,17 +624,16 @@ def build_loop(
         run_options=run_options,
         data=data,
         config=asdict(config),
-        loader=loader,
+        train_set=train_set,
         engine_model=engine_model,
         optimizer=optimizer,
         scaler=grad_scaler(env.device, context.precision),
         peak_lr=peak_lr,
-        steps_per_epoch=steps_per_epoch,
         checkpointer=Checkpointer(
-            run_options.output_dir, env.is_main, NonFiniteWatch(env.device), strategy.sharded
+            run_options.output_dir, env.is_main, env.device, strategy.sharded
         ),
+        collate_fn=collate_fn,
     )
-    loop.notes.extend(note)
     if env.is_main:  # one run per output folder; its interrupted saves are ours to clean
         loop.lock = RunLock(run_options.output_dir, env.run_id).acquire()
         remove_temporary_files(run_options.output_dir)

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from droppos.data.catalog import build_source
 from droppos.data.loader import build_loader
 from droppos.data.pipeline import AugmentedDataset
-from droppos.data.sources import SourceSubset, balanced_pick
+from droppos.data.sources import carved_splits
 from droppos.data.transforms import eval_transform
 from droppos.engine.collectives import computed_by_rank0
 from droppos.engine.context import RunContext
@@ -74,45 +74,24 @@ def labelled_splits(data: DataSection) -> LabelledSplits:
     With `--data.val_from_train` the val split is held out of train, with `--data.train_images`
     train is a class-balanced subset (evaluation sections only)."""
     source = data.source
-    train = build_source(source, "train", data.max_image_pixels, share=computed_by_rank0)
+    share = computed_by_rank0
+    train = build_source(source, "train", data.max_image_pixels, share=share)
     if train.num_classes < 2:
         raise ValueError(
             f"data source {source!r} has {train.num_classes} class(es): evaluations need labels "
             "(class sub-folders, `path label` lists, Fashion-MNIST or the demo set)"
         )
     held_out = getattr(data, "val_from_train", 0)
-    if held_out:
-        labels = train.all_labels()
-        if held_out >= len(labels):
-            raise ValueError(
-                f"--data.val_from_train {held_out} leaves no training image of {len(labels)}"
-            )
-        chosen = balanced_pick(labels, held_out, data.subset_seed, "--data.val_from_train")
-        rest = sorted(set(range(len(labels))) - set(chosen))
-        train, val = SourceSubset(train, rest, "train"), SourceSubset(train, chosen, "held-out val")
-    else:
-        val = build_source(source, "val", data.max_image_pixels, share=computed_by_rank0)
-    wanted = getattr(data, "train_images", 0)
-    if wanted:
-        if wanted > len(train):
-            raise ValueError(
-                f"--data.train_images {wanted}: the training split has {len(train)} images"
-            )
-        chosen = balanced_pick(train.all_labels(), wanted, data.subset_seed, "--data.train_images")
-        train = SourceSubset(train, chosen, f"{wanted} images")
+    val = None if held_out else build_source(source, "val", data.max_image_pixels, share=share)
+    train, val = carved_splits(
+        train, val, held_out, getattr(data, "train_images", 0), getattr(data, "subset_seed", 0)
+    )
     if val.num_classes > train.num_classes:
         raise ValueError(
             f"data source {source!r}: the val split has {val.num_classes} classes, train only "
             f"{train.num_classes}"
         )
     return LabelledSplits(train, val, train.num_classes, train.classes)
-
-
-def normalisation(
-    data: DataSection, backbone: Backbone
-) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
-    """The user's mean/std, else the ones the weights were trained with, else the defaults."""
-    return (data.mean or backbone.mean, data.std or backbone.std)
 
 
 def eval_view(
@@ -122,8 +101,8 @@ def eval_view(
     decided: tuple[tuple[float, ...] | None, tuple[float, ...] | None] | None = None,
 ) -> AugmentedDataset:
     """The deterministic resize + centre-crop view at the backbone's resolution and channels,
-    normalised as `decided` (a command's own `normalisation`), else as `normalisation` says."""
-    mean, std = decided if decided is not None else normalisation(data, backbone)
+    normalised as `decided` (a command's own choice), else as `Backbone.normalisation` says."""
+    mean, std = decided if decided is not None else backbone.normalisation(data.mean, data.std)
     enc = backbone.encoder
     transform = eval_transform(enc.img_size, enc.in_chans, mean, std, crop_pct=data.crop_pct)
     return AugmentedDataset(dataset, transform)

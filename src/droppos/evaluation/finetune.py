@@ -39,7 +39,6 @@ from droppos.evaluation.datasets import (
     LabelledSplits,
     eval_view,
     labelled_splits,
-    normalisation,
 )
 from droppos.evaluation.metrics import as_percent, topk_correct
 from droppos.evaluation.report import write_results
@@ -345,9 +344,11 @@ def finetuning_loop(config: FinetuneConfig) -> TrainLoop:
     """
     config.validate()
     context = run_context.start(config.run)  # the same new head (and random backbone) everywhere
-    backbone = backbone_from(config.model)
-    mean, std = normalisation(config.data, backbone)  # decided once: training, val, the file
     splits = labelled_splits(config.data)
+    backbone = backbone_from(config.model)
+    mean, std = backbone.normalisation(
+        config.data.mean, config.data.std
+    )  # decided once: training, val, the file
     # The recipe's classifier: pooled tokens -> (LayerNorm) -> Linear, a new head near zero; its
     # positional embedding becomes learnable (fixed sin-cos in pre-training, as in MAE).
     pool = config.model.global_pool

@@ -52,7 +52,6 @@ from droppos.engine.loop import StepResult, TrainLoop, build_loop, train_command
 from droppos.engine.precision import autocast
 from droppos.engine.strategy import Strategy, full_model_state
 from droppos.evaluation.backbone import BackboneSection, backbone_from
-from droppos.evaluation.datasets import normalisation
 from droppos.evaluation.dense_heads import (
     DenseFeatures,
     PatchFeatures,
@@ -271,7 +270,7 @@ def view(
     train: bool = False, seed: int = 0,
 ) -> AugmentedDataset:  # fmt: skip
     """`source` as (image, mask) tensors at `size` (random crops and flips when `train`)."""
-    mean, std = normalisation(data, backbone)
+    mean, std = backbone.normalisation(data.mean, data.std)
     transform = SegmentationView(
         size, backbone.encoder.in_chans, mean, std, train=train, crop_scale=data.crop_scale
     )
@@ -347,7 +346,9 @@ def draw_predictions(
     count = config.run.pictures
     if not count or not context.is_main or not len(val):  # type: ignore[arg-type]
         return None
-    mean, std = mean_std(backbone.encoder.in_chans, *normalisation(config.data, backbone))
+    mean, std = mean_std(
+        backbone.encoder.in_chans, *backbone.normalisation(config.data.mean, config.data.std)
+    )
     pixels, masks, images = picture_rows(val, count, mean, std)
     with torch.inference_mode():
         predicted = predict(images.to(context.device)).cpu().numpy()
@@ -612,7 +613,7 @@ class SegmentationTraining:
         self.last_metrics = state.get("last_metrics") or {}
 
     def describe(self) -> Segmenter:
-        mean, std = normalisation(self.config.data, self.ready.backbone)
+        mean, std = self.ready.backbone.normalisation(self.config.data.mean, self.config.data.std)
         backbone = self.ready.backbone
         return Segmenter(
             encoder=backbone.encoder,

@@ -33,7 +33,7 @@ from droppos.interop.schema import (
     load_object,
     normalisation_of,
 )
-from droppos.models.encoder import EncoderConfig, ViTEncoder, pair
+from droppos.models.encoder import EncoderConfig, ViTEncoder
 from droppos.models.sizes import HEADS_BY_WIDTH
 
 WRAPPER_KEYS = ("model", "state_dict", "model_ema", "module")
@@ -156,6 +156,13 @@ class Backbone:
         final-norm patch token, the feature droppos's kNN and linear probe read by default, so
         that a timm user gets the feature behind droppos's numbers."""
         return "avg" if self.has_fc_norm or self.num_classes == 0 else "token"
+
+    def normalisation(
+        self, mean: tuple[float, ...] | None, std: tuple[float, ...] | None
+    ) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+        """The user's `mean`/`std` where given, else the ones the weights were trained with;
+        None leaves the default of the channel count (`data/transforms.py:mean_std`)."""
+        return (mean or self.mean, std or self.std)
 
 
 def load_backbone(checkpoint: str | Path, num_heads: int | None = None) -> Backbone:
@@ -310,7 +317,7 @@ def build_vit(
     """
     enc = backbone.encoder
     model = VisionTransformer(
-        img_size=pair(enc.img_size),
+        img_size=enc.image_size,
         patch_size=enc.patch_size,
         in_chans=enc.in_chans,
         embed_dim=enc.embed_dim,

@@ -85,8 +85,13 @@ class EncoderConfig:
             raise ValueError(f"embed_dim {self.embed_dim} must be divisible by 4 (2-D sin-cos)")
 
     @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) in pixels."""
+        return pair(self.img_size)
+
+    @property
     def grid_size(self) -> tuple[int, int]:
-        h, w = pair(self.img_size)
+        h, w = self.image_size
         return (h // self.patch_size, w // self.patch_size)
 
     @property
@@ -181,18 +186,18 @@ class ViTEncoder(nn.Module):
         self.encoder_config = config
         dim = config.embed_dim
         self.patch_embed = PatchEmbed(
-            img_size=pair(config.img_size),
+            img_size=config.image_size,
             patch_size=config.patch_size,
             in_chans=config.in_chans,
             embed_dim=dim,
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        # A persistent buffer: fixed (never trained, never decayed), yet saved under `pos_embed`.
-        self.register_buffer("pos_embed", sincos_2d(dim, config.grid_size)[None], persistent=True)
         self.blocks = transformer_blocks(dim, config.depth, config.num_heads, config.mlp_ratio)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.grad_checkpointing = False
         self._init_encoder()
+        # A persistent buffer: fixed (never trained, never decayed), yet saved under `pos_embed`.
+        self.register_buffer("pos_embed", sincos_2d(dim, config.grid_size)[None], persistent=True)
 
     def _init_encoder(self) -> None:
         proj = self.patch_embed.proj.weight
