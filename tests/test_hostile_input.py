@@ -21,7 +21,8 @@ from droppos.data.decode import BadImageError, read_image
 from droppos.data.pipeline import AugmentedDataset
 from droppos.data.shards import index_shard, write_shard
 from droppos.engine.guards import remove_temporary_files
-from droppos.interop.schema import PARTIAL_SUFFIX, load_object, save_atomic
+from droppos.interop.schema import load_object, save_atomic
+from droppos.outputs import PARTIAL_SUFFIX
 from droppos.models import EncoderConfig
 from droppos.visual.jigsaw import picture_batch
 

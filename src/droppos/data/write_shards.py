@@ -7,6 +7,7 @@ from pathlib import Path
 
 from droppos.data.catalog import build_source, source_splits
 from droppos.data.shards import CLASSES_FILE, write_shard
+from droppos.outputs import write_text
 from droppos.sections import OutputSection, Sections
 
 
@@ -71,7 +72,7 @@ def write_shards(config: WriteShardsConfig) -> dict[str, list[Path]]:
             paths.append(path)
         written[split] = paths
         if source.classes:
-            (output / CLASSES_FILE).write_text("\n".join(source.classes) + "\n")
+            write_text(output / CLASSES_FILE, "\n".join(source.classes) + "\n")
     return written
 
 

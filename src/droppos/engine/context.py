@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -12,7 +14,7 @@ import torch
 from droppos.engine.distributed import DistEnv, init_distributed
 from droppos.engine.logging import show_progress
 from droppos.engine.precision import resolve_precision
-from droppos.interop.schema import PARTIAL_SUFFIX
+from droppos.outputs import PARTIAL_SUFFIX, write_text
 from droppos.sections import RunSection
 
 
@@ -71,19 +73,42 @@ def compute_threads(requested: int) -> int:
 RUN_MARKER = ".droppos-run"
 
 
+def command_of(folder: Path) -> str | None:
+    """The command whose run `folder` holds: the one its marker names, else (a folder from
+    before the marker named it) the one its `results.json` records; None when it cannot tell."""
+    marker = folder / RUN_MARKER
+    if marker.is_file() and not marker.is_symlink():
+        named = marker.read_text(encoding="utf-8", errors="replace").strip()
+        if named:
+            return named
+    results = folder / "results.json"
+    if results.is_file() and not results.is_symlink():
+        with contextlib.suppress(OSError, ValueError):
+            recorded = json.loads(results.read_text(encoding="utf-8"))
+            if isinstance(recorded, dict) and isinstance(recorded.get("command"), str):
+                return recorded["command"]
+    return None
+
+
 def holds_a_run(folder: Path) -> bool:
     """Whether `folder` is droppos's: its marker, or (from before the marker) a checkpoint or
     a lock."""
     return any((folder / name).exists() for name in (RUN_MARKER, "last.pth", ".droppos.lock"))
 
 
-def check_output_dir(folder: Path, reuse: bool = False) -> None:
+def check_output_dir(folder: Path, reuse: bool = False, command: str | None = None) -> None:
     """Refuse, before any work, an output folder that is a file or cannot be written (a
-    command would otherwise find out only when it saves, after the work), and one that holds
-    files but no droppos run (its `config.yaml` or `summary.json` would be overwritten)
-    unless `reuse` (`--run.reuse_folder`)."""
+    command would otherwise find out only when it saves, after the work), one that holds
+    another command's run (its `config.yaml` and results would be overwritten), and one that
+    holds files but no droppos run unless `reuse` (`--run.reuse_folder`)."""
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--run.output_dir {folder} is a file, not a folder: choose another")
+    owner = command_of(folder) if folder.is_dir() and command else None
+    if owner is not None and owner != command:
+        raise ValueError(
+            f"--run.output_dir {folder} holds a `{owner}` run: give `{command}` a folder of "
+            "its own (no command writes over another's outputs)"
+        )
     if folder.is_dir() and not reuse and not holds_a_run(folder):
         foreign = sorted(
             p.name
@@ -106,19 +131,21 @@ def check_output_dir(folder: Path, reuse: bool = False) -> None:
         )
 
 
-def start(run: RunSection) -> RunContext:
+def start(run: RunSection, command: str) -> RunContext:
     """Join the process group if torchrun started us, pick the device, the precision and the
     CPU threads (`compute_threads`), and seed torch with the same seed on every rank: every
     rank initialises the same model (FSDP keeps each rank's own shard of it; nothing is
     broadcast)."""
-    check_output_dir(Path(run.output_dir), run.reuse_folder)
+    check_output_dir(Path(run.output_dir), run.reuse_folder, command)
     threads = compute_threads(run.threads)
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(threads)
     env = init_distributed(run.device)
     if env.is_main:
         Path(run.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(run.output_dir) / RUN_MARKER).touch()
+        marker = Path(run.output_dir) / RUN_MARKER
+        if not os.path.lexists(marker):  # the folder's first run names it
+            write_text(marker, command + "\n")
     precision = resolve_precision(run.precision, env.device)
     torch.manual_seed(run.seed)
     return RunContext(

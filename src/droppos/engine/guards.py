@@ -23,7 +23,7 @@ import torch
 
 from droppos.engine.collectives import sum_over_ranks
 from droppos.engine.distributed import DistEnv
-from droppos.interop.schema import PARTIAL_SUFFIX
+from droppos.outputs import PARTIAL_SUFFIX
 
 LOCK = ".droppos.lock"
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")

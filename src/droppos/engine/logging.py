@@ -15,6 +15,7 @@ import yaml
 
 from droppos.engine.collectives import sum_over_ranks
 from droppos.engine.distributed import DistEnv
+from droppos.outputs import open_for_append, write_text
 
 Sums = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -33,7 +34,7 @@ def finite_json(value: Any) -> Any:
 
 def write_json(path: str | Path, value: Any) -> None:
     """Strict JSON (non-finite floats as null), indented, with a final newline."""
-    Path(path).write_text(json.dumps(finite_json(value), indent=2, allow_nan=False) + "\n")
+    write_text(path, json.dumps(finite_json(value), indent=2, allow_nan=False) + "\n")
 
 
 def _plain(value: Any) -> Any:
@@ -50,8 +51,7 @@ def write_config(config: Any, folder: str | Path) -> Path:
     path = Path(folder) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(_plain(dataclasses.asdict(config)), sort_keys=False)
-    path.write_text(text)
-    return path
+    return write_text(path, text)
 
 
 def show_progress(requested: bool, is_main: bool = True) -> bool:
@@ -74,7 +74,7 @@ class MetricWriter:
             return
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = (output_dir / "metrics.jsonl").open("a", buffering=1)
+        self._jsonl = open_for_append(output_dir / "metrics.jsonl")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -178,7 +178,7 @@ def evaluate_frozen_features(
     config.yaml and results.json. Returns (features, results, results path) on the main
     process, None on the others."""
     config.validate()
-    context = run_context.start(config.run)
+    context = run_context.start(config.run, command)
     features = frozen_features(config.model, config.data, context, check_train_size)
     results = score(features, context.progress)
     if not context.is_main:

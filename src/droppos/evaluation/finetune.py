@@ -343,7 +343,9 @@ def finetuning_loop(config: FinetuneConfig) -> TrainLoop:
     ValueError/FileNotFoundError from here, before any training.
     """
     config.validate()
-    context = run_context.start(config.run)  # the same new head (and random backbone) everywhere
+    context = run_context.start(
+        config.run, "finetune"
+    )  # the same new head (and random backbone) everywhere
     splits = labelled_splits(config.data)
     backbone = backbone_from(config.model)
     mean, std = backbone.normalisation(

@@ -141,7 +141,7 @@ def run(config: OrderSensitivityConfig) -> str | None:
     """`droppos order-sensitivity`: score the classifier under every condition, write
     results.json, print the table."""
     config.validate()
-    context = run_context.start(config.run)
+    context = run_context.start(config.run, "order-sensitivity")
     backbone = backbone_from(config.model)
     if backbone.num_classes == 0:
         raise ValueError(

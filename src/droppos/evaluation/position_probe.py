@@ -304,7 +304,7 @@ def _probe(config: PositionProbeConfig, context: RunContext) -> dict[str, Any]:
 def run(config: PositionProbeConfig) -> str | None:
     """`droppos probe-position`: probe, write results.json, say the scores."""
     config.validate()
-    context = run_context.start(config.run)
+    context = run_context.start(config.run, "probe-position")
     if context.is_main:
         write_config(config, config.run.output_dir)
     results = _probe(config, context)

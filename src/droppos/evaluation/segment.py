@@ -73,6 +73,7 @@ from droppos.evaluation.metrics import confusion_matrix, segmentation_scores
 from droppos.evaluation.report import write_results
 from droppos.interop.backbone import Backbone, build_vit
 from droppos.interop.schema import Segmenter
+from droppos.outputs import write_atomic
 from droppos.sections import (
     DataSection,
     OptimSection,
@@ -354,7 +355,7 @@ def draw_predictions(
         predicted = predict(images.to(context.device)).cpu().numpy()
     picture = draw_segmentation(pixels, masks, predicted, classes, caption)
     path = Path(config.run.output_dir) / PICTURES
-    picture.save(path)
+    write_atomic(path, lambda stream: picture.save(stream, format="PNG"))
     if config.run.tensorboard:
         writer = MetricWriter(config.run.output_dir, tensorboard=True)
         writer.image("segment/predictions", np.asarray(picture), 0)
@@ -398,7 +399,7 @@ def prepare(config: SegmentConfig) -> Prepared:
     """Validate, start the run, load the backbone and both splits: every user mistake is found
     here, before any image is read."""
     config.validate()
-    context = run_context.start(config.run)
+    context = run_context.start(config.run, "segment")
     backbone = backbone_from(config.model)
     train, val = segmentation_splits(config.data)
     return Prepared(context, backbone, train, val, view_size(config.data, train, backbone))

@@ -21,6 +21,7 @@ holds (`check_layouts`): a file that would load only in part fails the export in
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,10 @@ from droppos.interop.formats import (
     mmseg_mae_keys,
     mmseg_state,
 )
-from droppos.interop.schema import SIDECAR, ExportSidecar, provenance
+from droppos.interop.schema import SIDECAR, ExportSidecar, provenance, save_atomic
 from droppos.models.encoder import EncoderConfig, pair
 from droppos.models.sizes import ENCODER_SIZES
+from droppos.outputs import replaced, write_text
 from droppos.sections import DEFAULT_CHECKPOINT, CheckpointSection, OutputSection, Sections
 
 WEIGHTS, MAE_FORMAT, MMSEG_FORMAT = "model.safetensors", "mae_format.pth", "mmseg_mae.pth"
@@ -114,7 +116,7 @@ def export_checkpoint(
     held = [
         name
         for name in (WEIGHTS, SIDECAR, MAE_FORMAT, MMSEG_FORMAT, HF_FOLDER)
-        if (Path(output) / name).exists()
+        if os.path.lexists(Path(output) / name)  # a dangling link is held too
     ]
     if held:
         raise ValueError(
@@ -152,13 +154,13 @@ def export_checkpoint(
         num_classes=backbone.num_classes,
         hf_classifier=hf_classifier,
     )
-    save_file(state, str(files.weights), metadata={"format": "pt"})
+    save_safetensors(state, files.weights)
     source = provenance(
         Path(checkpoint), backbone.kind, timm=timm.__version__, torch=torch.__version__
     )
     sidecar(backbone, name, source).write(folder)
-    torch.save(mae, files.mae_format)
-    torch.save(mmseg, files.mmseg_format)
+    save_atomic(mae, files.mae_format)
+    save_atomic(mmseg, files.mmseg_format)
     write_hf_folder(folder / HF_FOLDER, hf, args, backbone if hf_classifier else None)
     return files
 
@@ -183,8 +185,14 @@ def write_hf_folder(
     if classifier is not None:
         labels = classifier.classes or [f"class_{i}" for i in range(classifier.num_classes)]
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(hf, str(folder / WEIGHTS), metadata={"format": "pt"})
-    (folder / SIDECAR).write_text(json.dumps(hf_vit_config(args, labels), indent=2) + "\n")
+    save_safetensors(hf, folder / WEIGHTS)
+    write_text(folder / SIDECAR, json.dumps(hf_vit_config(args, labels), indent=2) + "\n")
+
+
+def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file written as every droppos output is (`droppos/outputs.py`)."""
+    with replaced(path) as temporary:
+        save_file(state, str(temporary), metadata={"format": "pt"})
 
 
 def check_layouts(

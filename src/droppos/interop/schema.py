@@ -19,9 +19,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import tempfile
 import time
 import types
 import typing
@@ -36,6 +34,7 @@ from droppos._version import PACKAGE, __version__
 from droppos.interop import sharded
 from droppos.models.encoder import EncoderConfig
 from droppos.models.sizes import encoder_shape
+from droppos.outputs import write_atomic, write_text
 
 KIND_KEY = PACKAGE  # {package name: "pretrain", "finetune" or "segment"} marks our checkpoints
 PRETRAIN, FINETUNE, SEGMENT = "pretrain", "finetune", "segment"
@@ -44,37 +43,9 @@ PRETRAIN, FINETUNE, SEGMENT = "pretrain", "finetune", "segment"
 # -- reading and writing files -----------------------------------------------------------------
 
 
-# Every partial file droppos writes ends so (`.last.pth.k2j4x9.droppos-partial`): a name no user
-# would choose, so that cleaning up after a killed save can never remove a user's own file.
-PARTIAL_SUFFIX = ".droppos-partial"
-
-
-def umask_mode() -> int:
-    """The mode a plain `open(..., "w")` would give a new file (mkstemp's is always 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def save_atomic(state: Mapping[str, Any], path: str | Path) -> Path:
-    """Write to a temporary file in the same folder, fsync, then rename over `path` (with the
-    mode the user's umask gives new files)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent
-    )
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(dict(state), stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, umask_mode())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    """`torch.save` of `state`, written whole or not at all (`droppos/outputs.py`)."""
+    return write_atomic(path, lambda stream: torch.save(dict(state), stream))
 
 
 def load_object(path: str | Path, whole: bool = True) -> Mapping[str, Any]:
@@ -543,9 +514,7 @@ class ExportSidecar:
         return config
 
     def write(self, folder: str | Path) -> Path:
-        path = Path(folder) / SIDECAR
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        return write_text(Path(folder) / SIDECAR, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @staticmethod
     def beside(weights: Path) -> dict[str, Any] | None:

@@ -235,7 +235,7 @@ def pretraining_loop(config: PretrainConfig) -> TrainLoop:
     """
     config.validate()
     method = method_of(config.model)
-    context = run_context.start(config.run)
+    context = run_context.start(config.run, "pretrain")
     model = method.build_model(config.model).to(context.device)
     step = PretrainStep(method(config, context.device), model, config, context)
     data, encoder = config.data, config.model.encoder

@@ -12,6 +12,7 @@ it did as a `JigsawView`; this module knows nothing of models.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from droppos.data.catalog import build_source
 from droppos.data.decode import BadImageError
 from droppos.data.sources import Share, alone
 from droppos.data.transforms import eval_transform
+from droppos.outputs import write_atomic
 
 PANELS = ("input", "visible", "predicted places", "error (cells)", "attentive weights")
 FRAME = np.array([255, 140, 0], dtype=np.uint8)  # dropped position: orange
@@ -264,7 +266,7 @@ def save_pictures(pictures: list[Image.Image], folder: str | Path, stem: str) ->
     paths = []
     for i, picture in enumerate(pictures):
         path = folder / f"{stem}-{i:02d}.png"
-        picture.save(path)
+        write_atomic(path, functools.partial(picture.save, format="PNG"))
         paths.append(path)
     return paths
 
