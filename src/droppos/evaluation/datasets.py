@@ -69,10 +69,12 @@ class LabelledSplits:
     classes: list[str] | None
 
 
-def labelled_splits(data: DataSection) -> LabelledSplits:
+def labelled_splits(data: DataSection, val_may_be_train: bool = False) -> LabelledSplits:
     """Both splits of `data.source` (the kinds pre-training reads); ValueError without labels.
     With `--data.val_from_train` the val split is held out of train, with `--data.train_images`
-    train is a class-balanced subset (evaluation sections only)."""
+    train is a class-balanced subset (evaluation sections only). A source without a val split
+    of its own gives its training images as val: refused (a score on the training images is no
+    evaluation) unless `val_may_be_train` (the caller splits them itself)."""
     source = data.source
     share = computed_by_rank0
     train = build_source(source, "train", data.max_image_pixels, share=share)
@@ -83,6 +85,11 @@ def labelled_splits(data: DataSection) -> LabelledSplits:
         )
     held_out = getattr(data, "val_from_train", 0)
     val = None if held_out else build_source(source, "val", data.max_image_pixels, share=share)
+    if val is not None and val.origin == train.origin and not val_may_be_train:
+        raise ValueError(
+            f"data source {source!r} has no val split (train/ and val/ folders or lists): "
+            "its val would be its training images; hold some out with --data.val_from_train N"
+        )
     train, val = carved_splits(
         train, val, held_out, getattr(data, "train_images", 0), getattr(data, "subset_seed", 0)
     )

@@ -27,13 +27,14 @@ from droppos.engine.precision import autocast
 from droppos.evaluation.backbone import BackboneSection, backbone_from
 from droppos.evaluation.datasets import (
     EvaluationConfig,
+    LabelledSplits,
     eval_view,
     inference_batches,
     labelled_splits,
 )
 from droppos.evaluation.position_probe import vit_patch_tokens
 from droppos.evaluation.report import write_results
-from droppos.interop.backbone import build_vit
+from droppos.interop.backbone import Backbone, build_vit
 from droppos.sections import RunSection
 
 CONDITIONS = ("intact", "shuffled_patches", "no_positions", "tile_jigsaw")
@@ -137,6 +138,22 @@ def order_sensitivity(
             "images": total, "tiles": tiles}  # fmt: skip
 
 
+def check_head_classes(backbone: Backbone, splits: LabelledSplits, source: str) -> None:
+    """A classifier's head scores only the classes it was fine-tuned on: the data must have as
+    many, under the same names where both say them (else its accuracy means nothing)."""
+    named = backbone.classes and splits.classes
+    if backbone.num_classes != splits.num_classes or (named and backbone.classes != splits.classes):
+
+        def listed(names: list[str] | None) -> str:
+            return f" ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})" if names else ""
+
+        raise ValueError(
+            f"{backbone.source} classifies {backbone.num_classes} classes"
+            f"{listed(backbone.classes)}, but --data.source {source} has {splits.num_classes}"
+            f"{listed(splits.classes)}: score the classifier on the data it was fine-tuned on"
+        )
+
+
 def run(config: OrderSensitivityConfig) -> str | None:
     """`droppos order-sensitivity`: score the classifier under every condition, write
     results.json, print the table."""
@@ -148,8 +165,10 @@ def run(config: OrderSensitivityConfig) -> str | None:
             f"{backbone.source} has no classifier head; order-sensitivity needs a fine-tuned "
             "checkpoint (droppos finetune writes best.pth)"
         )
+    splits = labelled_splits(config.data)
+    check_head_classes(backbone, splits, config.data.source)
     vit = build_vit(backbone, num_classes=backbone.num_classes, global_pool=backbone.global_pool)
-    val = eval_view(labelled_splits(config.data).val, config.data, backbone)
+    val = eval_view(splits.val, config.data, backbone)
     batches = inference_batches(val, config.data, context)
     results = order_sensitivity(
         vit.to(context.device), batches, context, config.order.tiles, config.run.seed

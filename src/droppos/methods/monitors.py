@@ -94,7 +94,7 @@ class Monitors:
             max_image_pixels=data.max_image_pixels, timeout=data.timeout,
         )  # fmt: skip
         try:
-            splits = labelled_splits(section)
+            splits = labelled_splits(section, val_may_be_train=True)
         except ValueError as error:
             context.say(f"note: no monitors ({error})")
             return None
