@@ -22,8 +22,8 @@ from droppos.data.pipeline import AugmentedDataset
 from droppos.data.shards import index_shard, write_shard
 from droppos.engine.guards import remove_temporary_files
 from droppos.interop.schema import load_object, save_atomic
-from droppos.outputs import PARTIAL_SUFFIX
 from droppos.models import EncoderConfig
+from droppos.outputs import PARTIAL_SUFFIX
 from droppos.visual.jigsaw import picture_batch
 
 POSTSCRIPT = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"

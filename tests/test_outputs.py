@@ -86,7 +86,7 @@ def test_metrics_are_never_appended_through_a_link(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").symlink_to(target)
-    with pytest.raises(ValueError, match="metrics.jsonl is a symbolic link"):
+    with pytest.raises(ValueError, match=r"metrics\.jsonl is a symbolic link"):
         MetricWriter(run, tensorboard=False)
     assert target.read_text() == ""
 

@@ -16,6 +16,7 @@ import contextlib
 import difflib
 import re
 import sys
+import typing
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields, is_dataclass
 from importlib import resources
@@ -256,7 +257,8 @@ def resolve_presets(argv: list[str]) -> list[str]:
     resolved = list(argv)
     for i, arg in enumerate(resolved[:-1]):
         if arg == "--config" and Path(resolved[i + 1]).is_file():
-            check_config_file(Path(resolved[i + 1]))
+            command = resolved[0] if resolved and resolved[0] in COMMANDS else None
+            check_config_file(Path(resolved[i + 1]), COMMANDS[command].config if command else None)
         if arg == "--config" and not Path(resolved[i + 1]).exists():
             name = resolved[i + 1].removesuffix(".yaml")
             if name not in preset_names():
@@ -278,10 +280,12 @@ def resolve_presets(argv: list[str]) -> list[str]:
 MAX_CONFIG_BYTES = 1 << 20
 
 
-def check_config_file(path: Path) -> None:
-    """A `--config` file droppos will read: a small YAML mapping without aliases. An alias
-    (`*name`) lets a few lines expand to gigabytes ("billion laughs"), and no configuration
-    needs one; an empty file would otherwise be reported as an empty "Unexpected config"."""
+def check_config_file(path: Path, config: type | None = None) -> None:
+    """A `--config` file droppos will read: a small YAML mapping without aliases, whose
+    sections (of the command's `config`) are mappings. An alias (`*name`) lets a few lines
+    expand to gigabytes ("billion laughs"), and no configuration needs one; an empty file would
+    otherwise be reported as an empty "Unexpected config", and a section that is not a mapping
+    (`optim: 5`, `model: [1]`) ends in a traceback or is dropped silently."""
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise UsageError(f"--config {path}: {path.stat().st_size} bytes is not a config file")
     try:
@@ -295,6 +299,40 @@ def check_config_file(path: Path) -> None:
         return  # the parser reports it, with the line of the error
     if not text.strip():
         raise UsageError(f"--config {path} is empty: give a YAML file of options, or drop it")
+    try:
+        content = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return  # the parser reports it, with the line of the error
+    if not isinstance(content, dict):
+        raise UsageError(f"--config {path}: expected a mapping of options, got {content!r:.60}")
+    if config is not None:
+        check_sections(content, config, "", path)
+
+
+def check_sections(given: dict[Any, Any], config: type, where: str, path: Path) -> None:
+    """Every section `given` names (a dataclass field of `config`) is itself a mapping."""
+    try:
+        hints = typing.get_type_hints(config)
+    except (NameError, TypeError):
+        hints = {}
+    for option in fields(config):
+        if option.name not in given:
+            continue
+        section = hints.get(option.name)
+        if not (isinstance(section, type) and is_dataclass(section)):
+            default = option.default
+            if option.default_factory is not MISSING:
+                default = option.default_factory()
+            section = type(default) if is_dataclass(default) else None
+        if section is None:
+            continue
+        value = given[option.name]
+        if not isinstance(value, dict):
+            raise UsageError(
+                f"--config {path}: `{where}{option.name}` is a section: write its options "
+                f"under it (`{option.name}:` then indented `name: value` lines), not {value!r:.60}"
+            )
+        check_sections(value, section, f"{where}{option.name}.", path)
 
 
 def section_default(config_class: type, name: str) -> Any:

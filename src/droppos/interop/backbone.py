@@ -202,6 +202,7 @@ def load_backbone(checkpoint: str | Path, num_heads: int | None = None) -> Backb
         encoder = infer_encoder(state, str(path), heads, meta.get("img_size"))
     elif num_heads is not None:
         encoder = EncoderConfig(**{**asdict(encoder), "num_heads": num_heads})
+    check_fits(encoder, state, str(path))
     return Backbone(
         encoder=encoder,
         state=state,
@@ -236,20 +237,66 @@ def hf_backbone(folder: Path) -> Backbone:
     if not weights.is_file():
         raise ValueError(f"{folder} has no model.safetensors (save it with safe_serialization)")
     state = from_hf_vit_state(load_object(weights))
-    size = config.get("image_size", 224)
-    encoder = EncoderConfig(
-        img_size=tuple(size) if isinstance(size, list) else size,
-        patch_size=config.get("patch_size", 16),
-        in_chans=config.get("num_channels", 3),
-        embed_dim=config["hidden_size"],
-        depth=config["num_hidden_layers"],
-        num_heads=config["num_attention_heads"],
-        mlp_ratio=config["intermediate_size"] / config["hidden_size"],
-    )
+    encoder = hf_encoder(config, folder)
     broken = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
     if broken:
         raise ValueError(f"{folder} holds NaN or infinite weights ({', '.join(broken[:3])})")
+    check_fits(encoder, state, str(folder))
     return Backbone(encoder=encoder, state=state, source=str(folder), kind=HF_KINDS[kind])
+
+
+def hf_encoder(config: dict[str, Any], folder: Path) -> EncoderConfig:
+    """The encoder shape a Hugging Face `config.json` declares; ValueError naming the field for
+    a missing one or a wrong type (a string, a float layer count, `true` as a head count)."""
+
+    def read(name: str, default: Any = None) -> Any:
+        if name not in config and default is None:
+            raise ValueError(f"{folder}/config.json has no {name!r}")
+        value = config.get(name, default)
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        pair = isinstance(value, list) and name == "image_size"
+        if not (whole or pair) or (whole and value < 1):
+            raise ValueError(
+                f"{folder}/config.json: {name!r} must be a positive whole number, got {value!r}"
+            )
+        return tuple(value) if pair else value
+
+    width, hidden = read("hidden_size"), read("intermediate_size")
+    try:
+        return EncoderConfig(
+            img_size=read("image_size", 224),
+            patch_size=read("patch_size", 16),
+            in_chans=read("num_channels", 3),
+            embed_dim=width,
+            depth=read("num_hidden_layers"),
+            num_heads=read("num_attention_heads"),
+            mlp_ratio=hidden / width,
+        )
+    except ValueError as error:
+        raise ValueError(f"{folder}/config.json: {error}") from None
+
+
+def check_fits(encoder: EncoderConfig, state: Mapping[str, torch.Tensor], where: str) -> None:
+    """The shape a file declares (its metadata, a `config.json`) against the tensors it holds,
+    before a model of that shape is built: a few lines of metadata must not make droppos
+    allocate a model (hundreds of GB) that the weights on disk could never fill."""
+    dim, patch = encoder.embed_dim, encoder.patch_size
+    expected = {
+        "patch_embed.proj.weight": (dim, encoder.in_chans, patch, patch),
+        "blocks.0.mlp.fc1.weight": (int(dim * encoder.mlp_ratio), dim),
+        "pos_embed": (1, encoder.num_patches + 1, dim),
+    }
+    for key, shape in expected.items():
+        if key in state and tuple(state[key].shape) != shape:
+            raise ValueError(
+                f"{where} declares an encoder ({encoder.depth} blocks of width {dim}) whose "
+                f"{key} is {list(shape)}, but holds {list(state[key].shape)}"
+            )
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if blocks and len(blocks) != encoder.depth:
+        raise ValueError(
+            f"{where} declares {encoder.depth} encoder blocks, but holds {len(blocks)}"
+        )
 
 
 def random_backbone(shape: EncoderConfig) -> Backbone:

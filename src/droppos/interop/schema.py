@@ -523,9 +523,14 @@ class ExportSidecar:
         sidecar = weights.with_name(SIDECAR)
         if weights.suffix != ".safetensors" or not sidecar.is_file():
             return None
-        exported = json.loads(sidecar.read_text())
-        args = exported.get("model_args", {})
-        cfg = exported.get("pretrained_cfg", {})
+        try:
+            exported = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{sidecar} is not readable JSON ({error})") from None
+        args = exported.get("model_args", {}) if isinstance(exported, dict) else None
+        cfg = exported.get("pretrained_cfg", {}) if isinstance(exported, dict) else None
+        if not isinstance(args, dict) or not isinstance(cfg, dict):
+            raise ValueError(f"{sidecar} is not the config.json of a droppos export")
         return {
             "num_heads": args.get("num_heads"),
             "img_size": args.get("img_size"),

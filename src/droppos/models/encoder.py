@@ -7,8 +7,10 @@ a copy, and original checkpoints load without renaming.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from timm.layers import PatchEmbed
@@ -52,6 +54,7 @@ class EncoderConfig:
     """MLP hidden width as a multiple of embed_dim."""
 
     def __post_init__(self) -> None:
+        self._check_types()
         if isinstance(self.img_size, list):  # from YAML or JSON
             self.img_size = pair(self.img_size)
         h, w = pair(self.img_size)
@@ -83,6 +86,29 @@ class EncoderConfig:
             )
         if self.embed_dim % 4:
             raise ValueError(f"embed_dim {self.embed_dim} must be divisible by 4 (2-D sin-cos)")
+
+    def _check_types(self) -> None:
+        """Whole numbers where whole numbers belong (a file's metadata or a `config.json` may
+        say `"12"`, `12.5` or `true`): one line naming the field, not a TypeError later."""
+
+        def whole(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        sizes = self.img_size if isinstance(self.img_size, list | tuple) else [self.img_size]
+        if not (1 <= len(sizes) <= 2 and all(whole(v) for v in sizes)):
+            raise ValueError(
+                f"encoder img_size must be a whole number or two, got {self.img_size!r}"
+            )
+        for name in ("patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+            if not whole(getattr(self, name)):
+                raise ValueError(
+                    f"encoder {name} must be a whole number, got {getattr(self, name)!r}"
+                )
+        ratio = self.mlp_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not ratio > 0:
+            raise ValueError(f"encoder mlp_ratio must be a positive number, got {ratio!r}")
+        if not math.isfinite(ratio):
+            raise ValueError(f"encoder mlp_ratio must be finite, got {ratio!r}")
 
     @property
     def image_size(self) -> tuple[int, int]:
