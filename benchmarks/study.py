@@ -854,10 +854,13 @@ def summary_of(summaries: list[dict[str, Any]], row: Row) -> dict[str, Any]:
     return next((s for s in summaries if s["row"] == row.name), {})
 
 
+FASHION_MNIST_FILE = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
 def ensure_fashion_mnist(install: bool) -> None:
     """The study's data: Debian's dataset-fashion-mnist. Installed only when asked
     (`--install-data`); otherwise the command to run is said and the study stops."""
-    if Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
+    if FASHION_MNIST_FILE.exists():
         return
     sudo = [] if os.geteuid() == 0 else ["sudo"]
     commands = (["apt-get", "update"], ["apt-get", "install", "-y", "dataset-fashion-mnist"])
@@ -869,7 +872,15 @@ def ensure_fashion_mnist(install: bool) -> None:
         )
     print("installing the Debian package dataset-fashion-mnist", flush=True)
     for command in commands:
-        subprocess.run([*sudo, *command], check=True, capture_output=True)
+        try:
+            done = subprocess.run([*sudo, *command], capture_output=True, text=True)
+        except OSError as error:  # no apt-get (not Debian), no sudo
+            raise SystemExit(f"`{' '.join([*sudo, *command])}` cannot run: {error}") from None
+        if done.returncode != 0:
+            said = (done.stderr or done.stdout).strip().splitlines() or ["(no output)"]
+            raise SystemExit(
+                f"`{' '.join([*sudo, *command])}` failed (exit {done.returncode}): {said[-1]}"
+            )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -127,3 +127,20 @@ def test_smoke_dense_study_writes_its_table_with_seeds_then_resumes(tmp_path):
     again = subprocess.run(command, check=True, capture_output=True, text=True)
     assert again.stdout.count("| random init |") >= 1  # every step was cached: no retraining
     assert json.loads((tmp_path / "report" / "dense_study.json").read_text()) == found
+
+
+def test_a_failing_apt_get_is_one_line_with_apts_own_error(tmp_path, monkeypatch):
+    """--install-data used to swallow apt's error and end in a CalledProcessError traceback."""
+    study = load_study()
+    fake = tmp_path / "bin" / "apt-get"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'E: Could not open lock file' >&2\nexit 100\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
+    monkeypatch.setattr(study, "FASHION_MNIST_FILE", tmp_path / "absent.gz")
+    monkeypatch.setattr(study.os, "geteuid", lambda: 0)
+    with pytest.raises(SystemExit) as stop:
+        study.ensure_fashion_mnist(install=True)
+    message = str(stop.value)
+    assert "apt-get update` failed (exit 100): E: Could not open lock file" in message
+    assert "\n" not in message
