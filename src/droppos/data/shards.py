@@ -35,6 +35,7 @@ from droppos.data.decode import (
     read_image,
 )
 from droppos.data.sources import ImageSource, Share, alone, check_labels
+from droppos.interop.schema import umask_mode
 
 INDEX_SUFFIX = ".idx.json"
 CLASSES_FILE = "classes.txt"
@@ -116,7 +117,10 @@ def index_shard(path: Path, beside: bool = False) -> list[dict[str, Any]]:
     with contextlib.suppress(OSError):  # no writable cache: index again next time
         target = next_to if beside else cached
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(target, json.dumps(content))
+        # write-shards' index is an output like the shards (the umask's mode); the cache is
+        # this user's alone, and one that others could write would be ignored
+        mode = umask_mode() if beside else umask_mode() & ~0o022
+        write_atomically(target, json.dumps(content), mode)
     return entries
 
 
@@ -142,13 +146,14 @@ def _sane(entry: Any, shard_size: int) -> bool:
     )
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write beside `path`, then rename over it: a reader (another rank) sees the old file or
-    the whole new one, never half of it."""
+def write_atomically(path: Path, text: str, mode: int) -> None:
+    """Write beside `path`, then rename over it with `mode`: a reader (another rank) sees the
+    old file or the whole new one, never half of it."""
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "w") as stream:
             stream.write(text)
+        os.chmod(temporary, mode)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
