@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from droppos.cli.main import main
 from droppos.data.catalog import build_source
 from droppos.data.shards import INDEX_SUFFIX, cache_folder, write_shard
 
@@ -50,6 +51,89 @@ def _labelled(path: Path, labels: list[int]) -> Path:
     for i, label in enumerate(labels):
         members += [(f"{i:06d}.png", PNG), (f"{i:06d}.cls", str(label).encode())]
     return _tar(path, members)
+
+
+def _one_line_naming(error: pytest.ExceptionInfo, *names: str) -> None:
+    message = str(error.value)
+    assert "\n" not in message
+    assert all(name in message for name in names), message
+
+
+# -- every bad label named by shard and member --------------------------------------------------
+
+
+@pytest.mark.parametrize("text", [b"-5", b"1_0", "\u0661".encode(), "\u00b2".encode(), b"1" * 65])
+def test_a_label_that_is_not_ascii_digits_names_the_shard_and_member(tmp_path, text):
+    """int() takes "1_0" as 10 and Unicode digits; a label is ASCII digits alone."""
+    shard = _tar(tmp_path / "train-000000.tar", [("a.png", PNG), ("a.cls", text)])
+    with pytest.raises(ValueError, match="does not hold an integer class label") as refused:
+        build_source(str(tmp_path), "train")
+    _one_line_naming(refused, str(shard), "a.cls")
+
+
+def test_a_sample_without_a_label_among_labelled_ones_is_named(tmp_path):
+    shard = _tar(tmp_path / "train-000000.tar", [("a.png", PNG), ("a.cls", b"0"), ("b.png", PNG)])
+    with pytest.raises(ValueError, match="label every sample or none") as refused:
+        build_source(str(tmp_path), "train")
+    _one_line_naming(refused, str(shard), "b.png")
+
+
+def test_an_unlabelled_shard_among_labelled_ones_is_named(tmp_path):
+    _labelled(tmp_path / "train-000000.tar", [0, 1])
+    _tar(tmp_path / "train-000001.tar", [("c.png", PNG)])
+    with pytest.raises(ValueError, match="label every sample or none") as refused:
+        build_source(str(tmp_path), "train")
+    _one_line_naming(refused, "train-000001.tar:c", "train-000000.tar:000000")
+
+
+def test_a_label_that_labels_no_image_is_named(tmp_path):
+    """A sample whose image droppos cannot read (`.avif`) would otherwise vanish silently."""
+    members = [("a.png", PNG), ("a.cls", b"0"), ("b.avif", b"..."), ("b.cls", b"1")]
+    shard = _tar(tmp_path / "train-000000.tar", members)
+    with pytest.raises(ValueError, match="labels no image") as refused:
+        build_source(str(tmp_path), "train")
+    _one_line_naming(refused, str(shard), "b.cls")
+
+
+@pytest.mark.parametrize("second", ["a.jpg", "a.png", "a.cls"])
+def test_a_sample_key_used_twice_in_a_shard_is_refused_naming_both(tmp_path, second):
+    """A second `a.*` member would hide the first (the index keeps one per key)."""
+    members = [("a.png", PNG), ("a.cls", b"0"), (second, PNG if second != "a.cls" else b"1")]
+    shard = _tar(tmp_path / "train-000000.tar", members)
+    first = "a.cls (byte 1024)" if second == "a.cls" else "a.png (byte 0)"
+    with pytest.raises(ValueError, match="are both sample 'a'") as refused:
+        build_source(str(tmp_path), "train")
+    _one_line_naming(refused, str(shard), f"{first} and {second} (byte 2048)")
+
+
+def test_the_same_key_in_two_shards_loses_neither_sample(tmp_path):
+    """Keys numbered per shard are common in shards from other tools, and each shard's samples
+    are read by position: both are kept."""
+    _labelled(tmp_path / "train-000000.tar", [0, 1])
+    _labelled(tmp_path / "train-000001.tar", [2, 3])
+    assert build_source(str(tmp_path), "train").all_labels() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("label", ["\u0663", "\u00b2"])
+def test_a_file_list_label_is_ascii_digits_alone(tmp_path, label):
+    """ "3" in Arabic-Indic digits was read as 3, "²" ended in a message naming no file."""
+    for name in "ab":
+        (tmp_path / f"{name}.png").write_bytes(PNG)
+    listing = tmp_path / "train.txt"
+    listing.write_text(f"a.png 0\nb.png {label}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="mixes labelled and unlabelled") as refused:
+        build_source(str(listing), "train")
+    _one_line_naming(refused, f"{listing}:2")
+
+
+def test_pretraining_on_a_badly_labelled_shard_stops_naming_it(tmp_path, capsys):
+    _labelled(tmp_path / "data" / "train-000000.tar", [0, 1])
+    _tar(tmp_path / "data" / "train-000001.tar", [("c.png", PNG), ("c.cls", b"-5")])
+    output = tmp_path / "run"
+    assert main(["pretrain", "--data.source", str(tmp_path / "data"),
+                 "--run.output_dir", str(output)]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert "train-000001.tar: c.cls does not hold" in err and len(err.splitlines()) == 1
 
 
 def _cached_index(shard: Path) -> Path:

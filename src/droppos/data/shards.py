@@ -83,36 +83,7 @@ def index_shard(path: Path, beside: bool = False) -> list[dict[str, Any]]:
                 entries = saved["entries"]
                 if all(_sane(entry, status.st_size) for entry in entries):
                     return entries
-    images: dict[str, tuple[int, int]] = {}
-    labels: dict[str, int] = {}
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, suffix = member.name.rpartition(".")
-                if suffix.lower() in IMAGE_SUFFIXES:
-                    images[key] = (member.offset_data, member.size)
-                elif suffix == "cls":
-                    text = tar.extractfile(member).read(64)  # type: ignore[union-attr]
-                    try:
-                        labels[key] = int(text.decode().strip())
-                    except (UnicodeDecodeError, ValueError):
-                        raise ValueError(
-                            f"{path}: {member.name} does not hold an integer class label"
-                        ) from None
-            end = tar.offset
-    except (tarfile.TarError, OSError, EOFError) as error:
-        raise ValueError(f"{path} is not a readable tar shard ({error})") from None
-    if status.st_size < end + 2 * tarfile.BLOCKSIZE:  # no end-of-archive blocks: cut short
-        raise ValueError(
-            f"{path} is truncated (it ends after {len(images)} images, without the end of "
-            "the archive): copy it again"
-        )
-    entries = [
-        {"key": key, "offset": offset, "size": size, "label": labels.get(key, -1)}
-        for key, (offset, size) in images.items()
-    ]
+    entries = _walk(path, status.st_size)
     content = {"shard": made_from, "entries": entries}
     with contextlib.suppress(OSError):  # no writable cache: index again next time
         target = next_to if beside else cached
@@ -122,6 +93,85 @@ def index_shard(path: Path, beside: bool = False) -> list[dict[str, Any]]:
         mode = umask_mode() if beside else umask_mode() & ~0o022
         write_atomically(target, json.dumps(content), mode)
     return entries
+
+
+def _walk(path: Path, shard_size: int) -> list[dict[str, Any]]:
+    """Index a shard by its tar headers (data is skipped; only the labels are read). Refused in
+    one line naming the member: a key used twice (one member would hide the other), a label
+    that is not ASCII digits, a sample without a label among labelled ones, a label without an
+    image."""
+    found: dict[str, dict[str, tarfile.TarInfo]] = {"image": {}, "label": {}}
+    labels: dict[str, int] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                key, _, suffix = member.name.rpartition(".")
+                if not member.isfile():
+                    continue
+                if suffix.lower() in IMAGE_SUFFIXES:
+                    kind = "image"
+                elif suffix == "cls":
+                    kind = "label"
+                else:
+                    continue  # a member droppos does not read (.json, .txt)
+                seen = found[kind].setdefault(key, member)
+                if seen is not member:
+                    raise ValueError(
+                        f"{path}: {_placed(seen)} and {_placed(member)} are both sample {key!r} "
+                        "(one would hide the other): give each sample a key of its own"
+                    )
+                if kind == "label":
+                    labels[key] = _label(tar, member, path)
+            end = tar.offset
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise ValueError(f"{path} is not a readable tar shard ({error})") from None
+    images, labelled = found["image"], found["label"]
+    if shard_size < end + 2 * tarfile.BLOCKSIZE:  # no end-of-archive blocks: cut short
+        raise ValueError(
+            f"{path} is truncated (it ends after {len(images)} images, without the end of "
+            "the archive): copy it again"
+        )
+    for key, member in images.items():
+        if labelled and key not in labelled:
+            raise ValueError(
+                f"{path}: {member.name} has no label ({key}.cls) while other samples have "
+                "one: label every sample or none"
+            )
+    for key, member in labelled.items():
+        if key not in images:
+            raise ValueError(
+                f"{path}: {member.name} labels no image (no {key}.jpg, .png or other image "
+                "droppos reads)"
+            )
+    return [
+        {
+            "key": key,
+            "offset": member.offset_data,
+            "size": member.size,
+            "label": labels.get(key, -1),
+        }
+        for key, member in images.items()
+    ]
+
+
+def _placed(member: tarfile.TarInfo) -> str:
+    return f"{member.name} (byte {member.offset})"
+
+
+LABEL_BYTES = 64  # a class label's digits, and room for white space around them
+
+
+def _label(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> int:
+    """The class index a `.cls` member holds: ASCII digits alone (int() would also take "1_0"
+    as 10, and other scripts' digits), white space around them allowed."""
+    text = tar.extractfile(member).read(LABEL_BYTES + 1)  # type: ignore[union-attr]
+    if len(text) > LABEL_BYTES or not text.strip().isdigit():  # bytes: ASCII digits only
+        shown = text[:16].decode("utf-8", "replace")
+        raise ValueError(
+            f"{path}: {member.name} does not hold an integer class label (ASCII digits 0-9; "
+            f"it holds {shown!r}{'...' if len(text) > 16 else ''})"
+        )
+    return int(text)
 
 
 def read_class_names(path: Path) -> list[str]:
@@ -193,13 +243,17 @@ class ShardDataset(ImageSource):
         labelled = min(labels) >= 0
         names = self.shards[0].parent / CLASSES_FILE
         self.classes = read_class_names(names) if labelled and names.is_file() else None
-        check_labels(labels, str(self.shards[0].parent))
+        check_labels(labels, self._name)
         self.num_classes = max(labels) + 1 if labelled else 0
         self._handles: dict[int, Any] = {}
         self._pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self.members)
+
+    def _name(self, index: int) -> str:
+        number, *_, key = self.members[index]
+        return f"{self.shards[number]}:{key}"
 
     def all_labels(self) -> list[int]:
         return [member[3] for member in self.members]
@@ -212,10 +266,10 @@ class ShardDataset(ImageSource):
         return self._handles[number]
 
     def _read(self, index: int) -> tuple[bytes, str, int]:
-        number, offset, size, label, key = self.members[index]
+        number, offset, size, label, _ = self.members[index]
         handle = self._handle(number)
         handle.seek(offset)
-        return handle.read(size), f"{self.shards[number]}:{key}", label
+        return handle.read(size), self._name(index), label
 
     def __getitem__(self, index: int) -> tuple[DecodedImage, int]:
         data, name, label = self._read(index)

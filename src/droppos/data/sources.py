@@ -16,7 +16,8 @@ import functools
 import gzip
 import io
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,27 @@ from droppos.data.decode import DEFAULT_MAX_IMAGE_PIXELS, DecodedImage, read_ima
 MAX_CLASSES = 1_000_000
 
 
-def check_labels(labels: Iterable[int], where: str) -> None:
-    """Raise ValueError (one line, naming `where`) for a label past MAX_CLASSES."""
-    largest = max(labels, default=-1)
-    if largest >= MAX_CLASSES:
+def check_labels(labels: Sequence[int], name: Callable[[int], str]) -> None:
+    """Raise ValueError, one line naming the sample (`name(index)` says which file or member),
+    unless the labels are all -1 (unlabelled) or all class indices (0, 1, ...) below
+    MAX_CLASSES."""
+    array = np.asarray(labels, dtype=np.int64)
+    if array.size == 0 or (array == -1).all():
+        return
+    if array.min() < 0:
+        first = int(np.argmax(array < 0))
+        if array[first] < -1:
+            raise ValueError(
+                f"{name(first)}: label {array[first]} is not a class index (0, 1, ...)"
+            )
+        labelled = int(np.argmax(array >= 0))
         raise ValueError(
-            f"{where}: label {largest} is beyond any classification set (at most "
+            f"{name(first)} has no label while {name(labelled)} has one: label every sample or none"
+        )
+    largest = int(np.argmax(array))
+    if array[largest] >= MAX_CLASSES:
+        raise ValueError(
+            f"{name(largest)}: label {array[largest]} is beyond any classification set (at most "
             f"{MAX_CLASSES:,} classes); is it a class index?"
         )
 
@@ -326,7 +342,7 @@ class FileListDataset(_FileSource):
             )
         self.samples = [(str(self.root / p), label) for p, label in entries]
         labels = [label for _, label in self.samples]
-        check_labels(labels, str(self.list_file))
+        check_labels(labels, lambda i: f"{self.list_file} ({entries[i][0]})")
         self.num_classes = max(labels) + 1 if labels[0] >= 0 else 0
         self.classes = None
 
@@ -369,9 +385,10 @@ def split_of_folder(
 
 
 def _split_line(line: str) -> tuple[str, int | None]:
-    # rsplit keeps paths with spaces intact; the original split(' ') did not.
+    # rsplit keeps paths with spaces intact; the original split(' ') did not. A label is ASCII
+    # digits alone: int() would also take "1_0" as 10, and other scripts' digits.
     parts = line.rsplit(maxsplit=1)
-    if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+    if len(parts) == 2 and re.fullmatch(r"-?[0-9]+", parts[1]):
         return parts[0], int(parts[1])
     return line, None
 
