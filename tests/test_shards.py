@@ -9,12 +9,14 @@ import os
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from droppos.cli.main import main
 from droppos.data.catalog import build_source
 from droppos.data.shards import INDEX_SUFFIX, cache_folder, write_shard
+from droppos.data.sources import ArrayDataset, check_labels
 
 
 def _png() -> bytes:
@@ -57,6 +59,73 @@ def _one_line_naming(error: pytest.ExceptionInfo, *names: str) -> None:
     message = str(error.value)
     assert "\n" not in message
     assert all(name in message for name in names), message
+
+
+# -- labels the samples bear out (a head is allocated per class) -------------------------------
+
+
+def test_a_label_the_samples_do_not_bear_out_is_refused_in_a_shard(tmp_path):
+    """999999 among 4 samples would make a linear probe allocate a million-row head."""
+    shard = _labelled(tmp_path / "data" / "train-000000.tar", [0, 1, 2, 999_999])
+    with pytest.raises(ValueError, match="label 999999 declares 1,000,000 classes") as refused:
+        build_source(str(shard.parent), "train")
+    _one_line_naming(refused, "train-000000.tar:000003")
+
+
+def test_a_label_the_samples_do_not_bear_out_is_refused_in_a_file_list(tmp_path):
+    for name in "abcd":
+        (tmp_path / f"{name}.png").write_bytes(PNG)
+    listing = tmp_path / "train.txt"
+    listing.write_text("a.png 0\nb.png 1\nc.png 999999\nd.png 2\n")
+    with pytest.raises(ValueError, match="label 999999 declares 1,000,000 classes") as refused:
+        build_source(str(listing), "train")
+    _one_line_naming(refused, "train.txt", "c.png")
+
+
+def test_a_label_past_any_integer_type_is_named_not_a_traceback(tmp_path):
+    huge = "9" * 64
+    _tar(tmp_path / "data" / "train-000000.tar", [("a.png", PNG), ("a.cls", huge.encode())])
+    with pytest.raises(ValueError, match=f"label {huge} is no class index") as refused:
+        build_source(str(tmp_path / "data"), "train")
+    _one_line_naming(refused, "train-000000.tar:a")
+    (tmp_path / "a.png").write_bytes(PNG)
+    (tmp_path / "train.txt").write_text(f"a.png {huge}\n")
+    with pytest.raises(ValueError, match=f"label {huge} is no class index") as refused:
+        build_source(str(tmp_path / "train.txt"), "train")
+    _one_line_naming(refused, "train.txt (a.png)")
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        [7, 512, 999],  # a few validation images of ImageNet-1k
+        [3, 21_842],  # two images of ImageNet-21k
+        list(range(0, 300_000, 16)),  # a large label space, one in 16 of its classes present
+        list(range(1_500_000)),  # more classes than any common set, each one present
+    ],
+)
+def test_labels_of_real_label_spaces_are_accepted(labels):
+    check_labels(labels, str)
+
+
+def test_named_classes_bound_the_labels_whatever_the_samples_hold(tmp_path):
+    """classes.txt names the label space: a small split of it passes, a label past it does not."""
+    data = tmp_path / "data"
+    _labelled(data / "train-000000.tar", [4, 99_999])
+    (data / "classes.txt").write_text("".join(f"class {i}\n" for i in range(100_000)))
+    assert build_source(str(data), "train").num_classes == 100_000
+    (data / "classes.txt").write_text("".join(f"class {i}\n" for i in range(10)))
+    with pytest.raises(ValueError, match="only 10 classes are named") as refused:
+        build_source(str(data), "train")
+    _one_line_naming(refused, "train-000000.tar:000001")
+
+
+def test_an_in_memory_label_past_its_named_classes_is_refused():
+    """A damaged Fashion-MNIST label file would index past a 10-row head."""
+    images, labels = np.zeros((3, 4, 4), np.uint8), np.array([0, 9, 200])
+    with pytest.raises(ValueError, match="label 200") as refused:
+        ArrayDataset(images, labels, [str(i) for i in range(10)], "fashion-mnist:/x:train")
+    _one_line_naming(refused, "fashion-mnist:/x:train")
 
 
 # -- every bad label named by shard and member --------------------------------------------------

@@ -243,7 +243,7 @@ class ShardDataset(ImageSource):
         labelled = min(labels) >= 0
         names = self.shards[0].parent / CLASSES_FILE
         self.classes = read_class_names(names) if labelled and names.is_file() else None
-        check_labels(labels, self._name)
+        check_labels(labels, self._name, self.classes)
         self.num_classes = max(labels) + 1 if labelled else 0
         self._handles: dict[int, Any] = {}
         self._pid = os.getpid()

@@ -29,16 +29,27 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from droppos.data.decode import DEFAULT_MAX_IMAGE_PIXELS, DecodedImage, read_image, read_regular
 
-# More classes than any labelled image set has (ImageNet-21k: 21,843): a label past it is a bad
-# file, refused before an evaluation allocates a row per class.
-MAX_CLASSES = 1_000_000
+# Class-index labels declare how many classes there are, and an evaluation allocates a row per
+# class: a label space up to LABEL_SPACE is believed (ImageNet-21k has 21,843 classes), a larger
+# one only when at least one in CLASS_SPREAD of its classes is present.
+LABEL_SPACE = 65_536
+CLASS_SPREAD = 16
 
 
-def check_labels(labels: Sequence[int], name: Callable[[int], str]) -> None:
+def check_labels(
+    labels: Sequence[int], name: Callable[[int], str], classes: Sequence[str] | None = None
+) -> None:
     """Raise ValueError, one line naming the sample (`name(index)` says which file or member),
-    unless the labels are all -1 (unlabelled) or all class indices (0, 1, ...) below
-    MAX_CLASSES."""
-    array = np.asarray(labels, dtype=np.int64)
+    unless the labels are all -1 (unlabelled), or all class indices (0, 1, ...) that declare a
+    plausible number of classes (largest label + 1): at most `len(classes)` where the classes
+    are named; otherwise at most 65,536, or at most 16 times the number of distinct labels
+    present. A few validation images of ImageNet-1k or -21k pass; 999999 among 4 samples does
+    not. An evaluation's allocations are then bounded by what the files hold."""
+    try:
+        array = np.asarray(labels, dtype=np.int64)
+    except OverflowError:  # past 2**63: no class index, and no allocation to bound
+        largest = max(range(len(labels)), key=labels.__getitem__)
+        raise ValueError(f"{name(largest)}: label {labels[largest]} is no class index") from None
     if array.size == 0 or (array == -1).all():
         return
     if array.min() < 0:
@@ -52,10 +63,19 @@ def check_labels(labels: Sequence[int], name: Callable[[int], str]) -> None:
             f"{name(first)} has no label while {name(labelled)} has one: label every sample or none"
         )
     largest = int(np.argmax(array))
-    if array[largest] >= MAX_CLASSES:
+    declared = int(array[largest]) + 1
+    if classes is not None:
+        if declared > len(classes):
+            raise ValueError(
+                f"{name(largest)}: label {declared - 1}, but only {len(classes)} classes are named"
+            )
+        return
+    present = len(np.unique(array)) if declared > LABEL_SPACE else declared
+    if declared > max(LABEL_SPACE, CLASS_SPREAD * present):
         raise ValueError(
-            f"{name(largest)}: label {array[largest]} is beyond any classification set (at most "
-            f"{MAX_CLASSES:,} classes); is it a class index?"
+            f"{name(largest)}: label {declared - 1} declares {declared:,} classes, but the "
+            f"{array.size:,} samples hold {present:,} distinct labels (past {LABEL_SPACE:,} "
+            f"classes, one in {CLASS_SPREAD} must be present): number the classes 0, 1, ..."
         )
 
 
@@ -258,6 +278,7 @@ class ImageFolderDataset(_FileSource):
         classes, samples = self.share(lambda: list_folder(self.root, classes))
         self.classes = classes
         self.samples = [(path, label) for path, label in samples]
+        check_labels([label for _, label in samples], lambda i: samples[i][0], classes)
         self.num_classes = len(self.classes) if self.classes else 0
 
 
@@ -472,6 +493,7 @@ class ArrayDataset(ImageSource):
         self.images = images
         self.labels = labels.astype(np.int64)
         self.classes = list(classes)
+        check_labels(self.labels, lambda i: f"{origin} sample {i}", self.classes)
         self.num_classes = len(self.classes)
         self.origin = origin
 
