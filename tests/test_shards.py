@@ -5,6 +5,7 @@ have written, outputs that follow the umask and never land inside their source."
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -205,9 +206,96 @@ def test_pretraining_on_a_badly_labelled_shard_stops_naming_it(tmp_path, capsys)
     assert "train-000001.tar: c.cls does not hold" in err and len(err.splitlines()) == 1
 
 
+# -- the index: bound to the shard's content, trusted only from its owner -----------------------
+
+
 def _cached_index(shard: Path) -> Path:
     [index] = (cache_folder() / "shard-index").glob(f"*{INDEX_SUFFIX}")
     return index
+
+
+def _flip_labels(index: Path, count: int) -> None:
+    """Rewrite the index's labels, leaving the shard's size and times as they were."""
+    content = json.loads(index.read_text())
+    for entry in content["entries"]:
+        entry["label"] = count - 1 - entry["label"]
+    mode = index.stat().st_mode
+    index.write_text(json.dumps(content))
+    index.chmod(mode)
+
+
+@pytest.mark.parametrize("count", [4, 40])
+def test_relabelling_a_cached_index_does_not_relabel_the_data(tmp_path, count):
+    shard = _labelled(tmp_path / "data" / "train-000000.tar", list(range(count)))
+    assert build_source(str(shard.parent), "train").all_labels() == list(range(count))
+    _flip_labels(_cached_index(shard), count)
+    assert build_source(str(shard.parent), "train").all_labels() == list(range(count))
+
+
+def test_relabelling_the_index_write_shards_left_does_not_relabel_the_data(tmp_path):
+    shard = tmp_path / "train-000000.tar"
+    write_shard(shard, [(f"{i:06d}", PNG, "png", i) for i in range(4)])
+    _flip_labels(shard.with_name(shard.name + INDEX_SUFFIX), 4)
+    assert build_source(str(tmp_path), "train").all_labels() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("form", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_an_index_of_long_or_non_ascii_names_is_believed_not_rebuilt_at_every_read(tmp_path, form):
+    """The spot checks read a member back from its first header (long-name and pax headers
+    included), so every tar dialect's index is reused."""
+    key = "folder/" * 20 if form == tarfile.USTAR_FORMAT else "é" * 120
+    shard = tmp_path / "data" / "train-000000.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w", format=form) as tar:
+        for name, data in ((f"{key}.png", PNG), (f"{key}.cls", b"0")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    build_source(str(shard.parent), "train")
+    made = _cached_index(shard).stat().st_ino
+    assert build_source(str(shard.parent), "train").all_labels() == [0]
+    assert _cached_index(shard).stat().st_ino == made
+
+
+def _others_can_write(index: Path) -> None:
+    index.chmod(0o666)
+
+
+def _owned_by_another_user(index: Path) -> None:
+    os.chown(index, 65534, 65534)
+
+
+def _a_link(index: Path) -> None:
+    real = index.with_name("elsewhere.json")
+    index.rename(real)
+    index.symlink_to(real)
+
+
+def _larger_than_the_shard(index: Path) -> None:
+    index.write_text(index.read_text() + " " * 100_000)  # still valid JSON
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        _others_can_write,
+        pytest.param(
+            _owned_by_another_user,
+            marks=pytest.mark.skipif(os.getuid() != 0, reason="needs root to give a file away"),
+        ),
+        _a_link,
+        _larger_than_the_shard,
+    ],
+)
+def test_a_cache_file_someone_else_could_have_written_is_ignored_and_replaced(tmp_path, change):
+    shard = _labelled(tmp_path / "data" / "train-000000.tar", [0, 1])
+    build_source(str(shard.parent), "train")
+    index = _cached_index(shard)
+    change(index)
+    assert build_source(str(shard.parent), "train").all_labels() == [0, 1]
+    status = index.lstat()
+    assert (status.st_mode & 0o777, status.st_uid) == (0o644, os.getuid())  # made afresh
+    assert status.st_size < shard.stat().st_size
 
 
 # -- outputs: the umask's mode, never inside the source -----------------------------------------

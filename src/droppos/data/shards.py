@@ -17,6 +17,8 @@ import hashlib
 import io
 import json
 import os
+import random
+import stat
 import tarfile
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -63,26 +65,25 @@ def cache_folder() -> Path:
 
 
 def index_shard(path: Path, beside: bool = False) -> list[dict[str, Any]]:
-    """[{key, offset, size, label}] of one shard, read from an index made from this very file
-    with sane entries (the one `write-shards` left beside it, else the reader's cache), else
-    by walking the tar headers once (data is skipped, not read) and caching that in
-    `cache_folder()` (or beside the shard, for `write-shards`' own output: `beside`). A file
-    that is not a whole tar (empty, gzip, garbage, truncated, even at a member's boundary) is
-    refused in one line."""
+    """[{key, offset, size, label, header, label_header}] of one shard (`header`: where the
+    image member's tar header starts; `label_header`: the `.cls` member's, or -1), read from a
+    saved index the shard bears out (`_saved_entries`: the one `write-shards` left beside it,
+    else this user's cache), else by walking the tar headers once (data is skipped, not read)
+    and caching that in `cache_folder()` (or beside the shard, for `write-shards`' own output:
+    `beside`). A file that is not a whole tar (empty, gzip, garbage, truncated, even at a
+    member's boundary) is refused in one line."""
     status = path.stat()
     # "This very file": its size, modification time and inode change time, in nanoseconds. A
     # copy keeps the first two when asked (`cp -p`, rsync -t), never the third.
     made_from = [status.st_size, status.st_mtime_ns, status.st_ctime_ns]
     next_to = path.with_name(path.name + INDEX_SUFFIX)
-    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:20]
+    # One cache file per user and shard: users sharing a cache folder never read each other's.
+    digest = hashlib.sha1(f"{os.getuid()}:{path.resolve()}".encode()).hexdigest()[:20]
     cached = cache_folder() / "shard-index" / f"{digest}{INDEX_SUFFIX}"
-    for cache in (next_to, cached):
-        with contextlib.suppress(ValueError, OSError, TypeError, KeyError):
-            saved = json.loads(cache.read_text())
-            if saved["shard"] == made_from:
-                entries = saved["entries"]
-                if all(_sane(entry, status.st_size) for entry in entries):
-                    return entries
+    for saved, in_cache in ((next_to, False), (cached, True)):
+        entries = _saved_entries(saved, path, made_from, in_cache)
+        if entries is not None:
+            return entries
     entries = _walk(path, status.st_size)
     content = {"shard": made_from, "entries": entries}
     with contextlib.suppress(OSError):  # no writable cache: index again next time
@@ -93,6 +94,64 @@ def index_shard(path: Path, beside: bool = False) -> list[dict[str, Any]]:
         mode = umask_mode() if beside else umask_mode() & ~0o022
         write_atomically(target, json.dumps(content), mode)
     return entries
+
+
+def _saved_entries(
+    index: Path, shard: Path, made_from: list[int], in_cache: bool
+) -> list[dict[str, Any]] | None:
+    """A saved index's entries, or None (index the shard again) unless it is a regular file no
+    larger than the shard (an entry is shorter than the tar headers it stands for), made from
+    this very shard, with sane entries that spot checks against the tar bear out. A cache file
+    counts only if it is no link, this user owns it and no one else can write it: anyone who
+    can write a shared cache folder could otherwise relabel every shard."""
+    try:
+        with open(os.open(index, os.O_RDONLY | (os.O_NOFOLLOW if in_cache else 0)), "rb") as file:
+            status = os.fstat(file.fileno())
+            if not stat.S_ISREG(status.st_mode) or status.st_size > made_from[0]:
+                return None
+            if in_cache and (status.st_uid != os.getuid() or status.st_mode & 0o022):
+                return None
+            saved = json.loads(file.read())
+        entries = saved["entries"]
+        if saved["shard"] == made_from and all(_sane(e, made_from[0]) for e in entries):
+            return entries if _borne_out(shard, entries) else None
+    except (OSError, ValueError, TypeError, KeyError, RecursionError):
+        pass
+    return None
+
+
+SPOT_CHECKS = 8
+
+
+def _borne_out(shard: Path, entries: list[dict[str, Any]]) -> bool:
+    """Whether the tar bears out SPOT_CHECKS entries drawn at random (every entry of a small
+    shard): each one's image header (name, data offset, size) and label member (name, digits)
+    are read again. That is 8 x (2 header reads + 1 label read) per shard, against a walk's 2
+    header reads and 1 label read per sample: an index edited by hand, or another shard's, is
+    caught; a relabelled share p of a large shard escapes with probability (1 - p)^8."""
+    picked = random.SystemRandom().sample(entries, min(SPOT_CHECKS, len(entries)))
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for entry in picked:
+                image = _member_at(tar, entry["header"])
+                key, _, suffix = image.name.rpartition(".")
+                is_image = image.isfile() and suffix.lower() in IMAGE_SUFFIXES
+                found = (key, is_image, image.offset_data, image.size)
+                if found != (entry["key"], True, entry["offset"], entry["size"]):
+                    return False
+                if entry["label_header"] >= 0:
+                    label = _member_at(tar, entry["label_header"])
+                    if label.name != f"{key}.cls" or _label(tar, label, shard) != entry["label"]:
+                        return False
+    except (tarfile.TarError, OSError, EOFError, ValueError):
+        return False
+    return True
+
+
+def _member_at(tar: tarfile.TarFile, header: int) -> tarfile.TarInfo:
+    """The member whose header starts at byte `header` (long-name and pax headers included)."""
+    tar.fileobj.seek(header)  # type: ignore[union-attr]
+    return tarfile.TarInfo.fromtarfile(tar)
 
 
 def _walk(path: Path, shard_size: int) -> list[dict[str, Any]]:
@@ -149,6 +208,8 @@ def _walk(path: Path, shard_size: int) -> list[dict[str, Any]]:
             "offset": member.offset_data,
             "size": member.size,
             "label": labels.get(key, -1),
+            "header": member.offset,
+            "label_header": labelled[key].offset if key in labelled else -1,
         }
         for key, member in images.items()
     ]
@@ -185,14 +246,16 @@ def read_class_names(path: Path) -> list[str]:
 
 
 def _sane(entry: Any, shard_size: int) -> bool:
+    fields = ("offset", "size", "label", "header", "label_header")
     return (
         isinstance(entry, dict)
         and isinstance(entry.get("key"), str)
-        and all(isinstance(entry.get(k), int) for k in ("offset", "size", "label"))
-        and entry["offset"] >= 0
+        and all(type(entry.get(k)) is int for k in fields)
+        and 0 <= entry["header"] <= entry["offset"] - tarfile.BLOCKSIZE
         and entry["size"] >= 0
         and entry["offset"] + entry["size"] <= shard_size
-        and entry["label"] >= -1
+        and -1 <= entry["label_header"] < shard_size
+        and (entry["label"] >= 0) == (entry["label_header"] >= 0)
     )
 
 
