@@ -18,6 +18,7 @@ from droppos.cli.main import main
 from droppos.data.catalog import build_source
 from droppos.data.shards import INDEX_SUFFIX, cache_folder, write_shard
 from droppos.data.sources import ArrayDataset, check_labels
+from tests.helpers import write_split_images
 
 
 def _png() -> bytes:
@@ -317,3 +318,28 @@ def test_indexes_follow_the_umask_and_the_cache_is_writable_by_its_owner_alone(
     other = _labelled(tmp_path / "data" / "train-000000.tar", [0, 1])
     build_source(str(other.parent), "train")
     assert _cached_index(other).stat().st_mode & 0o777 == cached
+
+
+def test_write_shards_into_a_new_folder_inside_its_source_is_refused(tmp_path, capsys):
+    """`SRC/train/shards` does not exist yet: once written, SRC would have a class `shards`."""
+    source = write_split_images(tmp_path / "src", train=4, val=2)
+    link = tmp_path / "link"
+    link.symlink_to(source / "train" / "new")  # a link into the source, not yet there either
+    for output in (source / "train" / "shards", link, link / "deeper"):
+        args = ["write-shards", "--data.source", str(source), "--run.output_dir", str(output)]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert "overlaps --data.source" in err and len(err.splitlines()) == 1
+    assert not (source / "train" / "shards").exists() and not (source / "train" / "new").exists()
+    assert build_source(str(source), "train").classes == ["a", "b"]
+
+
+def test_write_shards_never_writes_through_a_dangling_link(tmp_path, capsys):
+    source = write_split_images(tmp_path / "src", train=4, val=2)
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "elsewhere")
+    args = ["write-shards", "--data.source", str(source), "--run.output_dir", str(link)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"cannot make --run.output_dir {link}" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "elsewhere").exists()
