@@ -197,6 +197,27 @@ def test_a_file_list_label_is_ascii_digits_alone(tmp_path, label):
     _one_line_naming(refused, f"{listing}:2")
 
 
+@pytest.mark.parametrize("line", ["../secret.png 0", "/etc/secret.png 0", "a/../../s.png 0"])
+def test_a_file_list_reads_under_its_image_root_alone(tmp_path, line):
+    """write-shards copies listed files byte for byte: a list could otherwise ship any file."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(PNG)
+    listing = tmp_path / "images" / "train.txt"
+    listing.write_text(f"a.png 0\n{line}\n")
+    with pytest.raises(ValueError, match="leaves the image root") as refused:
+        build_source(str(listing), "train")
+    _one_line_naming(refused, f"{listing}:2")
+
+
+def test_a_file_list_that_is_not_utf8_names_its_line(tmp_path):
+    (tmp_path / "a.png").write_bytes(PNG)
+    listing = tmp_path / "train.txt"
+    listing.write_bytes(b"a.png 0\n\xff.png 1\n")
+    with pytest.raises(ValueError, match="not UTF-8") as refused:
+        build_source(str(listing), "train")
+    _one_line_naming(refused, f"{listing}:2")
+
+
 def test_pretraining_on_a_badly_labelled_shard_stops_naming_it(tmp_path, capsys):
     _labelled(tmp_path / "data" / "train-000000.tar", [0, 1])
     _tar(tmp_path / "data" / "train-000001.tar", [("c.png", PNG), ("c.cls", b"-5")])

@@ -415,12 +415,25 @@ def _split_line(line: str) -> tuple[str, int | None]:
 
 
 def list_entries(list_file: Path) -> Iterator[tuple[int, str, int | None]]:
-    """Yield ``(line number, path, label or None)``, skipping blanks and ``#`` comments."""
-    with open(list_file, encoding="utf-8") as f:
+    """Yield ``(line number, path, label or None)``, skipping blanks and ``#`` comments. A line
+    that is not UTF-8, or a path that leaves the image root (absolute, or through ``..``), is
+    refused in one line naming the file and line: a list reads images under its root alone."""
+    with open(list_file, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            line = raw.strip()
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{list_file}:{lineno}: not UTF-8 text (byte {error.start + 1} of the line)"
+                ) from None
             if line and not line.startswith("#"):
-                yield (lineno, *_split_line(line))
+                path, label = _split_line(line)
+                if os.path.isabs(path) or ".." in path.split("/"):
+                    raise ValueError(
+                        f"{list_file}:{lineno}: {path!r} leaves the image root: list paths "
+                        "relative to it (no leading /, no ..)"
+                    )
+                yield lineno, path, label
 
 
 def _parse_file_list(list_file: Path) -> list[tuple[str, int]]:
