@@ -228,6 +228,13 @@ def test_pretraining_on_a_badly_labelled_shard_stops_naming_it(tmp_path, capsys)
     assert "train-000001.tar: c.cls does not hold" in err and len(err.splitlines()) == 1
 
 
+def test_a_fifo_named_like_a_shard_is_refused_not_a_hang(tmp_path):
+    os.mkfifo(tmp_path / "train-000000.tar")
+    with pytest.raises(ValueError, match="is not a regular file") as refused:
+        build_source(str(tmp_path), "train")
+    _one_line_naming(refused, "train-000000.tar")
+
+
 # -- the index: bound to the shard's content, trusted only from its owner -----------------------
 
 

@@ -73,6 +73,8 @@ def index_shard(path: Path, beside: bool = False) -> list[dict[str, Any]]:
     `beside`). A file that is not a whole tar (empty, gzip, garbage, truncated, even at a
     member's boundary) is refused in one line."""
     status = path.stat()
+    if not stat.S_ISREG(status.st_mode):  # a FIFO named like a shard would hang the reader
+        raise ValueError(f"{path} is not a regular file (a FIFO, a device or a socket)")
     # "This very file": its size, modification time and inode change time, in nanoseconds. A
     # copy keeps the first two when asked (`cp -p`, rsync -t), never the third.
     made_from = [status.st_size, status.st_mtime_ns, status.st_ctime_ns]
