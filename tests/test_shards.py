@@ -327,6 +327,18 @@ def test_a_cache_file_someone_else_could_have_written_is_ignored_and_replaced(tm
     assert status.st_size < shard.stat().st_size
 
 
+def test_a_link_planted_in_the_cache_folder_is_never_written_through(tmp_path):
+    """Someone who can write a shared cache folder could point droppos's own sub-folder
+    elsewhere."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cache_folder().mkdir()
+    (cache_folder() / "shard-index").symlink_to(elsewhere)
+    shard = _labelled(tmp_path / "data" / "train-000000.tar", [0, 1])
+    assert build_source(str(shard.parent), "train").all_labels() == [0, 1]
+    assert not any(elsewhere.iterdir())
+
+
 # -- outputs: the umask's mode, never inside the source -----------------------------------------
 
 

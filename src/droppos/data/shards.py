@@ -88,13 +88,14 @@ def index_shard(path: Path, beside: bool = False) -> list[dict[str, Any]]:
             return entries
     entries = _walk(path, status.st_size)
     content = {"shard": made_from, "entries": entries}
+    target = next_to if beside else cached
     with contextlib.suppress(OSError):  # no writable cache: index again next time
-        target = next_to if beside else cached
         target.parent.mkdir(parents=True, exist_ok=True)
-        # write-shards' index is an output like the shards (the umask's mode); the cache is
-        # this user's alone, and one that others could write would be ignored
-        mode = umask_mode() if beside else umask_mode() & ~0o022
-        write_atomically(target, json.dumps(content), mode)
+        if beside or not target.parent.is_symlink():  # droppos made `shard-index`: no link
+            # write-shards' index is an output like the shards (the umask's mode); the cache
+            # is this user's alone, and one that others could write would be ignored
+            mode = umask_mode() if beside else umask_mode() & ~0o022
+            write_atomically(target, json.dumps(content), mode)
     return entries
 
 
