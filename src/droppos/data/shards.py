@@ -18,9 +18,9 @@ import io
 import json
 import os
 import random
+import secrets
 import stat
 import tarfile
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,6 @@ from droppos.data.decode import (
     read_image,
 )
 from droppos.data.sources import ImageSource, Share, alone, check_labels
-from droppos.interop.schema import umask_mode
 
 INDEX_SUFFIX = ".idx.json"
 CLASSES_FILE = "classes.txt"
@@ -92,10 +91,9 @@ def index_shard(path: Path, beside: bool = False) -> list[dict[str, Any]]:
     with contextlib.suppress(OSError):  # no writable cache: index again next time
         target.parent.mkdir(parents=True, exist_ok=True)
         if beside or not target.parent.is_symlink():  # droppos made `shard-index`: no link
-            # write-shards' index is an output like the shards (the umask's mode); the cache
-            # is this user's alone, and one that others could write would be ignored
-            mode = umask_mode() if beside else umask_mode() & ~0o022
-            write_atomically(target, json.dumps(content), mode)
+            # write-shards' index is an output like the shards; the cache is this user's
+            # alone, and one that others could write would be ignored
+            write_atomically(target, json.dumps(content), 0o666 if beside else 0o644)
     return entries
 
 
@@ -262,17 +260,18 @@ def _sane(entry: Any, shard_size: int) -> bool:
     )
 
 
-def write_atomically(path: Path, text: str, mode: int) -> None:
-    """Write beside `path`, then rename over it with `mode`: a reader (another rank) sees the
-    old file or the whole new one, never half of it."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def write_atomically(path: Path, text: str, mode: int = 0o666) -> None:
+    """Write beside `path`, then rename over it: a reader (another rank) sees the old file or
+    the whole new one, never half of it. The file gets `mode` less the umask, as a plain
+    `open(..., "w")` gets 0o666 less the umask (a temporary from mkstemp would stay 0600)."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)  # fresh, no link
     try:
         with os.fdopen(handle, "w") as stream:
             stream.write(text)
-        os.chmod(temporary, mode)
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 
