@@ -87,12 +87,12 @@ def test_a_label_the_samples_do_not_bear_out_is_refused_in_a_file_list(tmp_path)
 def test_a_label_past_any_integer_type_is_named_not_a_traceback(tmp_path):
     huge = "9" * 64
     _tar(tmp_path / "data" / "train-000000.tar", [("a.png", PNG), ("a.cls", huge.encode())])
-    with pytest.raises(ValueError, match=f"label {huge} is no class index") as refused:
+    with pytest.raises(ValueError, match=f"label {huge} is not a class index") as refused:
         build_source(str(tmp_path / "data"), "train")
     _one_line_naming(refused, "train-000000.tar:a")
     (tmp_path / "a.png").write_bytes(PNG)
     (tmp_path / "train.txt").write_text(f"a.png {huge}\n")
-    with pytest.raises(ValueError, match=f"label {huge} is no class index") as refused:
+    with pytest.raises(ValueError, match=f"label {huge} is not a class index") as refused:
         build_source(str(tmp_path / "train.txt"), "train")
     _one_line_naming(refused, "train.txt (a.png)")
 

@@ -165,9 +165,9 @@ def _walk(path: Path, shard_size: int) -> list[dict[str, Any]]:
     try:
         with tarfile.open(path, "r:") as tar:
             for member in tar:
-                key, _, suffix = member.name.rpartition(".")
                 if not member.isfile():
                     continue
+                key, _, suffix = member.name.rpartition(".")
                 if suffix.lower() in IMAGE_SUFFIXES:
                     kind = "image"
                 elif suffix == "cls":
@@ -255,6 +255,7 @@ def _sane(entry: Any, shard_size: int) -> bool:
         and 0 <= entry["header"] <= entry["offset"] - tarfile.BLOCKSIZE
         and entry["size"] >= 0
         and entry["offset"] + entry["size"] <= shard_size
+        and entry["label"] >= -1
         and -1 <= entry["label_header"] < shard_size
         and (entry["label"] >= 0) == (entry["label_header"] >= 0)
     )

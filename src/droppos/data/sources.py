@@ -49,7 +49,9 @@ def check_labels(
         array = np.asarray(labels, dtype=np.int64)
     except OverflowError:  # past 2**63: no class index, and no allocation to bound
         largest = max(range(len(labels)), key=labels.__getitem__)
-        raise ValueError(f"{name(largest)}: label {labels[largest]} is no class index") from None
+        raise ValueError(
+            f"{name(largest)}: label {labels[largest]} is not a class index (0, 1, ...)"
+        ) from None
     if array.size == 0 or (array == -1).all():
         return
     if array.min() < 0:
