@@ -226,7 +226,7 @@ def test_a_relabelled_shard_copied_with_its_times_is_indexed_again(tmp_path):
 
 def test_a_label_beyond_any_class_set_is_refused_before_an_evaluation_allocates(tmp_path):
     _shard(tmp_path / "train-000000.tar", [0, 100_000_000])
-    with pytest.raises(ValueError, match="label 100000000 is beyond any classification set"):
+    with pytest.raises(ValueError, match="label 100000000 declares 100,000,001 classes"):
         build_source(str(tmp_path), "train")
 
 

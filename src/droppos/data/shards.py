@@ -17,8 +17,10 @@ import hashlib
 import io
 import json
 import os
+import random
+import secrets
+import stat
 import tarfile
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -62,27 +64,103 @@ def cache_folder() -> Path:
 
 
 def index_shard(path: Path, beside: bool = False) -> list[dict[str, Any]]:
-    """[{key, offset, size, label}] of one shard, read from an index made from this very file
-    with sane entries (the one `write-shards` left beside it, else the reader's cache), else
-    by walking the tar headers once (data is skipped, not read) and caching that in
-    `cache_folder()` (or beside the shard, for `write-shards`' own output: `beside`). A file
-    that is not a whole tar (empty, gzip, garbage, truncated, even at a member's boundary) is
-    refused in one line."""
+    """[{key, offset, size, label, header, label_header}] of one shard (`header`: where the
+    image member's tar header starts; `label_header`: the `.cls` member's, or -1), read from a
+    saved index the shard bears out (`_saved_entries`: the one `write-shards` left beside it,
+    else this user's cache), else by walking the tar headers once (data is skipped, not read)
+    and caching that in `cache_folder()` (or beside the shard, for `write-shards`' own output:
+    `beside`). A file that is not a whole tar (empty, gzip, garbage, truncated, even at a
+    member's boundary) is refused in one line."""
     status = path.stat()
+    if not stat.S_ISREG(status.st_mode):  # a FIFO named like a shard would hang the reader
+        raise ValueError(f"{path} is not a regular file (a FIFO, a device or a socket)")
     # "This very file": its size, modification time and inode change time, in nanoseconds. A
     # copy keeps the first two when asked (`cp -p`, rsync -t), never the third.
     made_from = [status.st_size, status.st_mtime_ns, status.st_ctime_ns]
     next_to = path.with_name(path.name + INDEX_SUFFIX)
-    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:20]
+    # One cache file per user and shard: users sharing a cache folder never read each other's.
+    digest = hashlib.sha1(f"{os.getuid()}:{path.resolve()}".encode()).hexdigest()[:20]
     cached = cache_folder() / "shard-index" / f"{digest}{INDEX_SUFFIX}"
-    for cache in (next_to, cached):
-        with contextlib.suppress(ValueError, OSError, TypeError, KeyError):
-            saved = json.loads(cache.read_text())
-            if saved["shard"] == made_from:
-                entries = saved["entries"]
-                if all(_sane(entry, status.st_size) for entry in entries):
-                    return entries
-    images: dict[str, tuple[int, int]] = {}
+    for saved, in_cache in ((next_to, False), (cached, True)):
+        entries = _saved_entries(saved, path, made_from, in_cache)
+        if entries is not None:
+            return entries
+    entries = _walk(path, status.st_size)
+    content = {"shard": made_from, "entries": entries}
+    target = next_to if beside else cached
+    with contextlib.suppress(OSError):  # no writable cache: index again next time
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if beside or not target.parent.is_symlink():  # droppos made `shard-index`: no link
+            # write-shards' index is an output like the shards; the cache is this user's
+            # alone, and one that others could write would be ignored
+            write_atomically(target, json.dumps(content), 0o666 if beside else 0o644)
+    return entries
+
+
+def _saved_entries(
+    index: Path, shard: Path, made_from: list[int], in_cache: bool
+) -> list[dict[str, Any]] | None:
+    """A saved index's entries, or None (index the shard again) unless it is a regular file no
+    larger than the shard (an entry is shorter than the tar headers it stands for), made from
+    this very shard, with sane entries that spot checks against the tar bear out. A cache file
+    counts only if it is no link, this user owns it and no one else can write it: anyone who
+    can write a shared cache folder could otherwise relabel every shard."""
+    try:
+        with open(os.open(index, os.O_RDONLY | (os.O_NOFOLLOW if in_cache else 0)), "rb") as file:
+            status = os.fstat(file.fileno())
+            if not stat.S_ISREG(status.st_mode) or status.st_size > made_from[0]:
+                return None
+            if in_cache and (status.st_uid != os.getuid() or status.st_mode & 0o022):
+                return None
+            saved = json.loads(file.read())
+        entries = saved["entries"]
+        if saved["shard"] == made_from and all(_sane(e, made_from[0]) for e in entries):
+            return entries if _borne_out(shard, entries) else None
+    except (OSError, ValueError, TypeError, KeyError, RecursionError):
+        pass
+    return None
+
+
+SPOT_CHECKS = 8
+
+
+def _borne_out(shard: Path, entries: list[dict[str, Any]]) -> bool:
+    """Whether the tar bears out SPOT_CHECKS entries drawn at random (every entry of a small
+    shard): each one's image header (name, data offset, size) and label member (name, digits)
+    are read again. That is 8 x (2 header reads + 1 label read) per shard, against a walk's 2
+    header reads and 1 label read per sample: an index edited by hand, or another shard's, is
+    caught; a relabelled share p of a large shard escapes with probability (1 - p)^8."""
+    picked = random.SystemRandom().sample(entries, min(SPOT_CHECKS, len(entries)))
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for entry in picked:
+                image = _member_at(tar, entry["header"])
+                key, _, suffix = image.name.rpartition(".")
+                is_image = image.isfile() and suffix.lower() in IMAGE_SUFFIXES
+                found = (key, is_image, image.offset_data, image.size)
+                if found != (entry["key"], True, entry["offset"], entry["size"]):
+                    return False
+                if entry["label_header"] >= 0:
+                    label = _member_at(tar, entry["label_header"])
+                    if label.name != f"{key}.cls" or _label(tar, label, shard) != entry["label"]:
+                        return False
+    except (tarfile.TarError, OSError, EOFError, ValueError):
+        return False
+    return True
+
+
+def _member_at(tar: tarfile.TarFile, header: int) -> tarfile.TarInfo:
+    """The member whose header starts at byte `header` (long-name and pax headers included)."""
+    tar.fileobj.seek(header)  # type: ignore[union-attr]
+    return tarfile.TarInfo.fromtarfile(tar)
+
+
+def _walk(path: Path, shard_size: int) -> list[dict[str, Any]]:
+    """Index a shard by its tar headers (data is skipped; only the labels are read). Refused in
+    one line naming the member: a key used twice (one member would hide the other), a label
+    that is not ASCII digits, a sample without a label among labelled ones, a label without an
+    image."""
+    found: dict[str, dict[str, tarfile.TarInfo]] = {"image": {}, "label": {}}
     labels: dict[str, int] = {}
     try:
         with tarfile.open(path, "r:") as tar:
@@ -91,33 +169,71 @@ def index_shard(path: Path, beside: bool = False) -> list[dict[str, Any]]:
                     continue
                 key, _, suffix = member.name.rpartition(".")
                 if suffix.lower() in IMAGE_SUFFIXES:
-                    images[key] = (member.offset_data, member.size)
+                    kind = "image"
                 elif suffix == "cls":
-                    text = tar.extractfile(member).read(64)  # type: ignore[union-attr]
-                    try:
-                        labels[key] = int(text.decode().strip())
-                    except (UnicodeDecodeError, ValueError):
-                        raise ValueError(
-                            f"{path}: {member.name} does not hold an integer class label"
-                        ) from None
+                    kind = "label"
+                else:
+                    continue  # a member droppos does not read (.json, .txt)
+                seen = found[kind].setdefault(key, member)
+                if seen is not member:
+                    raise ValueError(
+                        f"{path}: {_placed(seen)} and {_placed(member)} are both sample {key!r} "
+                        "(one would hide the other): give each sample a key of its own"
+                    )
+                if kind == "label":
+                    labels[key] = _label(tar, member, path)
             end = tar.offset
     except (tarfile.TarError, OSError, EOFError) as error:
         raise ValueError(f"{path} is not a readable tar shard ({error})") from None
-    if status.st_size < end + 2 * tarfile.BLOCKSIZE:  # no end-of-archive blocks: cut short
+    images, labelled = found["image"], found["label"]
+    if shard_size < end + 2 * tarfile.BLOCKSIZE:  # no end-of-archive blocks: cut short
         raise ValueError(
             f"{path} is truncated (it ends after {len(images)} images, without the end of "
             "the archive): copy it again"
         )
-    entries = [
-        {"key": key, "offset": offset, "size": size, "label": labels.get(key, -1)}
-        for key, (offset, size) in images.items()
+    for key, member in images.items():
+        if labelled and key not in labelled:
+            raise ValueError(
+                f"{path}: {member.name} has no label ({key}.cls) while other samples have "
+                "one: label every sample or none"
+            )
+    for key, member in labelled.items():
+        if key not in images:
+            raise ValueError(
+                f"{path}: {member.name} labels no image (no {key}.jpg, .png or other image "
+                "droppos reads)"
+            )
+    return [
+        {
+            "key": key,
+            "offset": member.offset_data,
+            "size": member.size,
+            "label": labels.get(key, -1),
+            "header": member.offset,
+            "label_header": labelled[key].offset if key in labelled else -1,
+        }
+        for key, member in images.items()
     ]
-    content = {"shard": made_from, "entries": entries}
-    with contextlib.suppress(OSError):  # no writable cache: index again next time
-        target = next_to if beside else cached
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(target, json.dumps(content))
-    return entries
+
+
+def _placed(member: tarfile.TarInfo) -> str:
+    return f"{member.name} (byte {member.offset})"
+
+
+LABEL_BYTES = 64  # a class label's digits, and room for white space around them
+
+
+def _label(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> int:
+    """The class index a `.cls` member holds: ASCII digits alone (int() would also take "1_0"
+    as 10, and other scripts' digits), white space around them allowed."""
+    text = tar.extractfile(member).read(LABEL_BYTES + 1)  # type: ignore[union-attr]
+    if len(text) > LABEL_BYTES or not text.strip().isdigit():  # bytes: ASCII digits only
+        shown = text[:16].decode("utf-8", "replace")
+        raise ValueError(
+            f"{path}: {member.name} does not hold an integer class label (ASCII digits 0-9; "
+            f"it holds {shown!r}{'...' if len(text) > 16 else ''})"
+        )
+    return int(text)
 
 
 def read_class_names(path: Path) -> list[str]:
@@ -131,27 +247,32 @@ def read_class_names(path: Path) -> list[str]:
 
 
 def _sane(entry: Any, shard_size: int) -> bool:
+    fields = ("offset", "size", "label", "header", "label_header")
     return (
         isinstance(entry, dict)
         and isinstance(entry.get("key"), str)
-        and all(isinstance(entry.get(k), int) for k in ("offset", "size", "label"))
-        and entry["offset"] >= 0
+        and all(type(entry.get(k)) is int for k in fields)
+        and 0 <= entry["header"] <= entry["offset"] - tarfile.BLOCKSIZE
         and entry["size"] >= 0
         and entry["offset"] + entry["size"] <= shard_size
         and entry["label"] >= -1
+        and -1 <= entry["label_header"] < shard_size
+        and (entry["label"] >= 0) == (entry["label_header"] >= 0)
     )
 
 
-def write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str, mode: int = 0o666) -> None:
     """Write beside `path`, then rename over it: a reader (another rank) sees the old file or
-    the whole new one, never half of it."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    the whole new one, never half of it. The file gets `mode` less the umask, as a plain
+    `open(..., "w")` gets 0o666 less the umask (a temporary from mkstemp would stay 0600)."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)  # fresh, no link
     try:
         with os.fdopen(handle, "w") as stream:
             stream.write(text)
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 
@@ -188,13 +309,17 @@ class ShardDataset(ImageSource):
         labelled = min(labels) >= 0
         names = self.shards[0].parent / CLASSES_FILE
         self.classes = read_class_names(names) if labelled and names.is_file() else None
-        check_labels(labels, str(self.shards[0].parent))
+        check_labels(labels, self._name, self.classes)
         self.num_classes = max(labels) + 1 if labelled else 0
         self._handles: dict[int, Any] = {}
         self._pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self.members)
+
+    def _name(self, index: int) -> str:
+        number, *_, key = self.members[index]
+        return f"{self.shards[number]}:{key}"
 
     def all_labels(self) -> list[int]:
         return [member[3] for member in self.members]
@@ -207,10 +332,10 @@ class ShardDataset(ImageSource):
         return self._handles[number]
 
     def _read(self, index: int) -> tuple[bytes, str, int]:
-        number, offset, size, label, key = self.members[index]
+        number, offset, size, label, _ = self.members[index]
         handle = self._handle(number)
         handle.seek(offset)
-        return handle.read(size), f"{self.shards[number]}:{key}", label
+        return handle.read(size), self._name(index), label
 
     def __getitem__(self, index: int) -> tuple[DecodedImage, int]:
         data, name, label = self._read(index)

@@ -16,7 +16,8 @@ import functools
 import gzip
 import io
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -28,18 +29,55 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from droppos.data.decode import DEFAULT_MAX_IMAGE_PIXELS, DecodedImage, read_image, read_regular
 
-# More classes than any labelled image set has (ImageNet-21k: 21,843): a label past it is a bad
-# file, refused before an evaluation allocates a row per class.
-MAX_CLASSES = 1_000_000
+# Class-index labels declare how many classes there are, and an evaluation allocates a row per
+# class: a label space up to LABEL_SPACE is believed (ImageNet-21k has 21,843 classes), a larger
+# one only when at least one in CLASS_SPREAD of its classes is present.
+LABEL_SPACE = 65_536
+CLASS_SPREAD = 16
 
 
-def check_labels(labels: Iterable[int], where: str) -> None:
-    """Raise ValueError (one line, naming `where`) for a label past MAX_CLASSES."""
-    largest = max(labels, default=-1)
-    if largest >= MAX_CLASSES:
+def check_labels(
+    labels: Sequence[int], name: Callable[[int], str], classes: Sequence[str] | None = None
+) -> None:
+    """Raise ValueError, one line naming the sample (`name(index)` says which file or member),
+    unless the labels are all -1 (unlabelled), or all class indices (0, 1, ...) that declare a
+    plausible number of classes (largest label + 1): at most `len(classes)` where the classes
+    are named; otherwise at most 65,536, or at most 16 times the number of distinct labels
+    present. A few validation images of ImageNet-1k or -21k pass; 999999 among 4 samples does
+    not. An evaluation's allocations are then bounded by what the files hold."""
+    try:
+        array = np.asarray(labels, dtype=np.int64)
+    except OverflowError:  # past 2**63: no class index, and no allocation to bound
+        largest = max(range(len(labels)), key=labels.__getitem__)
         raise ValueError(
-            f"{where}: label {largest} is beyond any classification set (at most "
-            f"{MAX_CLASSES:,} classes); is it a class index?"
+            f"{name(largest)}: label {labels[largest]} is not a class index (0, 1, ...)"
+        ) from None
+    if array.size == 0 or (array == -1).all():
+        return
+    if array.min() < 0:
+        first = int(np.argmax(array < 0))
+        if array[first] < -1:
+            raise ValueError(
+                f"{name(first)}: label {array[first]} is not a class index (0, 1, ...)"
+            )
+        labelled = int(np.argmax(array >= 0))
+        raise ValueError(
+            f"{name(first)} has no label while {name(labelled)} has one: label every sample or none"
+        )
+    largest = int(np.argmax(array))
+    declared = int(array[largest]) + 1
+    if classes is not None:
+        if declared > len(classes):
+            raise ValueError(
+                f"{name(largest)}: label {declared - 1}, but only {len(classes)} classes are named"
+            )
+        return
+    present = len(np.unique(array)) if declared > LABEL_SPACE else declared
+    if declared > max(LABEL_SPACE, CLASS_SPREAD * present):
+        raise ValueError(
+            f"{name(largest)}: label {declared - 1} declares {declared:,} classes, but the "
+            f"{array.size:,} samples hold {present:,} distinct labels (past {LABEL_SPACE:,} "
+            f"classes, one in {CLASS_SPREAD} must be present): number the classes 0, 1, ..."
         )
 
 
@@ -242,6 +280,7 @@ class ImageFolderDataset(_FileSource):
         classes, samples = self.share(lambda: list_folder(self.root, classes))
         self.classes = classes
         self.samples = [(path, label) for path, label in samples]
+        check_labels([label for _, label in samples], lambda i: samples[i][0], classes)
         self.num_classes = len(self.classes) if self.classes else 0
 
 
@@ -326,7 +365,7 @@ class FileListDataset(_FileSource):
             )
         self.samples = [(str(self.root / p), label) for p, label in entries]
         labels = [label for _, label in self.samples]
-        check_labels(labels, str(self.list_file))
+        check_labels(labels, lambda i: f"{self.list_file} ({entries[i][0]})")
         self.num_classes = max(labels) + 1 if labels[0] >= 0 else 0
         self.classes = None
 
@@ -369,20 +408,34 @@ def split_of_folder(
 
 
 def _split_line(line: str) -> tuple[str, int | None]:
-    # rsplit keeps paths with spaces intact; the original split(' ') did not.
+    # rsplit keeps paths with spaces intact; the original split(' ') did not. A label is ASCII
+    # digits alone: int() would also take "1_0" as 10, and other scripts' digits.
     parts = line.rsplit(maxsplit=1)
-    if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+    if len(parts) == 2 and re.fullmatch(r"-?[0-9]+", parts[1]):
         return parts[0], int(parts[1])
     return line, None
 
 
 def list_entries(list_file: Path) -> Iterator[tuple[int, str, int | None]]:
-    """Yield ``(line number, path, label or None)``, skipping blanks and ``#`` comments."""
-    with open(list_file, encoding="utf-8") as f:
+    """Yield ``(line number, path, label or None)``, skipping blanks and ``#`` comments. A line
+    that is not UTF-8, or a path that leaves the image root (absolute, or through ``..``), is
+    refused in one line naming the file and line: a list reads images under its root alone."""
+    with open(list_file, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            line = raw.strip()
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{list_file}:{lineno}: not UTF-8 text (byte {error.start + 1} of the line)"
+                ) from None
             if line and not line.startswith("#"):
-                yield (lineno, *_split_line(line))
+                path, label = _split_line(line)
+                if os.path.isabs(path) or ".." in path.split("/"):
+                    raise ValueError(
+                        f"{list_file}:{lineno}: {path!r} leaves the image root: list paths "
+                        "relative to it (no leading /, no ..)"
+                    )
+                yield lineno, path, label
 
 
 def _parse_file_list(list_file: Path) -> list[tuple[str, int]]:
@@ -455,6 +508,7 @@ class ArrayDataset(ImageSource):
         self.images = images
         self.labels = labels.astype(np.int64)
         self.classes = list(classes)
+        check_labels(self.labels, lambda i: f"{origin} sample {i}", self.classes)
         self.num_classes = len(self.classes)
         self.origin = origin
 

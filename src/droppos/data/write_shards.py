@@ -35,16 +35,18 @@ class WriteShardsConfig(Sections):
 
 def check_output(output: Path, source: str) -> None:
     """Refuse (ValueError, one line) an output folder that would mix old and new shards or
-    overwrite the source being read: shards are never appended to, nor written over data."""
+    overlap the source being read (hold it, be it, or lie inside it, where the shards would
+    become part of the data): shards are never appended to, nor written over or into data.
+    Compared as real paths before anything is made: links followed, parts not yet made
+    appended."""
     source_path = Path(source).expanduser()
-    if source_path.exists() and output.exists():
-        inside = output.resolve() == source_path.resolve() or source_path.resolve().is_relative_to(
-            output.resolve()
-        )
-        if inside or output.resolve().is_relative_to(source_path.resolve()):
+    if source_path.exists():
+        target, data = output.resolve(), source_path.resolve()
+        if target.is_relative_to(data) or data.is_relative_to(target):
+            real = f" (that is {target})" if target != output.absolute() else ""
             raise ValueError(
-                f"--run.output_dir {output} overlaps --data.source {source}: write the shards to a "
-                "folder of their own"
+                f"--run.output_dir {output}{real} overlaps --data.source {source}: write the "
+                "shards to a folder of their own"
             )
     if output.is_dir() and any(output.iterdir()):
         raise ValueError(
@@ -62,7 +64,10 @@ def write_shards(config: WriteShardsConfig) -> dict[str, list[Path]]:
     written: dict[str, list[Path]] = {}
     for split in source_splits(source_name):
         source = build_source(source_name, split)
-        output.mkdir(parents=True, exist_ok=True)
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a file or a dangling link in the way, no permission
+            raise ValueError(f"cannot make --run.output_dir {output}: {error.strerror}") from None
         count, size = len(source), config.data.shard_size
         paths = []
         for start in range(0, count, size):
