@@ -87,8 +87,8 @@ def test_nothing_points_at_a_spec_users_do_not_have():
 
 PACKAGE = ROOT / "src" / "droppos"
 # Bottom to top: a package imports only packages below it (the root `droppos` is the public API).
-LAYERS = ["_version", "_openmp", "outputs", "sections", "objective", "models", "data", "visual", "interop",
-          "engine", "evaluation", "methods", "cli", ""]  # fmt: skip
+LAYERS = ["_version", "_openmp", "outputs", "sections", "objective", "models", "data", "visual",
+          "interop", "engine", "evaluation", "methods", "cli", ""]  # fmt: skip
 
 
 def module_name(path: Path) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
@@ -21,44 +21,48 @@ from typing import IO
 PARTIAL_SUFFIX = ".droppos-partial"
 
 
-def umask_mode() -> int:
-    """The mode a plain `open(..., "w")` would give a new file (mkstemp's is always 0600)."""
-    mask = os.umask(0)
+def umask() -> int:
+    """The process's umask, read without changing it where Linux says it (`/proc`)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
 
 
 @contextlib.contextmanager
-def replaced(path: str | Path) -> Iterator[Path]:
+def replaced(path: str | Path, mode: int = 0o666) -> Iterator[Path]:
     """`with replaced(path) as temporary:` write `temporary` (by name); on leaving, it is
-    synced, given the umask's mode and renamed over `path`. On an error it is removed and
-    `path` is left as it was."""
+    synced and renamed over `path`. It is created fresh (`O_EXCL`: nothing else, no link, can
+    be there) with `mode` less the umask, as a plain `open(..., "w")` creates a file. On an
+    error it is removed and `path` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
-    os.close(handle)
-    temporary = Path(name)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}{PARTIAL_SUFFIX}")
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
     try:
         yield temporary
         with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())
-        os.chmod(temporary, umask_mode())
+        os.chmod(temporary, mode & ~umask())  # a writer may have made the file anew (safetensors)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
 
 
-def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None], mode: int = 0o666) -> Path:
     """`write(stream)` into a temporary file, then `replaced` over `path`."""
-    with replaced(path) as temporary, open(temporary, "wb") as stream:
+    with replaced(path, mode) as temporary, open(temporary, "wb") as stream:
         write(stream)
     return Path(path)
 
 
-def write_text(path: str | Path, text: str) -> Path:
+def write_text(path: str | Path, text: str, mode: int = 0o666) -> Path:
     """`path` holds `text` (UTF-8), written as `replaced` says."""
-    return write_atomic(path, lambda stream: stream.write(text.encode("utf-8")))
+    return write_atomic(path, lambda stream: stream.write(text.encode("utf-8")), mode)
 
 
 def open_for_append(path: str | Path) -> IO[str]:

@@ -18,7 +18,6 @@ import io
 import json
 import os
 import random
-import secrets
 import stat
 import tarfile
 from collections.abc import Iterable, Sequence
@@ -37,6 +36,7 @@ from droppos.data.decode import (
     read_image,
 )
 from droppos.data.sources import ImageSource, Share, alone, check_labels
+from droppos.outputs import write_text
 
 INDEX_SUFFIX = ".idx.json"
 CLASSES_FILE = "classes.txt"
@@ -93,7 +93,7 @@ def index_shard(path: Path, beside: bool = False) -> list[dict[str, Any]]:
         if beside or not target.parent.is_symlink():  # droppos made `shard-index`: no link
             # write-shards' index is an output like the shards; the cache is this user's
             # alone, and one that others could write would be ignored
-            write_atomically(target, json.dumps(content), 0o666 if beside else 0o644)
+            write_text(target, json.dumps(content), 0o666 if beside else 0o644)
     return entries
 
 
@@ -259,21 +259,6 @@ def _sane(entry: Any, shard_size: int) -> bool:
         and -1 <= entry["label_header"] < shard_size
         and (entry["label"] >= 0) == (entry["label_header"] >= 0)
     )
-
-
-def write_atomically(path: Path, text: str, mode: int = 0o666) -> None:
-    """Write beside `path`, then rename over it: a reader (another rank) sees the old file or
-    the whole new one, never half of it. The file gets `mode` less the umask, as a plain
-    `open(..., "w")` gets 0o666 less the umask (a temporary from mkstemp would stay 0600)."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)  # fresh, no link
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 class ShardDataset(ImageSource):
