@@ -87,6 +87,7 @@ def test_the_fsdp_memory_benchmark_measures_every_configuration(tmp_path):
     assert all(r["peak_mib_per_process"] > 100 for r in rows)
 
 
+@pytest.mark.slow  # a benchmark's smoke run
 def test_the_gpu_script_runs_every_part_in_smoke_mode(tmp_path):
     """CI runs `benchmarks/gpu.py --smoke` (the whole script on the CPU, tiny): what the lent
     GPU will run is the code that ran here."""

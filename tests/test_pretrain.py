@@ -476,6 +476,7 @@ def test_starting_afresh_over_a_run_is_refused_and_keeps_its_files(
 HAS_COMPILER = any(shutil.which(c) for c in ("g++", "clang++", "c++"))
 
 
+@pytest.mark.slow  # inductor builds C++ kernels: about 100 s on 2 idle cores
 @pytest.mark.skipif(not HAS_COMPILER, reason="inductor on the CPU builds C++: no compiler here")
 def test_compile_true_goes_through_inductor_and_trains_like_eager(
     tmp_path, unsplit_folder, monkeypatch
