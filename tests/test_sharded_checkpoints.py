@@ -19,6 +19,7 @@ import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from droppos.cli.main import main
+from droppos.engine.checkpointing import Checkpointer
 from droppos.interop import sharded
 from droppos.interop.schema import load_object, save_atomic
 from tests.test_distributed import free_ports, pretrain_args
@@ -96,12 +97,32 @@ def read_outside(opened: list[str], run: Path) -> list[str]:
     return [path for path in opened if not path.startswith(f"{run}/")]
 
 
-def one_line_error(capsys, argv: list[str]) -> str:
-    """The CLI's refusal: exit status 2 and one line on stderr, no traceback."""
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
+# -- item: a checkpoint moved aside keeps its weights ------------------------------------------
+
+
+def test_a_checkpoint_moved_aside_keeps_its_own_weights_when_a_run_starts_afresh(
+    run, image_folder, monkeypatch
+):
+    """`mv last.pth last.pth.bak` then a fresh run in the same folder: the shards folder the
+    .bak names is not removed, and no new folder takes its name, so the .bak reads its own."""
+    held = load_object(run / "last.pth")["model"]
+    (run / "last.pth").rename(run / "last.pth.bak")
+    assert fsdp_pretrain(monkeypatch, run, image_folder / "train", "--optim.base_lr", "0.03") == 0
+    kept = load_object(run / "last.pth.bak")["model"]
+    assert kept.keys() == held.keys()
+    assert all(torch.equal(kept[name], value) for name, value in held.items())
+    new = load_object(run / "last.pth")["model"]
+    assert not all(torch.equal(new[name], value) for name, value in held.items())
+
+
+def test_a_shards_folder_name_is_never_used_twice(tmp_path):
+    """Two runs saving at the same step into a folder whose earlier shards were removed (the
+    file that named them renamed beyond `*.pth*`) still pick different names."""
+    names = [
+        Checkpointer(tmp_path, True, torch.device("cpu"), sharded=True).new_shards_folder(6)
+        for _ in range(2)
+    ]
+    assert names[0] != names[1]
 
 
 # -- item: reads only inside the run's folder ---------------------------------------------------
