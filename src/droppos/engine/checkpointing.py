@@ -9,6 +9,7 @@ save the non-finite watch is read (one device value), so no file ever holds a di
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from droppos.interop import sharded
 from droppos.interop.schema import Progress, TrainingCheckpoint, load_object, save_atomic
 
 LAST = "last.pth"
-SHARDS = re.compile(r"shards-step\d{8}-(\d{3,})")
+SHARDS = re.compile(r"shards-step\d{8}-(\d{3,})(-[0-9a-f]+)?")
 
 
 def find_resume(output_dir: str | Path, resume: str | None) -> Path | None:
@@ -142,10 +143,11 @@ class Checkpointer:
     """Writes a run's checkpoints into its output folder (from the main process) and knows the
     last good one, which every stop message names.
 
-    A sharded run's tensors go to a new `shards-stepSSSSSSSS-NNN/` folder at every save
+    A sharded run's tensors go to a new `shards-stepSSSSSSSS-NNN-RUN/` folder at every save
     (written by every rank, renamed into place when complete); `last.pth`, written after it,
     names it. A folder no checkpoint names any more is removed, so a kill at any moment leaves
-    the last complete checkpoint readable.
+    the last complete checkpoint readable. A name is never used twice (RUN is drawn afresh by
+    every run), so a file that names a folder since removed never reads another run's tensors.
     """
 
     def __init__(
@@ -162,15 +164,18 @@ class Checkpointer:
         self.last_saved_step: int | None = None
         self.resumed_from: Path | None = None
         self._next_shards: int | None = None
+        self._run_tag = ""
 
     def new_shards_folder(self, step: int) -> Path:
-        """A folder name no save of this output folder used before (the same on every rank)."""
+        """A folder name no save used before (the same on every rank)."""
         if not self.sharded:
             return self.output_dir
         if self._next_shards is None:
             used = [int(m.group(1)) for m in map(SHARDS.search, self._names()) if m]
-            self._next_shards = from_rank0(1 + max(used, default=0))
-        name = f"shards-step{step:08d}-{self._next_shards:03d}"
+            self._next_shards, self._run_tag = from_rank0(
+                [1 + max(used, default=0), secrets.token_hex(4)]
+            )
+        name = f"shards-step{step:08d}-{self._next_shards:03d}-{self._run_tag}"
         self._next_shards += 1
         return self.output_dir / name
 
@@ -178,9 +183,10 @@ class Checkpointer:
         return [p.name for p in self.output_dir.iterdir()] if self.output_dir.is_dir() else []
 
     def remove_unnamed_shards(self) -> None:
-        """Delete the shards folders that no checkpoint in the output folder names."""
+        """Delete the shards folders that no file in the output folder that could be a
+        checkpoint (`*.pth*`: a `last.pth.bak` a user moved aside too) names."""
         named = set()
-        for path in self.output_dir.glob("*.pth"):
+        for path in self.output_dir.glob("*.pth*"):
             try:
                 shards = load_object(path, whole=False).get("shards")
             except (OSError, ValueError):

@@ -81,7 +81,7 @@ def load_object(path: str | Path, whole: bool = True) -> Mapping[str, Any]:
             "not a dictionary of weights"
         )
     check_tensors(content, path)
-    if whole and isinstance(content.get("shards"), str):
+    if whole and "shards" in content:
         return with_shards(content, path)
     return content
 
@@ -117,14 +117,7 @@ def check_tensors(content: Any, path: Path, where: str = "") -> None:
 
 def with_shards(content: Mapping[str, Any], path: Path) -> dict[str, Any]:
     """A sharded checkpoint with its tensors read whole from the folder it names."""
-    name = content["shards"]
-    folder = path.with_name(name)
-    if Path(name).name != name or not sharded.is_sharded_folder(folder):
-        raise ValueError(f"{path} names its tensors' folder {name!r}, which is not beside it")
-    try:
-        tensors = sharded.read_whole(folder)
-    except Exception as error:
-        raise ValueError(f"cannot read {folder}: {why_unreadable(error)}") from None
+    tensors = sharded.read_whole(shards_beside(path, content["shards"]))
     whole = {k: v for k, v in content.items() if k != "shards"}
     whole["model"] = tensors.get("model", {})
     whole["optimizer"] = {
@@ -132,6 +125,18 @@ def with_shards(content: Mapping[str, Any], path: Path) -> dict[str, Any]:
         "state": tensors.get("optimizer_state", {}),
     }
     return whole
+
+
+def shards_beside(path: Path, name: Any) -> Path:
+    """The folder of tensors that the sharded checkpoint `path` names: a plain folder beside it
+    (not `..`, a path elsewhere or a link), or ValueError."""
+    folder = path.parent / name if sharded.is_plain_name(name) else None
+    if folder is None or folder.is_symlink() or not sharded.is_sharded_folder(folder):
+        raise ValueError(
+            f"{path} names its tensors' folder {name!r}, which is not a folder of tensors "
+            "beside it (only a plain folder name, no link, is read)"
+        )
+    return folder
 
 
 def file_kind(path: Path) -> str | None:
@@ -402,6 +407,8 @@ class TrainingCheckpoint:
         sharded resume to read each rank's part."""
         try:
             content = load_object(path, whole=whole)
+            if not whole and "shards" in content:  # checked here, before any rank reads a part
+                sharded.read_metadata(shards_beside(Path(path), content["shards"]))
         except ValueError as error:  # a refused, truncated or foreign file, said in words
             raise ValueError(f"--run.resume: {error}") from None
         checkpoint = cls.from_dict(content, str(path))
@@ -412,7 +419,7 @@ class TrainingCheckpoint:
     def shards_folder(self) -> Path | None:
         if self.shards is None or self.location is None:
             return None
-        return self.location.with_name(self.shards)
+        return shards_beside(self.location, self.shards)
 
 
 @dataclass
