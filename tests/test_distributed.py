@@ -338,6 +338,103 @@ def test_activation_checkpointing_changes_no_gradient(image_folder, tmp_path):
         torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=1e-7, msg=name)
 
 
+# -- one bf16 step of two micro-batches on two ranks --------------------------------------------
+
+
+def _count_reductions(rounds: list[bool], bucket):
+    """A DDP communication hook: DDP's own all-reduce, noting each bucket (the last one of a
+    backward's round is flagged)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    rounds.append(bucket.is_last())
+    return allreduce_hook(None, bucket)
+
+
+def _record_forwards(model, calls: list[dict]):
+    """What reaches the bare model's forward (after the strategy's own hooks) and the masks it
+    drew from it."""
+
+    def before(module, args, kwargs):
+        seen = {k: v.clone() for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+        calls.append({"output": kwargs.get("output", "step"), "images": args[0].clone(), **seen})
+
+    def after(module, args, kwargs, result):
+        if isinstance(result, torch.Tensor):  # `ahead`'s loss weights
+            calls[-1]["result"] = result.clone()
+            return
+        calls[-1].update(
+            ids_keep=result.ids_keep.clone(),
+            position_dropped=result.position_dropped.clone(),
+            position_normaliser=result.position_normaliser.detach().clone(),
+        )
+
+    return [
+        model.register_forward_pre_hook(before, with_kwargs=True),
+        model.register_forward_hook(after, with_kwargs=True),
+    ]
+
+
+def _step_worker(rank, world, port, runs, report):
+    """One rank: two optimiser steps through the loop under each strategy of `runs`, then the
+    epoch's pictures; writes what the model's forward saw and DDP's gradient all-reduces."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from droppos.cli.main import parser_for, to_config
+    from droppos.data import set_epoch
+    from droppos.methods.pretrain import pretraining_loop
+
+    found: dict[str, dict] = {}
+    for name, args in runs:
+        parser = parser_for(args)
+        loop = pretraining_loop(to_config(parser, parser.parse_args(args), "pretrain"))
+        calls: list[dict] = []
+        rounds: list[bool] = []
+        if name == "ddp":
+            loop.engine_model.register_comm_hook(rounds, _count_reductions)
+        hooks = _record_forwards(loop.method.model, calls)
+        try:
+            set_epoch(loop.loader, 0)
+            loop.method.start_epoch(0, 0)
+            reductions = []
+            for _, group in zip(range(2), loop.optimizer_steps()):
+                loop.optimizer_step(loop.accumulate(group)[0])
+                reductions.append(sum(rounds))
+                rounds.clear()
+            for hook in hooks:
+                hook.remove()
+            pictures = loop.method.end_epoch(loop.strategy, 0, {}).get("images", {})
+            loop.strategy.settle(loop.method.model)
+        finally:
+            loop.close()
+        found[name] = {"calls": calls, "reductions": reductions, "pictures": len(pictures)}
+    torch.save(found, report.format(rank=rank))
+
+
+@pytest.fixture(scope="module")
+def bf16_steps(tmp_path_factory, image_folder):
+    """Per rank, under DDP and FSDP: two bf16 optimiser steps of two micro-batches of 2 images
+    (so `ahead` runs), every forward's inputs and masks recorded."""
+    out = tmp_path_factory.mktemp("bf16")
+    options = ("--run.precision", "bf16", "--optim.accum_steps", "2",
+               "--run.pictures_every", "1", "--run.monitor_every", "-1")  # fmt: skip
+    train = image_folder / "train"
+    runs = [
+        (name, pretrain_args(out / name, train, 2, "--run.strategy", name, *options))
+        for name in ("ddp", "fsdp")
+    ]
+    report = str(out / "report-{rank}.pt")
+    mp.spawn(_step_worker, args=(2, free_ports(1)[0], runs, report), nprocs=2, join=True)
+    return [torch.load(report.format(rank=r), weights_only=True) for r in range(2)]
+
+
+def test_ddp_all_reduces_the_gradients_once_per_optimiser_step_with_accumulation(bf16_steps):
+    """`ahead` calls the wrapped model before the step's backwards: with autograd on, that
+    forward arms DDP's reducer, and the first `no_sync` micro-batch all-reduces anyway."""
+    for found in bf16_steps:
+        assert found["ddp"]["reductions"] == [1, 1]
+
+
 def test_ddp_and_fsdp_need_torchrun_and_say_so(tmp_path, image_folder, capsys):
     for strategy in ("ddp", "fsdp"):
         args = pretrain_args(tmp_path, image_folder / "train", 4, "--run.strategy", strategy)

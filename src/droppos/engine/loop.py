@@ -12,7 +12,10 @@ weights of the dropped tokens, the masked patches, the images). The denominators
 over every micro-batch of one optimiser step and every rank before any backward, so one step's
 gradient is the gradient of the whole global batch's loss, however that batch is split. With
 one micro-batch the forward's own sums are all-reduced between forward and backward; with
-accumulation the method computes them ahead (`TrainingMethod.ahead`, no gradient).
+accumulation the method computes them ahead (`TrainingMethod.ahead`), and the loop runs that
+pass without autograd: through the wrapped model with autograd on, it would arm DDP's reducer,
+and the first `no_sync` micro-batch's backward would all-reduce the gradients too, twice the
+traffic of the one all-reduce an optimiser step needs (the last micro-batch's).
 
 Everything random in a step is a function of (seed, epoch, sample index), so a resumed run sees
 exactly the batches and masks an unbroken one would. Metrics stay on the device as sums and are
@@ -90,7 +93,8 @@ class TrainingMethod(Protocol):
         ...
 
     def ahead(self, engine_model: nn.Module, batch: Any) -> tuple[Any, dict[str, torch.Tensor]]:
-        """No-grad work computed before the step: (cache for `forward`, local normalisers)."""
+        """Work computed before the step, with accumulation: (cache for `forward`, local
+        normalisers). The loop calls it under `torch.no_grad()`."""
         ...
 
     def to_device(self, batch: Any) -> Any:
@@ -496,7 +500,9 @@ class TrainLoop:
         if last > 0:  # every denominator of the step is needed before the first backward
             local: dict[str, torch.Tensor] = {}
             for j in range(len(batches)):
-                with autocast(device, self.precision):
+                # Without autograd: a forward through DDP with it on arms DDP's reducer, and
+                # the first `no_sync` micro-batch's backward would all-reduce anyway.
+                with torch.no_grad(), autocast(device, self.precision):
                     caches[j], sums = method.ahead(model, ready(j))
                 for name, value in sums.items():
                     local[name] = local.get(name, 0) + value.float()

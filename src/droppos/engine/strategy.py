@@ -183,6 +183,10 @@ class DDP(SingleProcess):
 
     @contextlib.contextmanager
     def no_sync(self, engine_model: nn.Module) -> Iterator[None]:
+        """This micro-batch's backward keeps its gradients local, provided no forward armed
+        DDP's reducer since the last all-reduce: every forward through the DDP module with
+        autograd on outside `no_sync` does (the loop's no-grad pass ahead of the step runs
+        without autograd for that reason)."""
         with engine_model.no_sync():  # type: ignore[operator]
             yield
 
