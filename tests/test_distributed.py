@@ -428,6 +428,31 @@ def bf16_steps(tmp_path_factory, image_folder):
     return [torch.load(report.format(rank=r), weights_only=True) for r in range(2)]
 
 
+def test_fsdp_in_bf16_feeds_the_model_the_masks_and_targets_of_ddp(bf16_steps):
+    """FSDP's mixed precision casts whatever reaches a module's forward to bf16 unless told not
+    to; the root's inputs are data, not activations: mask noise (a tie at the cut changes the
+    mask), soft targets, the loss weights (the loss normaliser) and the pixel targets."""
+    kinds = (["loss_weights"] * 2 + ["step"] * 2) * 2
+    for found in bf16_steps:
+        ddp, fsdp = found["ddp"]["calls"], found["fsdp"]["calls"]
+        assert [c["output"] for c in ddp] == [c["output"] for c in fsdp] == kinds
+        for one, other in zip(ddp, fsdp):
+            for name in ("images", "patch_noise", "position_noise", "target_map"):
+                if name in one:
+                    assert other[name].dtype == torch.float32, name
+                    assert torch.equal(other[name], one[name]), name
+            for name in ("ids_keep", "position_dropped"):
+                if name in one:
+                    assert torch.equal(other[name], one[name]), name
+        computed = [c["result"] for c in fsdp if c["output"] == "loss_weights"]
+        steps = [c for c in fsdp if c["output"] == "step"]
+        for weights, step in zip(computed, steps):  # reach the step as `ahead` computed them
+            assert torch.equal(step["token_weights"], weights)
+            assert torch.equal(step["position_normaliser"], weights.float().sum())
+        assert found["fsdp"]["pictures"] == found["ddp"]["pictures"]  # drawn in bf16 too
+    assert bf16_steps[0]["fsdp"]["pictures"] > 0
+
+
 def test_ddp_all_reduces_the_gradients_once_per_optimiser_step_with_accumulation(bf16_steps):
     """`ahead` calls the wrapped model before the step's backwards: with autograd on, that
     forward arms DDP's reducer, and the first `no_sync` micro-batch all-reduces anyway."""

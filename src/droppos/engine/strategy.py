@@ -10,8 +10,9 @@ and these calls, so a new way of distributing is a new class here and a case in 
 - `DDP`: every rank a full replica (DistributedDataParallel); the default under torchrun.
 - `FSDP`: parameters, gradients and optimiser state sharded over the ranks (FSDP2,
   `torch.distributed.fsdp.fully_shard`), one shard group per transformer block plus the rest;
-  with bf16, parameters are gathered in bf16 and gradients reduced in fp32. Its checkpoints keep
-  the tensors sharded (`interop/sharded.py`).
+  with bf16, parameters are gathered in bf16 and gradients reduced in fp32, and the model's own
+  inputs are not cast (masks, targets and loss weights are DDP's). Its checkpoints keep the
+  tensors sharded (`interop/sharded.py`).
 
 Every strategy stores the optimiser's state keyed by parameter name (torch's distributed state
 dict API), so a run moves between strategies when its global batch is unchanged: a DDP
@@ -206,21 +207,31 @@ class FSDP:
             raise ValueError("--run.strategy fsdp takes bf16 or fp32; use --run.precision bf16")
         self.env = env
         self.loss_scale = float(env.world_size)
-        self.policy = (
-            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            if precision == "bf16"
-            else MixedPrecisionPolicy()
-        )
+        if precision == "bf16":
+            self.block_policy = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+            )
+            self.root_policy = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+            )
+        else:
+            self.block_policy = self.root_policy = MixedPrecisionPolicy()
         self.model: nn.Module | None = None
 
     def wrap(self, model: nn.Module, compile_model: bool) -> nn.Module:
-        """One shard group per transformer block (encoder and decoders), one for the rest."""
+        """One shard group per transformer block (encoder and decoders), one for the rest.
+
+        In bf16 a block's inputs are activations, cast to bf16 as FSDP does by default; the
+        root's are data (images, mask noise, soft targets, loss weights) and reach it as they
+        are, as under DDP: noise rounded to bf16 ties at the mask's cut and draws other masks,
+        and rounded targets and weights change the loss. Autocast, on wherever the model
+        runs, puts the root's own layers in bf16."""
         from torch.distributed.fsdp import fully_shard
 
         for module in model.modules():
             if isinstance(module, Block):
-                fully_shard(module, mp_policy=self.policy)
-        fully_shard(model, mp_policy=self.policy)
+                fully_shard(module, mp_policy=self.block_policy)
+        fully_shard(model, mp_policy=self.root_policy)
         self.model = model
         return torch.compile(model) if compile_model else model
 

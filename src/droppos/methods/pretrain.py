@@ -26,6 +26,7 @@ from droppos.engine import context as run_context
 from droppos.engine.collectives import computed_by_rank0
 from droppos.engine.context import RunContext
 from droppos.engine.loop import StepResult, TrainLoop, build_loop, train_command
+from droppos.engine.precision import autocast
 from droppos.engine.strategy import Strategy
 from droppos.interop.schema import PretrainedModel
 from droppos.methods import DEFAULT_METHOD, method_named, method_names, method_of
@@ -174,7 +175,10 @@ class PretrainStep:
             if self._monitors:  # on every rank: features are extracted sharded
                 found["metrics"].update(self._monitors.measure(self.model, strategy))
         if self.pictures.due(epoch):  # on every rank: a sharded model runs collectively
-            pictures = self.pictures.draw(self.model, epoch, self.context.is_main)
+            # in the run's precision, as the step: FSDP in bf16 holds bf16 weights and leaves
+            # the images as they are
+            with autocast(self.device, self.context.precision):
+                pictures = self.pictures.draw(self.model, epoch, self.context.is_main)
             if pictures and self.context.is_main:
                 found["images"] = pictures
         return found
