@@ -223,6 +223,7 @@ def test_rectangular_grid_and_greyscale():
     assert out.position_logits.shape == (2, int(96 * 0.25), 96)
 
 
+@pytest.mark.slow  # bf16 is emulated on CPUs without it (30 s); the GPU check runs it
 def test_bf16_autocast_runs_and_keeps_the_loss_in_fp32(images):
     model = tiny_droppos(pixel_branch=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):

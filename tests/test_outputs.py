@@ -12,6 +12,7 @@ from droppos.engine.logging import MetricWriter, write_config, write_json
 from droppos.interop.backbone import random_backbone
 from droppos.models.encoder import EncoderConfig
 from droppos.outputs import PARTIAL_SUFFIX, write_text
+from tests.helpers import write_split_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,7 +114,11 @@ def test_a_new_run_folder_names_its_command(tmp_path):
     from droppos.engine.context import RUN_MARKER, check_output_dir, command_of
 
     run = tmp_path / "knn"
-    args = ["knn", "--model.checkpoint", "random", "--data.source", "demo", "--knn.k", "5"]
-    assert main([*args, "--data.batch_size", "500", "--run.output_dir", str(run)]) == 0
+    data = write_split_images(tmp_path / "data")
+    args = ["knn", "--model.checkpoint", "random", "--data.source", str(data), "--knn.k", "3"]
+    tiny = ["--model.encoder.img_size", "16", "--model.encoder.patch_size", "4",
+            "--model.encoder.embed_dim", "32", "--model.encoder.depth", "1",
+            "--model.encoder.num_heads", "2", "--data.num_workers", "0"]  # fmt: skip
+    assert main([*args, *tiny, "--run.output_dir", str(run)]) == 0
     assert (run / RUN_MARKER).read_text() == "knn\n" and command_of(run) == "knn"
     check_output_dir(run, command="knn")  # the same command may write again

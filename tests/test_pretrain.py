@@ -197,6 +197,7 @@ def test_gradient_accumulation_gives_the_gradient_of_one_big_batch(tmp_path, uns
     torch.testing.assert_close(torch.load(accum)["__loss__"], torch.load(big)["__loss__"])
 
 
+@pytest.mark.slow  # test_distributed.py checks the same equivalence on the trained weights
 def test_two_gloo_ranks_give_the_gradients_of_one_process_on_the_global_batch(
     tmp_path, unsplit_folder
 ):
@@ -208,7 +209,7 @@ def test_two_gloo_ranks_give_the_gradients_of_one_process_on_the_global_batch(
     assert_same_gradients(one, two)
 
 
-@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("processes", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_torchrun_runs_complete_with_a_process_group_even_for_one_process(
     tmp_path, unsplit_folder, processes
 ):
