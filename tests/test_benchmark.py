@@ -1,8 +1,12 @@
 """The throughput benchmark runs end to end on a tiny model (its figures live in RESULTS.md)."""
 
+import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,17 +91,31 @@ def test_the_fsdp_memory_benchmark_measures_every_configuration(tmp_path):
     assert all(r["peak_mib_per_process"] > 100 for r in rows)
 
 
+GPU_SCRIPT = SCRIPT.with_name("gpu.py")
+
+
+def without_jsonargparse(tmp_path: Path) -> dict[str, str]:
+    """An environment whose Python processes (the script's child too) cannot import
+    jsonargparse, as on the lent GPU machine."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['jsonargparse'] = None\n")
+    path = [str(site), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
 @pytest.mark.slow  # a benchmark's smoke run
 def test_the_gpu_script_runs_every_part_in_smoke_mode(tmp_path):
     """CI runs `benchmarks/gpu.py --smoke` (the whole script on the CPU, tiny): what the lent
-    GPU will run is the code that ran here."""
+    GPU will run is the code that ran here, without jsonargparse, which that machine lacks."""
     out = tmp_path / "gpu.json"
     done = subprocess.run(
-        [sys.executable, str(SCRIPT.with_name("gpu.py")), "--smoke", "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, str(GPU_SCRIPT), "--smoke", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env=without_jsonargparse(tmp_path),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
+    assert report["complete"] and not report["skipped"]
     assert report["facts"]["measured_peak_tflops"] > 0
     rows = {(r["row"], r["batch"], r["accum"]) for r in report["steps"]}
     assert ("DropPos", 8, 1) in rows and ("timm ViT-B, supervised", 8, 1) in rows
@@ -105,8 +123,57 @@ def test_the_gpu_script_runs_every_part_in_smoke_mode(tmp_path):
     assert all(r["gflop_per_step"] > 0 and r["images_per_second"] > 0 for r in report["steps"])
     assert {r["decode"] for r in report["loader"]} == {"pil", "draft", "tensor", "device"}
     assert len(report["sync_debug"]) == 4
-    assert report["end_to_end"]["images_per_second"] > 0
+    assert all(r["host_ms_in_to_device_per_batch"] > 0 for r in report["sync_debug"])
+    assert report["end_to_end"]["images_per_second"] > 0, report["end_to_end"]
     assert "| DropPos | 8 x 1 |" in done.stdout and "end to end" in done.stdout
+
+
+def test_the_gpu_script_keeps_what_it_measured_when_killed(tmp_path):
+    """A lent GPU session ends by killing the command: the JSON, rewritten after every row and
+    on SIGTERM, still holds the rows measured so far. The cheap rows come first: the DropPos
+    step at the target batch is the first step row."""
+    out = tmp_path / "gpu.json"
+    command = [sys.executable, str(GPU_SCRIPT), "--smoke", "--budget-s", "60", "--json", str(out)]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=without_jsonargparse(tmp_path),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            if out.exists() and json.loads(out.read_text())["steps"]:
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    report = json.loads(out.read_text())
+    assert report["stopped_by"] == "SIGTERM" and not report["complete"]
+    assert report["facts"]["measured_peak_tflops"] > 0
+    first = report["steps"][0]
+    assert (first["row"], first["batch"], first["compile"]) == ("DropPos", 8, False)
+    assert first["images_per_second"] > 0
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_the_gpu_script_names_the_datasheet_peak_of_the_exact_card():
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", GPU_SCRIPT)
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    assert gpu.datasheet_peak("NVIDIA H100 80GB HBM3") == ("H100", 989.0)
+    assert gpu.datasheet_peak("NVIDIA H100 PCIe") == ("H100 PCIe", 756.0)
+    assert gpu.datasheet_peak("NVIDIA H200") == ("H200", 989.0)
+    assert gpu.datasheet_peak("NVIDIA L4") == ("L4", 121.0)
+    assert gpu.datasheet_peak("NVIDIA L40S") == ("L40S", 362.0)
+    assert gpu.datasheet_peak("Tesla T4") == (None, None)
 
 
 @pytest.mark.slow  # a benchmark smoke test: half a minute on 2 cores
