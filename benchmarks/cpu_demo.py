@@ -74,10 +74,20 @@ PRETEXTS = {
 }
 
 
+def loop_for(argv: list[str], work: Path) -> Any:
+    """The training loop `droppos pretrain ARGV` would run, writing under `work`."""
+    from droppos.cli.main import parser_for, resolve_presets, to_config
+    from droppos.methods.pretrain import pretraining_loop
+
+    argv = resolve_presets([*argv, "--run.output_dir", str(work / f"run-{time.monotonic_ns()}")])
+    parser = parser_for(argv)
+    return pretraining_loop(to_config(parser, parser.parse_args(argv), "pretrain"))
+
+
 def pretext_steps(work: Path) -> dict[str, dict[str, Any]]:
     """ms and GFLOP of one demo step of each pretext, all in this process, one after another."""
     import torch
-    from gpu import loop_for, time_steps
+    from gpu import time_steps
 
     rows = {}
     for name, options in PRETEXTS.items():

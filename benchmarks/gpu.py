@@ -234,6 +234,26 @@ def measured(step: Callable[[], None], device, images: int, steps: int, warmup: 
             "peak_memory_mib": peak}  # fmt: skip
 
 
+def time_steps(loop: Any, batch: int, accum: int, steps: int, warmup: int) -> dict[str, Any]:
+    """img/s, ms and peak memory of the loop's training step (compiled if the run compiles) on
+    synthetic batches, and the FLOPs of one eager step, op by op (FlopCounterMode)."""
+    set_epoch(loop.loader, 0)
+    loop.method.start_epoch(0, 0)
+    group = [synthetic_batch(loop, batch) for _ in range(accum)]
+
+    def step() -> None:
+        loop.optimizer_step(loop.accumulate(list(group))[0])
+
+    found = measured(step, loop.env.device, batch * accum, steps, warmup)
+    engine, loop.engine_model = loop.engine_model, loop.method.model
+    try:
+        with FlopCounterMode(display=False) as counter:
+            step()
+    finally:
+        loop.engine_model = engine
+    return {**found, "gflop_per_step": counter.get_total_flops() / 1e9}
+
+
 def droppos_steps(args, device, work, method: str, changes: dict, batch: int, accum: int,
                   compiled: bool) -> dict[str, Any]:  # fmt: skip
     changes = merge(changes, {"run": {"compile": compiled}, "data": {"source": "demo",
@@ -242,24 +262,9 @@ def droppos_steps(args, device, work, method: str, changes: dict, batch: int, ac
                     "optim": {"batch_size": batch, "accum_steps": accum}})  # fmt: skip
     loop = pretraining_loop(config_for(args, device, work, method, changes))
     try:
-        set_epoch(loop.loader, 0)
-        loop.method.start_epoch(0, 0)
-        group = [synthetic_batch(loop, batch) for _ in range(accum)]
-
-        def step() -> None:
-            loop.optimizer_step(loop.accumulate(list(group))[0])
-
-        steps, warmup = (2, 1) if args.smoke else (20, 5)
-        found = measured(step, device, batch * accum, steps, warmup)
-        engine, loop.engine_model = loop.engine_model, loop.method.model  # eager, op by op
-        try:
-            with FlopCounterMode(display=False) as counter:
-                step()
-        finally:
-            loop.engine_model = engine
+        return time_steps(loop, batch, accum, *((2, 1) if args.smoke else (20, 5)))
     finally:
         loop.close()
-    return {**found, "gflop_per_step": counter.get_total_flops() / 1e9}
 
 
 def supervised_steps(args, device, batch: int, compiled: bool) -> dict[str, Any]:
@@ -519,6 +524,8 @@ class Report:
 
     def save(self) -> None:
         self.data["elapsed_s"] = round(self.elapsed(), 1)
+        if self.data.get("facts", {}).get("measured_peak_tflops"):
+            add_ratios(self.data)
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -615,9 +622,6 @@ def main() -> None:
         run(args, report, device, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        report.save()
-    if report.data.get("facts"):
-        add_ratios(report.data)
         report.save()
     print()
     print(table(report.data))
