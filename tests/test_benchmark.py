@@ -164,6 +164,23 @@ def test_the_gpu_script_keeps_what_it_measured_when_killed(tmp_path):
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_the_gpu_script_records_the_rows_its_budget_leaves_out(tmp_path):
+    """A row that would start past `--budget-s` is skipped and says so in the JSON; `--parts`
+    chooses the rows."""
+    out = tmp_path / "gpu.json"
+    command = [sys.executable, str(GPU_SCRIPT), "--smoke", "--budget-s", "0", "--parts",
+               "facts,steps", "--json", str(out)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["complete"] and not report["steps"] and "facts" not in report
+    skipped = [(s["part"], s["row"]) for s in report["skipped"]]
+    assert skipped[:2] == [("facts", "facts"), ("steps", "DropPos, 8 x 1, compile False")]
+    assert {part for part, _ in skipped} == {"facts", "steps"}
+    wrong = subprocess.run([*command[:2], "--parts", "steps,gpu"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "--parts: unknown gpu" in wrong.stderr
+
+
 def test_the_gpu_script_names_the_datasheet_peak_of_the_exact_card():
     spec = importlib.util.spec_from_file_location("gpu_benchmark", GPU_SCRIPT)
     gpu = importlib.util.module_from_spec(spec)
