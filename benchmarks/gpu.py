@@ -21,7 +21,8 @@ sync      20 steps of the real loop on loader batches (tensor and device decode,
           synchronisation on the device path, which the debug mode does not see).
 loader    the loader's img/s on every decode path, with 8 and with all CPU cores, on synthetic
           500 x 375 JPEGs made by a process pool (and the edge-case files: CMYK, greyscale,
-          progressive, PNG named .JPEG, truncated).
+          progressive, PNG named .JPEG, truncated), read through a file list that cycles
+          through them (4,096 entries: 16 batches of 256).
 end_to_end  the whole pre-training run (`pretrain`, as `droppos pretrain --config vit_base_in1k`
           runs it) for a bounded number of steps in one epoch over those files, monitors,
           pictures and TensorBoard off, in a child process with a timeout; its img/s from
@@ -332,15 +333,15 @@ def step_row(args, device, work, name, method, changes, batch, accum, compiled) 
 # -- host syncs ------------------------------------------------------------------------------
 
 
-def no_sync_steps(args, device, work, folder: Path, decode: str, accum: int) -> dict[str, Any]:
-    """20 steps of the real loop on the JPEG folder (loader batches, pinned, sent to the device
+def no_sync_steps(args, device, work, listing: Path, decode: str, accum: int) -> dict[str, Any]:
+    """20 steps of the real loop on the JPEGs (loader batches, pinned, sent to the device
     by the method, the next one during the step) with CUDA's sync debug mode set to raise on
     any host sync; and the host's milliseconds per batch in `to_device` (on the device path:
     blocked in decoding, whose own stream synchronisation the debug mode does not see). On the
     CPU (`--smoke`) the same steps run without the check."""
     workers = 0 if args.smoke else min(8, os.cpu_count() or 1)
     compiled = decode == "tensor" and accum == 1 and not args.smoke
-    changes = {"data": {"source": str(folder), "decode": decode, "num_workers": workers},
+    changes = {"data": {"source": str(listing), "decode": decode, "num_workers": workers},
                "optim": {"batch_size": 2 if args.smoke else 64, "accum_steps": accum},
                "run": {"compile": compiled}}  # fmt: skip
     loop = pretraining_loop(config_for(args, device, work, "droppos", changes))
@@ -366,16 +367,18 @@ def no_sync_steps(args, device, work, folder: Path, decode: str, accum: int) -> 
         loop.method.to_device = timed
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("error")
+        done = 0
         try:
             for _ in range(steps):
                 following = next(groups, None)
                 loop.train_step(group, following)
                 loop.poll(full=False)
+                done += 1
                 if following is None:
                     break
                 group = following
-            result = f"{steps} steps, no host sync" if device.type == "cuda" \
-                else f"{steps} steps (no CUDA: not checked)"  # fmt: skip
+            result = f"{done} steps, no host sync" if device.type == "cuda" \
+                else f"{done} steps (no CUDA: not checked)"  # fmt: skip
         except RuntimeError as error:
             result = f"host sync: {str(error).splitlines()[0]}"
         finally:
@@ -423,8 +426,17 @@ def write_jpegs(folder: Path, count: int, size: tuple[int, int]) -> None:
     (edge / "edge-truncated.jpg").write_bytes(whole[: len(whole) // 2])
 
 
-def loader_row(args, device, work, folder: Path, decode: str, workers: int) -> dict[str, Any]:
-    changes = {"data": {"source": str(folder), "decode": decode, "num_workers": workers},
+def file_list(folder: Path, count: int) -> Path:
+    """A file list (`path` per line) of `count` entries that cycles through the folder's images,
+    edge cases included: as many batches as a row needs from a folder that is quick to write."""
+    files = sorted(p.relative_to(folder) for p in folder.rglob("*.*") if p.suffix != ".txt")
+    listing = folder / f"list-{count}.txt"
+    listing.write_text("".join(f"{files[i % len(files)]}\n" for i in range(count)))
+    return listing
+
+
+def loader_row(args, device, work, listing: Path, decode: str, workers: int) -> dict[str, Any]:
+    changes = {"data": {"source": str(listing), "decode": decode, "num_workers": workers},
                "optim": {"batch_size": args.loader_batch, "accum_steps": 1}}  # fmt: skip
     loop = pretraining_loop(config_for(args, device, work, "droppos", changes))
     try:
@@ -447,10 +459,7 @@ def end_to_end(args, device, work, folder: Path, decode: str, timeout: float) ->
     file list that repeats the folder's images (one checkpoint, at its end), in a child process
     killed after `timeout` seconds. The rate is the median of 4-step windows of
     `metrics.jsonl`, the first (compiling) one left out."""
-    files = sorted(p.relative_to(folder) for p in folder.rglob("*.jpg") if "edge" not in p.name)
-    wanted = (args.end_to_end_steps + 1) * args.batch
-    listing = folder / "end-to-end.txt"
-    listing.write_text("".join(f"{files[i % len(files)]}\n" for i in range(wanted)))
+    listing = file_list(folder, (args.end_to_end_steps + 1) * args.batch)
     out = work / "end-to-end"
     changes = {"data": {"source": str(listing), "decode": decode,
                         "num_workers": 1 if args.smoke else os.cpu_count()},
@@ -558,13 +567,14 @@ def run(args: argparse.Namespace, report: Report, device: torch.device, work: Pa
         start = time.perf_counter()
         write_jpegs(folder, args.images, (64, 48) if args.smoke else (500, 375))
         report.data["seconds"]["jpegs"] = round(time.perf_counter() - start, 1)
-    rows("sync", [(f"{d}, accum {a}", lambda d=d, a=a: no_sync_steps(args, device, work, folder,
+        listing = file_list(folder, args.loader_images)
+    rows("sync", [(f"{d}, accum {a}", lambda d=d, a=a: no_sync_steps(args, device, work, listing,
                    d, a)) for d, a in (("tensor", 1), ("device", 1), ("tensor", 2),
                                        ("device", 2))])  # fmt: skip
     cores = os.cpu_count() or 1
     counts = [0, 1] if args.smoke else sorted({min(8, cores), cores})
     rows("loader", [(f"{d}, {w} workers", lambda d=d, w=w: loader_row(args, device, work,
-                     folder, d, w)) for w in counts for d in DECODE_PATHS])  # fmt: skip
+                     listing, d, w)) for w in counts for d in DECODE_PATHS])  # fmt: skip
     rows("steps", step_rows(expensive))
     if "end_to_end" in parts:
         loaded = [r for r in report.data["loader"] if r.get("images_per_second")]
@@ -596,6 +606,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=256, help="end-to-end micro-batch")
     parser.add_argument("--loader-batch", type=int, default=256)
+    parser.add_argument(
+        "--loader-images",
+        type=int,
+        default=4096,
+        help="entries of the loaders' file list (cycling through --images)",
+    )
     parser.add_argument("--end-to-end-steps", type=int, default=48)
     parser.add_argument("--end-to-end-timeout", type=float, default=150.0)
     parser.add_argument("--end-to-end-child", type=Path, default=None, help=argparse.SUPPRESS)
@@ -607,7 +623,8 @@ def main() -> None:
     if unknown:
         parser.error(f"--parts: unknown {', '.join(unknown)} (choose from {', '.join(PARTS)})")
     if args.smoke:
-        args.images, args.batch, args.loader_batch, args.end_to_end_steps = 24, 4, 4, 8
+        args.images, args.loader_images, args.batch, args.loader_batch = 24, 24, 4, 4
+        args.end_to_end_steps = 8
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     work = Path(tempfile.mkdtemp(prefix="droppos-gpu-"))
     report = Report(args.json, args.budget_s)

@@ -124,6 +124,7 @@ def test_the_gpu_script_runs_every_part_in_smoke_mode(tmp_path):
     assert {r["decode"] for r in report["loader"]} == {"pil", "draft", "tensor", "device"}
     assert len(report["sync_debug"]) == 4
     assert all(r["host_ms_in_to_device_per_batch"] > 0 for r in report["sync_debug"])
+    assert all(r["result"].startswith("2 steps") for r in report["sync_debug"])
     assert report["end_to_end"]["images_per_second"] > 0, report["end_to_end"]
     assert "| DropPos | 8 x 1 |" in done.stdout and "end to end" in done.stdout
 
