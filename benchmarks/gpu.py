@@ -475,9 +475,9 @@ def end_to_end(args, device, work, folder: Path, decode: str, timeout: float) ->
         done = subprocess.run([sys.executable, __file__, "--end-to-end-child", str(spec)],
                               capture_output=True, text=True, timeout=timeout)  # fmt: skip
         if done.returncode != 0:
-            found["error"] = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+            found["error"] = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
     except subprocess.TimeoutExpired:
-        found["error"] = [f"killed after {timeout:.0f} s"]
+        found["error"] = f"killed after {timeout:.0f} s"
     metrics = out / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines()] \
         if metrics.exists() else []  # fmt: skip
@@ -689,7 +689,7 @@ def table(report: dict[str, Any]) -> str:
             f"end to end ({e2e.get('decode')}, {e2e.get('steps')} steps): "
             f"{fmt(e2e.get('images_per_second'), '.1f')} img/s, "
             f"{fmt(e2e.get('fraction_of_step_rate'), '.0%')} of the in-memory step rate"
-            + (f" ({e2e['error'][0]})" if e2e.get("error") else ""),
+            + (f" ({e2e['error']})" if e2e.get("error") else ""),
         ]
     lines.append("")
     lines += [f"host syncs ({r['row']}): {r.get('result', r.get('error'))}, host "

@@ -182,6 +182,18 @@ def test_the_gpu_script_records_the_rows_its_budget_leaves_out(tmp_path):
     assert wrong.returncode == 2 and "--parts: unknown gpu" in wrong.stderr
 
 
+@pytest.mark.slow  # a child pre-training process, killed
+def test_the_gpu_script_stops_an_end_to_end_run_at_its_timeout(tmp_path):
+    out = tmp_path / "gpu.json"
+    command = [sys.executable, str(GPU_SCRIPT), "--smoke", "--parts", "end_to_end",
+               "--end-to-end-timeout", "1", "--json", str(out)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    e2e = json.loads(out.read_text())["end_to_end"]
+    assert e2e["error"] == "killed after 1 s" and e2e["images_per_second"] is None
+    assert "(killed after 1 s)" in done.stdout
+
+
 def test_the_gpu_script_names_the_datasheet_peak_of_the_exact_card():
     spec = importlib.util.spec_from_file_location("gpu_benchmark", GPU_SCRIPT)
     gpu = importlib.util.module_from_spec(spec)
