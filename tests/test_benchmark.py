@@ -165,6 +165,7 @@ def test_the_gpu_script_keeps_what_it_measured_when_killed(tmp_path):
     assert not list(tmp_path.glob("*.partial"))
 
 
+@pytest.mark.slow  # 15 s; the kill test keeps the default run's check of the JSON
 def test_the_gpu_script_records_the_rows_its_budget_leaves_out(tmp_path):
     """A row that would start past `--budget-s` is skipped and says so in the JSON; `--parts`
     chooses the rows."""
