@@ -14,7 +14,8 @@
 # Outputs go to $OUT (a new temporary folder when unset), three files: gpu_check.log (everything
 # printed, the runs' summaries included), gpu_check.json (each part's status and seconds, rewritten
 # after every part) and gpu.json (benchmarks/gpu.py's, rewritten after every row).
-# Environment: PYTHON (default .venv/bin/python if present, else python3); BUDGET, the benchmark's
+# Environment: PYTHON (default .venv/bin/python if present, else python3); ONLY, the parts to run
+# (names as in gpu_check.json, space-separated; default all: a second call can rerun one); BUDGET, the benchmark's
 # seconds of work (default 420; 60 with --smoke); TOTAL_S, the whole check's wall clock (default
 # 540), which shortens the benchmark's budget when the parts before it ran long.
 # droppos runs from src/ (PYTHONPATH), not installed.
@@ -63,22 +64,33 @@ export PYTHON WORK MODE WHEELS PYTHONUNBUFFERED=1 PYTHONPATH=src
 if [ "$MODE" = smoke ]; then
   BUDGET=${BUDGET:-60}
   DEVICE=cpu
-  # a model the CPU trains in a second: one 32-wide block, batches of 256 of the demo's 4,000
-  TINY=(--model.encoder.embed_dim 32 --model.encoder.depth 1 --model.encoder.num_heads 2
-        --model.decoder_embed_dim 32 --model.decoder_num_heads 2 --optim.batch_size 256
-        --data.num_workers 0)
+  # what the CPU trains in a second: one 32-wide block on 64 small JPEGs in batches of 16 (the
+  # demo's 4,000 images would take longer than starting torchrun)
+  "$PYTHON" -c "
+import sys
+from pathlib import Path
+from PIL import Image
+root = Path(sys.argv[1])
+root.mkdir()
+for i in range(64):
+    Image.effect_noise((32, 32), 64 + i).convert('RGB').save(root / f'{i}.jpg')
+" "$WORK/images"
+  TINY=(--data.source "$WORK/images" --model.encoder.img_size 16 --model.encoder.patch_size 4
+        --model.encoder.in_chans 3 --model.encoder.embed_dim 32 --model.encoder.depth 1
+        --model.encoder.num_heads 2 --model.decoder_embed_dim 32 --model.decoder_num_heads 2
+        --optim.batch_size 16 --data.num_workers 0)
 else
   BUDGET=${BUDGET:-420}
   DEVICE=cuda
   TINY=(--data.num_workers 2)  # the demo preset as it is: a ViT-Tiny, batches of 64
 fi
 
-PARTS=()  # one JSON object per part
+DONE=()  # one JSON object per part
 write_summary() {
   local passed=true
-  for p in "${PARTS[@]}"; do [[ $p == *'"status": "passed"'* ]] || passed=false; done
+  for p in "${DONE[@]}"; do [[ $p == *'"status": "passed"'* ]] || passed=false; done
   local joined
-  joined=$(IFS=,; echo "${PARTS[*]}")
+  joined=$(IFS=,; echo "${DONE[*]}")
   printf '{"mode": "%s", "passed": %s, "seconds": %d, "parts": [%s]}\n' \
     "$MODE" "$passed" $((SECONDS - START)) "$joined" >"$SUMMARY"
 }
@@ -87,6 +99,7 @@ write_summary() {
 part() {
   local name=$1 limit=$2 began=$SECONDS rc status
   shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
   echo "=== $name (timeout ${limit}s) ==="
   timeout -k 10 "$limit" "$@"
   rc=$?
@@ -96,7 +109,7 @@ part() {
     *) status=failed ;;
   esac
   echo "=== $name: $status in $((SECONDS - began)) s (exit $rc) ==="
-  PARTS+=("{\"name\": \"$name\", \"status\": \"$status\", \"exit\": $rc, \"seconds\": $((SECONDS - began))}")
+  DONE+=("{\"name\": \"$name\", \"status\": \"$status\", \"exit\": $rc, \"seconds\": $((SECONDS - began))}")
   write_summary
 }
 

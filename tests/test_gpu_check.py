@@ -30,12 +30,18 @@ def test_a_failing_part_stops_no_other_and_fails_the_check(tmp_path):
     assert "=== benchmark: failed" in (tmp_path / "gpu_check.log").read_text()
 
 
+def test_only_runs_the_parts_it_names(tmp_path):
+    check(tmp_path, "--smoke", PYTHON="false", ONLY="benchmark fsdp_bf16")
+    parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
+    assert [p["name"] for p in parts if p["name"] != "install"] == ["fsdp_bf16", "benchmark"]
+
+
 def test_an_unknown_option_is_refused(tmp_path):
     done = check(tmp_path, "--bogus")
     assert done.returncode == 2 and "usage: scripts/gpu_check.sh" in done.stderr
 
 
-@pytest.mark.slow  # about 100 s on 2 cores
+@pytest.mark.slow  # about 110 s on 2 shared cores
 def test_the_smoke_check_passes_and_writes_at_most_eight_files(tmp_path):
     done = check(tmp_path, "--smoke")
     assert done.returncode == 0, done.stdout[-3000:]
