@@ -8,3 +8,5 @@ bash scripts/setup.sh
 # the documentation site, warnings as errors: a broken link or docstring reference fails here
 .venv/bin/mkdocs build --strict --quiet --site-dir build/site
 .venv/bin/python -m pytest -q -m "not slow" "$@"
+# the GPU machine's check, every part end to end on this CPU (gloo, tiny runs; about 110 s)
+bash scripts/gpu_check.sh --smoke

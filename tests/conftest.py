@@ -4,6 +4,16 @@ import torch
 from tests.helpers import write_split_images
 
 
+def pytest_collection_modifyitems(config, items):
+    """A test marked `cuda` is skipped where there is no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def images():
     return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -298,7 +298,7 @@ def test_the_device_path_draws_the_pil_paths_crops_and_decodes_them_alike(tmp_pa
     )
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_gpu_decoding_matches_cpu_decoding(tmp_path):
     from droppos.data.device_decode import ChooseCrop, decode_batch
 
