@@ -313,13 +313,14 @@ def test_export_never_replaces_an_earlier_export_without_a_word(tmp_path, capsys
 
 
 def test_a_folder_of_someone_elses_files_is_refused_unless_the_user_says_to_use_it(
-    tmp_path, capsys
+    tmp_path, capsys, image_folder
 ):
     theirs = tmp_path / "results"
     theirs.mkdir()
     (theirs / "config.yaml").write_text("their: settings\n")
     (theirs / "summary.json").write_text('{"their": "numbers"}\n')
-    args = ["pretrain", "--optim.epochs", "1", "--run.output_dir", str(theirs)]
+    args = ["pretrain", "--optim.epochs", "1", "--data.source", str(image_folder)]
+    args += ["--optim.batch_size", "8", "--run.output_dir", str(theirs)]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "holds files but no droppos run" in err and len(err.splitlines()) == 1

@@ -153,6 +153,7 @@ def test_a_yes_no_map_gets_two_colours_and_only_the_keys_that_apply():
         assert not has(key, colour), colour
 
 
+@pytest.mark.slow  # an edge of the picture schedule: a whole pre-training
 def test_a_run_shorter_than_pictures_every_draws_its_last_epoch(tmp_path):
     args = [
         "pretrain", "--model.encoder.embed_dim", "32", "--model.encoder.depth", "1",
@@ -249,6 +250,7 @@ def test_probe_position_reads_our_checkpoints_and_a_plain_timm_state_dict(
     assert "position probe" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a pre-training and a fine-tuning; the refusals stay in the default run
 def test_order_sensitivity_reports_every_condition(tmp_path, pretrained):
     finetuned = tmp_path / "finetune"
     args = ["finetune", "--model.checkpoint", str(pretrained / "last.pth"), "--optim.epochs",

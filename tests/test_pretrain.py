@@ -209,7 +209,8 @@ def test_two_gloo_ranks_give_the_gradients_of_one_process_on_the_global_batch(
     assert_same_gradients(one, two)
 
 
-@pytest.mark.parametrize("processes", [pytest.param(1, marks=pytest.mark.slow), 2])
+@pytest.mark.slow  # CI's `scripts/gpu_check.sh --smoke` launches DDP and FSDP through torchrun
+@pytest.mark.parametrize("processes", [1, 2])
 def test_torchrun_runs_complete_with_a_process_group_even_for_one_process(
     tmp_path, unsplit_folder, processes
 ):
