@@ -16,6 +16,7 @@ path would have given, counted the same way.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,11 +125,13 @@ def _decode_on_gpu(
     if not picked:
         return
     try:
-        for i, image in zip(picked, decode_jpeg([items[i].data for i in picked], device=device)):
+        batch = decode_jpeg([items[i].data for i in picked], device=device)
+    except RuntimeError:  # one file nvJPEG refuses fails the whole batch call: image by image
+        batch = None
+    if batch is not None:
+        for i, image in zip(picked, batch):
             decoded[i] = image
         return
-    except RuntimeError:  # one file nvJPEG refuses fails the whole batch call
-        pass  # so decode the batch image by image, below
     for i in picked:
         try:
             decoded[i] = decode_jpeg(items[i].data, device=device)
@@ -138,9 +141,7 @@ def _decode_on_gpu(
 
 def _decode_on_cpu(item: EncodedCrop) -> torch.Tensor:
     """torchvision's decoder (libjpeg-turbo, libpng), then Pillow's; BadImageError if neither."""
-    try:
+    with contextlib.suppress(RuntimeError):  # a format or mode libjpeg/libpng refuse
         return decode_with_torchvision(item.data, item.mode)
-    except RuntimeError:  # a format or mode libjpeg/libpng refuse: Pillow's turn
-        pass
     image = decode_pil(io.BytesIO(bytes(item.data.numpy())), item.name, max_pixels=None)
     return F.pil_to_tensor(image)

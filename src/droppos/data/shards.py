@@ -117,7 +117,7 @@ def _saved_entries(
         if saved["shard"] == made_from and all(_sane(e, made_from[0]) for e in entries):
             return entries if _borne_out(shard, entries) else None
     except (OSError, ValueError, TypeError, KeyError, RecursionError):
-        pass
+        return None  # unreadable or malformed: not believed, the shard is indexed again
     return None
 
 

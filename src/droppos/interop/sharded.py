@@ -6,9 +6,10 @@ resume under one process or DDP, to evaluate, to export). Only tensors go into t
 rest of the checkpoint (what was trained, where the run is, the optimiser's parameter groups)
 is in the small `last.pth` beside it (`interop/schema.py`).
 
-DCP's own reader unpickles its `.metadata` file with plain `pickle` and non-tensor items with
-`weights_only=False`, opens whatever file paths the metadata names and allocates whatever shapes
-it declares; a checkpoint folder is data, so here the metadata is read by an unpickler that knows
+DCP's own reader would unpickle its `.metadata` file with plain `pickle` (and non-tensor items
+without torch's weights-only restriction), open whatever file paths the metadata names and
+allocate whatever shapes it declares; a checkpoint folder is data, so here the metadata is read
+by an unpickler that knows
 only DCP's own metadata classes and is checked before anything else is read (`read_metadata`):
 tensors only, in plain files inside the folder, each declared size held by bytes on disk. Every
 failure, DCP's own included, is one ValueError naming the folder.

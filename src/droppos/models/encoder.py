@@ -172,12 +172,7 @@ def _block_at_rows(
     block's; the queries, output projection and MLP of rows nobody reads are never computed.
     With it, keys and values are computed for the context rows alone (MP3's attention).
     """
-    attn = block.attn
-    if getattr(attn, "gate", None) is not None:  # a gated variant: nothing to save safely
-        if context is not None:
-            raise NotImplementedError("context attention needs timm's plain Attention")
-        index = rows[..., None].expand(-1, -1, x.shape[-1])  # type: ignore[index]
-        return torch.gather(Block.forward(block, x), 1, index)
+    attn = block.attn  # timm's plain Attention (`transformer_blocks` builds no gated one)
 
     def gather(values: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
         if ids is None:
