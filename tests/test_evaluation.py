@@ -50,6 +50,7 @@ def demo_checkpoint(tmp_path_factory):
     return out / "last.pth"
 
 
+@pytest.mark.slow  # the whole demo walkthrough; each command has its own tests in the default run
 def test_pretrain_then_finetune_linprobe_knn_on_the_demo_set(tmp_path, demo_checkpoint):
     finetune = tmp_path / "finetune"
     args = [

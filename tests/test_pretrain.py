@@ -430,6 +430,7 @@ class Payload:
         return (open, (self.path, "w"))
 
 
+@pytest.mark.slow  # a whole pre-training for the log format
 def test_a_log_written_to_a_file_has_plain_lines_only(tmp_path, unsplit_folder):
     out = tmp_path / "run"
     args = [a for a in tiny_args(out, unsplit_folder) if a not in ("--run.progress", "false")]
